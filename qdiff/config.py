@@ -1,0 +1,305 @@
+"""Typed configuration for every qdiff workflow.
+
+One dataclass per block (model, quant, lora, aux, distill, export, eval), gathered in
+`RunConfig`. A YAML file fills them, `key=value` strings override single fields, and
+every value is checked: an unknown key names the closest valid one, a wrong type or an
+out-of-range value names the field and what is allowed.
+
+    cfg = load_config("configs/tiny-ldm-w4a4.yaml", ["quant.act_bits=8"])
+
+A YAML file may start from another one with `extends: other.yaml` (a path relative to
+the file); its own keys then override the other file's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BITS_RANGE = (2, 8)
+FAMILIES = ("auto", "class-ldm", "sd", "dit", "wan", "cogvideox")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message says which and how to fix it."""
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        lowered = {choice.lower(): choice for choice in choices}
+        close = [lowered[c] for c in difflib.get_close_matches(str(value).lower(), lowered, n=1, cutoff=0.5)]
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{name}='{value}' is not allowed; choose one of {list(choices)}.{hint}")
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigError(f"{name}={value} is out of range; allowed: {allowed}.")
+
+
+def _check_bits(name: str, value: int | None) -> None:
+    if value is not None:
+        _check_range(name, value, *BITS_RANGE)
+
+
+@dataclass
+class ModelConfig:
+    """The full-precision teacher pipeline."""
+
+    path: str = "assets/tiny-ldm-digits"  # a local pipeline folder or a hub id
+    family: str = "auto"  # denoiser family adapter; "auto" reads it from the pipeline
+    dtype: str = "float32"  # teacher compute dtype
+
+    def __post_init__(self) -> None:
+        _check_choice("model.family", self.family, FAMILIES)
+        _check_choice("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class LayerOverride:
+    """Bit-widths for the layers whose qualified name matches `pattern` (fnmatch)."""
+
+    pattern: str = MISSING
+    weight_bits: Optional[int] = None
+    act_bits: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_bits(f"quant.overrides[{self.pattern}].weight_bits", self.weight_bits)
+        _check_bits(f"quant.overrides[{self.pattern}].act_bits", self.act_bits)
+
+
+@dataclass
+class QuantConfig:
+    """How the student's layers are quantized (weights per channel, activations per timestep)."""
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    weight_symmetric: bool = False  # EfficientDM: asymmetric per-output-channel weights
+    act_symmetric: bool = False
+    weight_init: str = "mse"  # "minmax", or "mse": search of clipping ratios under an Lp norm
+    lp_norm: float = 2.4
+    learn_zero_point: bool = False  # LSQ+ instead of LSQ
+    lsq_grad_scale: bool = True  # scale step-size gradients by 1/sqrt(numel * qmax)
+    act_mode: str = "temporal"  # "temporal" (LSQ table per timestep) or "dynamic_per_token"
+    act_init: str = "mse"  # temporal: "mse" (Lp search) or "minmax" over the observed range
+    act_per_timestep: bool = True  # temporal: False starts every timestep from one pooled range
+    act_timestep_groups: int = 10  # dynamic_per_token: clipping ratios per bucket of timesteps
+    include: List[str] = field(default_factory=lambda: ["*"])  # fnmatch on layer names
+    exclude: List[str] = field(default_factory=list)  # layers kept in full precision
+    overrides: List[LayerOverride] = field(default_factory=list)
+    packed_base_weight: bool = False  # hold the frozen base weight as integer codes
+    calibration_samples: int = 32  # teacher trajectories used to initialise the scales
+
+    def __post_init__(self) -> None:
+        _check_bits("quant.weight_bits", self.weight_bits)
+        _check_bits("quant.act_bits", self.act_bits)
+        _check_choice("quant.weight_init", self.weight_init, ("minmax", "mse"))
+        _check_choice("quant.act_mode", self.act_mode, ("temporal", "dynamic_per_token"))
+        _check_choice("quant.act_init", self.act_init, ("minmax", "mse"))
+        _check_range("quant.lp_norm", self.lp_norm, 1.0)
+        _check_range("quant.calibration_samples", self.calibration_samples, 1)
+        _check_range("quant.act_timestep_groups", self.act_timestep_groups, 1)
+
+
+@dataclass
+class LoRAConfig:
+    """QALoRA: low-rank B@A added to the weight before it is quantized (merges away)."""
+
+    enabled: bool = True
+    rank: int = 32
+    scale_aware_lr: bool = True  # per-layer learning rate proportional to the weight step size
+
+    def __post_init__(self) -> None:
+        _check_range("lora.rank", self.rank, 1)
+
+
+@dataclass
+class AuxConfig:
+    """QVGen auxiliary modules Phi = L@R, removed by rank decay before export."""
+
+    enabled: bool = False
+    rank: int = 32
+    phase_steps: Optional[int] = None  # steps per rank-halving phase; None: spread over the run
+    decay: str = "cosine"  # how the lower half of the rank fades within a phase
+
+    def __post_init__(self) -> None:
+        _check_range("aux.rank", self.rank, 1)
+        if self.phase_steps is not None:
+            _check_range("aux.phase_steps", self.phase_steps, 1)
+        _check_choice("aux.decay", self.decay, ("cosine", "linear"))
+
+
+@dataclass
+class DistillConfig:
+    """Data-free distillation on the teacher's own sampling trajectories."""
+
+    steps: int = 1000  # optimizer steps; one per denoising step of a trajectory
+    trajectory_steps: int = 100  # sampler steps of each teacher trajectory
+    eta: float = 1.0  # DDIM eta of the teacher's trajectory
+    guidance_scale: float = 2.0  # classifier-free guidance of the teacher
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    loss: str = "mse"
+    checkpoint_every: int = 200
+    sample_every: int = 200  # steps between PNG grids of teacher vs student
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "trajectory_steps", "batch_size", "checkpoint_every",
+                     "sample_every", "log_every"):
+            _check_range(f"distill.{name}", getattr(self, name), 1)
+        _check_range("distill.eta", self.eta, 0.0, 1.0)
+        _check_range("distill.guidance_scale", self.guidance_scale, 0.0)
+        _check_range("distill.lr", self.lr, 0.0)
+        _check_range("distill.weight_decay", self.weight_decay, 0.0)
+        _check_range("distill.warmup_steps", self.warmup_steps, 0)
+        _check_range("distill.grad_clip", self.grad_clip, 0.0)
+        _check_choice("distill.loss", self.loss, ("mse", "l1"))
+
+
+@dataclass
+class ExportConfig:
+    """The low-bit pipeline folder written at the end of a run."""
+
+    enabled: bool = True
+    dir: Optional[str] = None  # default: <run dir>/export
+
+
+@dataclass
+class EvalConfig:
+    """How samples are drawn and scored (`python -m qdiff.eval`)."""
+
+    num_samples: int = 1000
+    steps: int = 20
+    guidance_scale: float = 2.0
+    batch_size: int = 100
+    seed: int = 0
+    features: str = "digits"  # "digits", "inception", or a path to a feature network
+    metrics: List[str] = field(default_factory=lambda: ["fid", "sfid", "accuracy"])
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "steps", "batch_size"):
+            _check_range(f"eval.{name}", getattr(self, name), 1)
+        _check_range("eval.guidance_scale", self.guidance_scale, 0.0)
+        for metric in self.metrics:
+            _check_choice("eval.metrics", metric,
+                          ("fid", "sfid", "is", "precision", "recall", "accuracy"))
+
+
+@dataclass
+class RunConfig:
+    """A whole qdiff run: what to distil, how, and where its files go."""
+
+    name: Optional[str] = None  # default: the config file's name
+    output_dir: str = "runs"  # the run lives in <output_dir>/<name>
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / (self.name or "run")
+
+
+def _nested_schema(schema: type, key: str) -> Optional[type]:
+    """The dataclass that field `key` of `schema` holds, directly or as list items."""
+    hint = typing.get_type_hints(schema)[key]
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate  # type: ignore[return-value]
+    return None
+
+
+def check_keys(data: Mapping[str, Any], schema: type = RunConfig, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of `data` that `schema` does not have."""
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown config key '{path}'.{hint} Valid keys here: {known}.")
+        nested = _nested_schema(schema, key)
+        if nested is None:
+            continue
+        if isinstance(value, Mapping):
+            check_keys(value, nested, f"{path}.")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    check_keys(item, nested, f"{path}[{index}].")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, resolving `extends:` chains (relative to the file)."""
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}. Pass a path to a YAML file, "
+                          f"for example configs/tiny-ldm-w4a4.yaml.")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle through {[str(p) for p in seen]}.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config blocks at the top level.")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_yaml(path.parent / parent, seen + (path.resolve(),))
+    return OmegaConf.to_container(OmegaConf.merge(base, data))  # type: ignore[return-value]
+
+
+def _to_config(layers: Sequence[Mapping[str, Any]]) -> RunConfig:
+    merged = OmegaConf.structured(RunConfig)
+    try:
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "config"
+        reason = str(error).splitlines()[0]
+        raise ConfigError(f"{key}: {reason}. Fix the value in the YAML file or the "
+                          f"key=value override.") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Build a validated RunConfig from a YAML file and `key=value` overrides."""
+    layers: list[Mapping[str, Any]] = []
+    name = None
+    if path is not None:
+        path = Path(path)
+        layers.append(_read_yaml(path))
+        name = path.stem
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"Override '{override}' is not of the form key=value, "
+                              f"for example quant.weight_bits=4.")
+    if overrides:
+        layers.append(OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))))
+    for layer in layers:
+        check_keys(layer)
+    config = _to_config(layers)
+    if config.name is None:
+        config.name = name
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (what a run actually used)."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))

@@ -1,0 +1,3 @@
+from qdiff.eval.cli import main
+
+main()

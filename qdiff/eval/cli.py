@@ -1,0 +1,152 @@
+"""`python -m qdiff.eval`: sample a pipeline, extract features, print and save the metrics.
+
+    python -m qdiff.eval --metric sfid                    # latest run's export vs its teacher
+    python -m qdiff.eval --pipeline assets/tiny-ldm-digits --reference real --metric fid,sfid
+    python -m qdiff.eval --pipeline samples.npz --reference VIRTUAL_imagenet256_labeled.npz \
+        --features inception --metric fid,sfid,is,precision,recall
+
+`--reference teacher` samples the teacher with other seeds than the evaluated pipeline
+(for the teacher itself that gives the metric's noise floor); `real` is the held-out
+digits; a `.npz` is an ADM sample or reference batch; a folder is a pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from qdiff.config import EvalConfig, load_config
+from qdiff.eval.evaluate import Reference, check_metrics, reference_from_features, score
+from qdiff.eval.feature_nets import load_feature_net
+from qdiff.eval.features import extract_features
+from qdiff.eval.npz import from_uint8_nhwc, load_reference_stats, load_samples
+from qdiff.eval.sampling import SamplingSettings, generate
+from qdiff.models.loading import load_pipeline
+from qdiff.models.zoo.digits_data import load_digits_split
+
+logger = logging.getLogger("qdiff.eval")
+REFERENCE_SEED_OFFSET = 10_000  # batch b of a sample set uses seed + b; keep sets disjoint
+
+
+def latest_export(runs_dir: Path = Path("runs")) -> Path:
+    exports = [index.parent for index in runs_dir.glob("*/export/model_index.json")]
+    if not exports:
+        raise FileNotFoundError(
+            f"No run export found under {runs_dir}/. Run `python -m qdiff.finetune "
+            f"configs/tiny-ldm-w4a4.yaml` first, or pass --pipeline PATH "
+            f"(for example --pipeline assets/tiny-ldm-digits).")
+    return max(exports, key=lambda path: (path / "model_index.json").stat().st_mtime)
+
+
+def teacher_of(pipeline: Path) -> Path:
+    """The teacher a run export came from (its run's config.yaml), else the pipeline itself."""
+    run_config = pipeline.parent / "config.yaml"
+    if run_config.is_file():
+        return Path(load_config(run_config).model.path)
+    return pipeline
+
+
+def _samples_of(source: Path, settings: SamplingSettings, out_dir: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 NHWC images and labels: read from an ADM .npz, or sampled from a pipeline."""
+    if source.suffix == ".npz":
+        return load_samples(source)
+    pipe = load_pipeline(source)
+    cache = out_dir / f"samples-{settings.cache_key(str(source))}.npz"
+    return generate(pipe, settings, cache)
+
+
+def build_reference(kind: str, pipeline: Path, settings: SamplingSettings, net,
+                    shipped_stats, out_dir: Path) -> Reference:
+    if kind == "real":
+        if shipped_stats is None:
+            raise ValueError("--reference real is the held-out digits (with --features digits); "
+                             "for other data pass an ADM reference batch: --reference PATH.npz")
+        held_out = load_digits_split("held_out")
+        pool = extract_features(net, (held_out.images + 1) / 2).pool
+        return Reference("real held-out digits", shipped_stats, pool)
+    source = teacher_of(pipeline) if kind == "teacher" else Path(kind)
+    if source.suffix == ".npz" and load_reference_stats(source) is not None:
+        images, _ = load_samples(source)
+        features = extract_features(net, from_uint8_nhwc(images), progress=True)
+        return Reference(str(source), load_reference_stats(source), features.pool)
+    other_seeds = replace(settings, seed=settings.seed + REFERENCE_SEED_OFFSET)
+    images, _ = _samples_of(source, other_seeds, out_dir)
+    features = extract_features(net, from_uint8_nhwc(images), progress=True)
+    return reference_from_features(f"{source} (seed {other_seeds.seed})", features)
+
+
+def _default_out(pipeline: Path) -> Path:
+    if (pipeline.parent / "config.yaml").is_file():
+        return pipeline.parent / "eval" / "results.json"
+    return Path("runs") / "eval" / pipeline.stem / "results.json"
+
+
+def _write_outputs(out: Path, record: dict, images: np.ndarray, labels) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"| metric | {Path(record['pipeline']).name} vs {record['reference']} |", "|---|---:|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in record["results"].items()]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    first = from_uint8_nhwc(images[:100])
+    if labels is not None:
+        first = first[torch.argsort(torch.as_tensor(labels[:100]), stable=True)]
+    save_image(first, out.with_name("samples.png"), nrow=10, padding=1)
+    print("\n".join(lines))
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_name('samples.png')}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(prog="python -m qdiff.eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--metric", action="append", default=None,
+                        help="fid, sfid, is, precision, recall, accuracy (repeat or comma list)")
+    parser.add_argument("--pipeline", type=Path, default=None,
+                        help="pipeline folder or ADM samples .npz (default: latest run export)")
+    parser.add_argument("--reference", default="teacher", help="teacher | real | PATH")
+    parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--features", default=defaults.features, help="digits | inception | PATH")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON path")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    metrics = check_metrics(",".join(args.metric or EvalConfig().metrics).split(","))
+    pipeline = args.pipeline or latest_export()
+    out = args.out or _default_out(pipeline)
+    settings = SamplingSettings(args.num_samples, args.steps, args.guidance, args.seed,
+                                args.batch_size)
+    net, shipped_stats = load_feature_net(args.features)
+    start = time.time()
+    images, labels = _samples_of(pipeline, settings, out.parent)
+    features = extract_features(net, from_uint8_nhwc(images), progress=True)
+    reference = build_reference(args.reference, pipeline, settings, net, shipped_stats, out.parent)
+    label_tensor = torch.as_tensor(labels) if labels is not None else None
+    results = score(features, label_tensor, reference, metrics,
+                    class_logits=args.features != "inception" and shipped_stats is not None)
+    record = {"pipeline": str(pipeline), "reference": reference.name, "features": args.features,
+              "settings": asdict(settings), "num_evaluated": len(images),
+              "seconds": round(time.time() - start, 1), "results": results}
+    _write_outputs(out, record, images, labels)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        run(parse_args(argv))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
