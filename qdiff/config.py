@@ -148,9 +148,12 @@ class DistillConfig:
     eta: float = 1.0  # DDIM eta of the teacher's trajectory
     guidance_scale: float = 2.0  # classifier-free guidance of the teacher
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 5e-4  # QALoRA; with lora.scale_aware_lr, the mean of the per-layer rates
+    act_lr: float = 5e-4  # temporal activation step sizes (EfficientDM: 5e-4)
+    weight_scale_lr: float = 1e-6  # weight step sizes (EfficientDM: 1e-6)
+    aux_lr: float = 1e-4  # QVGen Phi factors
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up, then linear decay to 0 (as EfficientDM)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     loss: str = "mse"
     checkpoint_every: int = 200
@@ -163,7 +166,8 @@ class DistillConfig:
             _check_range(f"distill.{name}", getattr(self, name), 1)
         _check_range("distill.eta", self.eta, 0.0, 1.0)
         _check_range("distill.guidance_scale", self.guidance_scale, 0.0)
-        _check_range("distill.lr", self.lr, 0.0)
+        for name in ("lr", "act_lr", "weight_scale_lr", "aux_lr"):
+            _check_range(f"distill.{name}", getattr(self, name), 0.0)
         _check_range("distill.weight_decay", self.weight_decay, 0.0)
         _check_range("distill.warmup_steps", self.warmup_steps, 0)
         _check_range("distill.grad_clip", self.grad_clip, 0.0)

@@ -1,0 +1,33 @@
+"""Quantization primitives, quantizers, quantized layers and `quantize_`.
+
+    report = quantize_(student, cfg.quant, cfg.lora, cfg.aux)
+    with calibrating(student):          # activation scales from teacher trajectories
+        run_trajectories(student)
+    decay = RankDecay(student, cfg.aux, total_steps, optimizer)   # if cfg.aux.enabled
+"""
+
+from .aux_branch import AuxBranch
+from .dynamic_act_quantizer import DynamicActQuantizer
+from .layers import QUANT_LAYERS, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
+from .model_ops import (QuantParams, calibrating, finish_calibration, iter_quant_layers,
+                        lora_param_groups, mean_weight_steps, merge_lora, quant_parameters,
+                        set_timesteps, start_calibration)
+from .packing import pack_codes, unpack_codes
+from .primitives import (fake_quantize, grad_scale, init_scale, int_range, lp_search_init,
+                         minmax_init, quantize_codes, round_ste)
+from .quantize import quantize_, timestep_context
+from .rank_decay import RankDecay
+from .report import QuantizationReport, ReportRow
+from .temporal_act_quantizer import TemporalActQuantizer
+from .timestep_context import TimestepContext
+from .weight_quantizer import LSQWeightQuantizer
+
+__all__ = [
+    "AuxBranch", "DynamicActQuantizer", "LSQWeightQuantizer", "QUANT_LAYERS", "QuantConv2d",
+    "QuantConv3d", "QuantLayer", "QuantLinear", "QuantParams", "QuantizationReport", "RankDecay",
+    "ReportRow", "TemporalActQuantizer", "TimestepContext", "calibrating", "fake_quantize",
+    "finish_calibration", "grad_scale", "init_scale", "int_range", "iter_quant_layers",
+    "lora_param_groups", "lp_search_init", "mean_weight_steps", "merge_lora", "minmax_init",
+    "pack_codes", "quant_parameters", "quantize_", "quantize_codes", "round_ste", "set_timesteps",
+    "start_calibration", "timestep_context", "unpack_codes",
+]

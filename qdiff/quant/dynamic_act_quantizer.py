@@ -1,0 +1,120 @@
+"""Dynamic per-token activation quantization with learned clipping (QVGen / ViDiT-Q style).
+
+Transformer activations differ strongly from token to token, so each token gets its own
+step size, computed on the fly from its (clipped) range; only the clipping ratio is
+learned, one per timestep group (a bucket of timestep values), because the range
+statistics drift along the trajectory.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .observer import SampleObserver
+from .primitives import DEFAULT_RATIOS, fake_quantize, grad_scale, int_range, lsq_gradient_factor
+from .timestep_context import TimestepContext
+
+MAX_TIMESTEP = 1000.0  # diffusers' denoisers take timesteps on a 0..1000 scale
+
+
+class DynamicActQuantizer(nn.Module):
+    """Per-token fake-quantizer: scale = ratio[group(t)] * range(token) / levels.
+
+    `channel_dim` is the feature dim that a token spans: -1 for (B, tokens, C) inputs of
+    Linear layers, 1 for (B, C, ...) inputs of convolutions (a token is a position).
+    Calibration (`start_calibration` / `finish_calibration`) searches each group's ratio
+    under the Lp norm on a sample of tokens; without it every ratio starts at 1 (min-max).
+    """
+
+    def __init__(self, bits: int, context: TimestepContext, symmetric: bool = False,
+                 num_groups: int = 10, channel_dim: int = -1, lsq_grad_scale: bool = True,
+                 p: float = 2.4, sample_size: int = 256) -> None:
+        super().__init__()
+        self.bits = bits
+        self.symmetric = symmetric
+        self.qmin, self.qmax = int_range(bits, symmetric)
+        self.context = context
+        self.channel_dim = channel_dim
+        self.use_grad_scale = lsq_grad_scale
+        self.p = p
+        self.sample_size = sample_size
+        self.calibrating = False
+        self._observers: Dict[int, SampleObserver] = {}
+        self.clip_ratio = nn.Parameter(torch.ones(num_groups))
+        self.register_buffer("group_edges", torch.linspace(0, MAX_TIMESTEP, num_groups + 1)[1:-1])
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, groups={self.clip_ratio.numel()}"
+
+    def group_of(self, batch_size: int) -> torch.Tensor:
+        """Timestep group of every row of the batch."""
+        timesteps = self.context.per_sample(batch_size)
+        if timesteps is None:
+            if self.clip_ratio.numel() != 1:
+                raise RuntimeError("No timestep is set: call the denoiser root or use `context.use(t)`.")
+            return torch.zeros(batch_size, dtype=torch.long, device=self.group_edges.device)
+        timesteps = timesteps.to(self.group_edges.device).contiguous()
+        return torch.bucketize(timesteps, self.group_edges, right=True)
+
+    def _quantize_tokens(self, tokens: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize (..., C) tokens, each on its own grid, clipped by `ratio` (broadcast)."""
+        high = tokens.detach().amax(dim=-1, keepdim=True).clamp_min(0)
+        low = tokens.detach().amin(dim=-1, keepdim=True).clamp_max(0)
+        if self.symmetric:
+            scale = ratio * torch.maximum(high, -low) / self.qmax
+            zero_point = torch.zeros_like(high)
+        else:
+            span = (high - low).clamp_min(1e-8)
+            scale = ratio * span / (self.qmax - self.qmin)
+            zero_point = torch.round(self.qmin - low * (self.qmax - self.qmin) / span)
+        return fake_quantize(tokens, scale.clamp_min(1e-8), zero_point, self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.group_of(x.shape[0])
+        tokens = x.movedim(self.channel_dim, -1)
+        if self.calibrating:
+            self._observe(tokens, groups)
+            return x
+        ratio = self.clip_ratio
+        if self.use_grad_scale:
+            ratio = grad_scale(ratio, lsq_gradient_factor(x[0].numel(), self.qmax))
+        ratio = ratio.clamp_min(1e-4)[groups.to(ratio.device)]
+        ratio = ratio.view((-1,) + (1,) * (tokens.dim() - 1)).to(x.dtype)
+        return self._quantize_tokens(tokens, ratio).movedim(-1, self.channel_dim)
+
+    def start_calibration(self) -> None:
+        self.calibrating = True
+        self._observers = {}
+
+    @property
+    def has_observations(self) -> bool:
+        return bool(self._observers)
+
+    @torch.no_grad()
+    def _observe(self, tokens: torch.Tensor, groups: torch.Tensor) -> None:
+        for group in groups.unique().tolist():
+            rows = tokens[(groups == group).to(tokens.device)].reshape(-1, tokens.shape[-1])
+            self._observers.setdefault(group, SampleObserver(self.sample_size)).add(rows)
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Set each group's ratio by the Lp search; unobserved groups copy the nearest observed."""
+        self.calibrating = False
+        if not self._observers:
+            raise RuntimeError("finish_calibration(): no activations were observed.")
+        observed = sorted(self._observers)
+        best = {group: self._search_ratio(self._observers[group].sample) for group in observed}
+        for group in range(self.clip_ratio.numel()):
+            nearest = min(observed, key=lambda g: abs(g - group))
+            self.clip_ratio[group] = best[nearest]
+        self._observers = {}
+
+    def _search_ratio(self, tokens: torch.Tensor) -> float:
+        errors = []
+        for ratio in DEFAULT_RATIOS.tolist():
+            q = self._quantize_tokens(tokens, torch.tensor(ratio, device=tokens.device))
+            errors.append(float((tokens - q).abs().pow(self.p).mean()))
+        return DEFAULT_RATIOS[int(torch.tensor(errors).argmin())].item()

@@ -1,0 +1,208 @@
+"""Quantized Linear / Conv2d / Conv3d layers with QALoRA and the optional aux branch.
+
+    y = Q_a(x) * Q_w(W0 + B @ A) + bias   [+ Q_a(x) * Phi]
+
+The original module is kept as `base_layer` (as PEFT does) for its bias and conv
+hyper-parameters; W0 stays frozen, either as a float tensor or, with
+`packed_base_weight`, as packed integer codes of an initial quantization (the student
+then costs a fraction of the teacher's memory). Because B @ A is added *before* the
+weight quantizer, LoRA merges away without changing the quantized output (EfficientDM).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
+
+from .aux_branch import AuxBranch
+from .dynamic_act_quantizer import DynamicActQuantizer
+from .packing import pack_codes, unpack_codes
+from .temporal_act_quantizer import TemporalActQuantizer
+from .timestep_context import TimestepContext
+from .weight_quantizer import LSQWeightQuantizer
+
+ActQuantizer = Union[TemporalActQuantizer, DynamicActQuantizer]
+
+
+class QuantLayer(nn.Module):
+    """Shared machinery; subclasses say how a weight is applied and where channels live."""
+
+    base_type: type = nn.Module
+    channel_dim: int = -1  # feature dim of the input (per-token quantization spans it)
+
+    def __init__(self, base_layer: nn.Module, weight_bits: int, act_bits: int,
+                 quant_cfg: QuantConfig, lora_cfg: Optional[LoRAConfig] = None,
+                 aux_cfg: Optional[AuxConfig] = None,
+                 context: Optional[TimestepContext] = None) -> None:
+        super().__init__()
+        weight = base_layer.weight.detach()
+        self.weight_shape = tuple(weight.shape)
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        self.context = context or TimestepContext()
+        self.weight_quantizer = LSQWeightQuantizer(
+            weight.shape[0], weight_bits, quant_cfg.weight_symmetric, quant_cfg.learn_zero_point,
+            quant_cfg.lsq_grad_scale).to(weight.device)
+        self.weight_quantizer.init_from(weight, quant_cfg.weight_init, quant_cfg.lp_norm)
+        self.act_quantizer = self._make_act_quantizer(act_bits, quant_cfg).to(weight.device)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.packed = quant_cfg.packed_base_weight
+        if self.packed:
+            self._pack_base(weight, self.weight_quantizer)
+            base_layer.weight = None
+        self.merged = False
+        self._init_lora(weight, lora_cfg)
+        self.aux: Optional[AuxBranch] = None
+        if aux_cfg is not None and aux_cfg.enabled:
+            error = weight.float() - self.weight_quantizer(weight.float()).detach()
+            self.aux = AuxBranch.from_error(error, aux_cfg.rank).to(weight.dtype)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, weight_bits: int, act_bits: int,
+                    quant_cfg: QuantConfig, lora_cfg: Optional[LoRAConfig] = None,
+                    aux_cfg: Optional[AuxConfig] = None,
+                    context: Optional[TimestepContext] = None) -> "QuantLayer":
+        """Wrap `module` (its weight initialises the weight quantizer and Phi)."""
+        if type(module) is not cls.base_type:
+            raise TypeError(f"{cls.__name__} wraps {cls.base_type.__name__}, got {type(module).__name__}.")
+        return cls(module, weight_bits, act_bits, quant_cfg, lora_cfg, aux_cfg, context)
+
+    def _make_act_quantizer(self, bits: int, cfg: QuantConfig) -> ActQuantizer:
+        if cfg.act_mode == "dynamic_per_token":
+            return DynamicActQuantizer(bits, self.context, cfg.act_symmetric, cfg.act_timestep_groups,
+                                       self.channel_dim, cfg.lsq_grad_scale, cfg.lp_norm)
+        return TemporalActQuantizer(bits, self.context, cfg.act_symmetric, cfg.learn_zero_point,
+                                    cfg.lsq_grad_scale, cfg.lp_norm, init_method=cfg.act_init,
+                                    per_timestep=cfg.act_per_timestep)
+
+    def _init_lora(self, weight: torch.Tensor, cfg: Optional[LoRAConfig]) -> None:
+        """A (rank, in/groups, *kernel) kaiming-uniform, B (out, rank) zero: B @ A = 0 at start."""
+        self.lora_A: Optional[nn.Parameter] = None
+        self.lora_B: Optional[nn.Parameter] = None
+        if cfg is None or not cfg.enabled:
+            return
+        rank = min(cfg.rank, weight.shape[0], weight[0].numel())
+        lora_a = weight.new_empty((rank,) + tuple(weight.shape[1:]))
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(lora_a)
+        self.lora_B = nn.Parameter(weight.new_zeros(weight.shape[0], rank))
+
+    @torch.no_grad()
+    def _pack_base(self, weight: torch.Tensor, quantizer: LSQWeightQuantizer) -> None:
+        """Store `weight` as packed codes on `quantizer`'s current grid (frozen copies of s, zp)."""
+        codes = pack_codes(quantizer.codes(weight), quantizer.bits, quantizer.qmin)
+        self.register_buffer("base_codes", codes)
+        self.register_buffer("base_scale", quantizer.scale.detach().clamp_min(1e-8).clone())
+        self.register_buffer("base_zero_point", quantizer.zero_point.detach().round().clone())
+        self.base_dtype = weight.dtype
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen W0 as a float tensor (dequantized on the fly when packed)."""
+        if not self.packed:
+            return self.base_layer.weight
+        quantizer = self.weight_quantizer
+        codes = unpack_codes(self.base_codes, quantizer.bits, quantizer.qmin, self.weight_shape)
+        shape = (-1,) + (1,) * (len(self.weight_shape) - 1)
+        weight = (codes.float() - self.base_zero_point.view(shape)) * self.base_scale.view(shape)
+        return weight.to(self.base_dtype)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """B @ A reshaped to the weight's shape (zeros without LoRA)."""
+        if self.lora_A is None:
+            return torch.zeros(self.weight_shape, device=self.weight_quantizer.scale.device)
+        return (self.lora_B @ self.lora_A.flatten(1)).view(self.weight_shape)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Q_w(W0 + B @ A), the weight the layer actually applies."""
+        weight = self.base_weight()
+        if self.lora_A is not None and not self.merged:
+            weight = weight + self.get_delta_weight()
+        return self.weight_quantizer(weight).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_q = self.act_quantizer(x)
+        y = self._apply_weight(x_q, self.quantized_weight(), self.base_layer.bias)
+        if self.aux is not None:
+            y = y + self._apply_aux(x_q)
+        return y
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply_aux(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_weight(x, self.aux.weight().view(self.weight_shape), None)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold B @ A into W0; LoRA stays (inactive) so `unmerge` can undo it. Output unchanged."""
+        if self.lora_A is None or self.merged:
+            return
+        if self.packed:  # re-encode on the trained grid: Q_w of the codes is the codes
+            merged = self.base_weight() + self.get_delta_weight()
+            self._pack_base(merged, self.weight_quantizer)
+        else:
+            self.base_layer.weight += self.get_delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract B @ A again (float base only: packed codes lost the unrounded sum)."""
+        if not self.merged:
+            return
+        if self.packed:
+            raise NotImplementedError("unmerge() needs a float base weight; packed codes are rounded.")
+        self.base_layer.weight -= self.get_delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = False
+
+    @torch.no_grad()
+    def to_module(self) -> nn.Module:
+        """A plain float module whose weight is Q_w(W0 + B @ A) (the activation quantizer is
+        not part of it: export keeps its tables). Phi must be gone (rank decay) first."""
+        if self.aux is not None:
+            raise ValueError("to_module(): the aux branch Phi is still present; finish rank decay first.")
+        module = copy.deepcopy(self.base_layer)
+        module.weight = nn.Parameter(self.quantized_weight().detach().clone())
+        return module.requires_grad_(True)
+
+    def mean_weight_step(self) -> float:
+        return self.weight_quantizer.mean_step()
+
+    def extra_repr(self) -> str:
+        rank = 0 if self.lora_A is None else self.lora_A.shape[0]
+        return f"w{self.weight_bits}a{self.act_bits}, lora_rank={rank}, packed={self.packed}"
+
+
+class QuantLinear(QuantLayer):
+    base_type = nn.Linear
+    channel_dim = -1
+
+    def _apply_weight(self, x, weight, bias):  # type: ignore[override]
+        return F.linear(x, weight, bias)
+
+    def _apply_aux(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aux.forward_linear(x)
+
+
+class _QuantConv(QuantLayer):
+    channel_dim = 1
+
+    def _apply_weight(self, x, weight, bias):  # type: ignore[override]
+        return self.base_layer._conv_forward(x, weight, bias)
+
+
+class QuantConv2d(_QuantConv):
+    base_type = nn.Conv2d
+
+
+class QuantConv3d(_QuantConv):
+    base_type = nn.Conv3d
+
+
+QUANT_LAYERS = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d}

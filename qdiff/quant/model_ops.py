@@ -1,0 +1,119 @@
+"""Model-wide operations on quantized layers: calibration, timestep tables, parameter groups.
+
+The calibration and distillation loops work on whole models; these helpers spare them
+from knowing which quantizer keeps which parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .dynamic_act_quantizer import DynamicActQuantizer
+from .layers import QuantLayer
+from .temporal_act_quantizer import TemporalActQuantizer
+
+ActQuantizers = (TemporalActQuantizer, DynamicActQuantizer)
+
+
+def iter_quant_layers(model: nn.Module) -> Iterator[Tuple[str, QuantLayer]]:
+    """(qualified name, layer) for every quantized layer of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayer):
+            yield name, module
+
+
+def start_calibration(model: nn.Module) -> None:
+    """Activation quantizers pass inputs through and record per-timestep samples."""
+    for module in model.modules():
+        if isinstance(module, ActQuantizers):
+            module.start_calibration()
+
+
+def finish_calibration(model: nn.Module) -> List[str]:
+    """Initialise every activation step size (or clipping ratio) from what was recorded.
+
+    Layers the calibration runs never reached (e.g. an image embedder without image
+    input) stop calibrating unchanged; their names are returned (and warned about).
+    """
+    unobserved = []
+    for name, module in model.named_modules():
+        if not isinstance(module, ActQuantizers):
+            continue
+        if module.has_observations:
+            module.finish_calibration()
+        else:
+            module.calibrating = False
+            unobserved.append(name)
+    if unobserved:
+        warnings.warn(f"Calibration never reached {len(unobserved)} activation quantizers "
+                      f"(left uncalibrated): {unobserved[:5]}{'...' if len(unobserved) > 5 else ''}")
+    return unobserved
+
+
+@contextlib.contextmanager
+def calibrating(model: nn.Module) -> Iterator[None]:
+    """`with calibrating(student): run trajectories` -- scales are set when the block exits."""
+    start_calibration(model)
+    yield
+    finish_calibration(model)
+
+
+def set_timesteps(model: nn.Module, timesteps: Union[Sequence[float], torch.Tensor]) -> None:
+    """Declare the timestep table of every temporal activation quantizer (e.g. scheduler.timesteps)."""
+    for module in model.modules():
+        if isinstance(module, TemporalActQuantizer):
+            module.set_timesteps(timesteps)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every layer's B @ A into its base weight (quantized outputs unchanged)."""
+    for _, layer in iter_quant_layers(model):
+        layer.merge()
+
+
+@dataclass
+class QuantParams:
+    """Trainable parameters of the quantized layers, by role (for optimizer groups)."""
+
+    lora: List[nn.Parameter] = field(default_factory=list)
+    weight_scales: List[nn.Parameter] = field(default_factory=list)  # step sizes (+ LSQ+ zero points)
+    act_scales: List[nn.Parameter] = field(default_factory=list)  # per-timestep steps / clip ratios
+    aux: List[nn.Parameter] = field(default_factory=list)  # Phi factors (removed by rank decay)
+
+
+def quant_parameters(model: nn.Module) -> QuantParams:
+    """Collect the parameters of every quantized layer of `model` by role."""
+    params = QuantParams()
+    for _, layer in iter_quant_layers(model):
+        if layer.lora_A is not None:
+            params.lora += [layer.lora_A, layer.lora_B]
+        params.weight_scales += list(layer.weight_quantizer.parameters())
+        params.act_scales += list(layer.act_quantizer.parameters())
+        if layer.aux is not None:
+            params.aux += list(layer.aux.parameters())
+    return params
+
+
+def mean_weight_steps(model: nn.Module) -> Dict[str, float]:
+    """Mean weight step size per quantized layer (what the scale-aware LoRA lr follows)."""
+    return {name: layer.mean_weight_step() for name, layer in iter_quant_layers(model)}
+
+
+def lora_param_groups(model: nn.Module, lr: float, scale_aware: bool = True) -> List[dict]:
+    """One optimizer group per layer's LoRA; with `scale_aware`, lr ∝ the layer's mean step.
+
+    Why per layer: with Adam, scaling a gradient changes nothing, scaling the learning
+    rate does (EfficientDM). The rates are normalised so their mean over layers is `lr`.
+    """
+    layers = [(name, layer) for name, layer in iter_quant_layers(model) if layer.lora_A is not None]
+    steps = {name: layer.mean_weight_step() for name, layer in layers}
+    mean_step = sum(steps.values()) / max(len(steps), 1)
+    return [{"params": [layer.lora_A, layer.lora_B], "name": f"lora:{name}",
+             "lr": lr * steps[name] / mean_step if scale_aware and mean_step > 0 else lr}
+            for name, layer in layers]

@@ -1,0 +1,134 @@
+"""Fake-quantization building blocks shared by every quantizer.
+
+Everything here is written with straight-through-estimator (STE) ops, so that plain
+autograd yields the LSQ / LSQ+ gradients (Esser et al. 2020; Bhalgat et al. 2020)
+without custom `autograd.Function`s: the forward is exact integer-grid rounding, the
+backward treats `round` as identity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+#: Clipping ratios tried by the Lp search (1.0 = the plain min-max range).
+DEFAULT_RATIOS = torch.linspace(0.01, 1.0, 100)
+_EPS = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Value `x`, gradient multiplied by `g` (LSQ keeps step-size updates in scale with weights)."""
+    scaled = x * g
+    return (x - scaled).detach() + scaled
+
+
+def int_range(bits: int, symmetric: bool) -> Tuple[int, int]:
+    """Integer code range (qmin, qmax): signed for symmetric, unsigned for asymmetric."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits} is out of range; supported: 2..8.")
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def lsq_gradient_factor(numel: int, qmax: int) -> float:
+    """LSQ step-size gradient scale 1/sqrt(N * Qp), N = elements sharing one step size."""
+    return 1.0 / math.sqrt(max(numel, 1) * max(qmax, 1))
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  qmin: int, qmax: int) -> torch.Tensor:
+    """`(clamp(round(x/s) + zp, qmin, qmax) - zp) * s` with STE rounding.
+
+    Clamping *before* rounding gives the same values (the bounds are integers) but makes
+    "inside the range" depend on the unrounded `x/s + zp`, as LSQ defines it. Autograd
+    then gives, for the step size, `round(x/s) - x/s` inside and `qmin - zp` / `qmax - zp`
+    below / above (LSQ); for the zero point `0` inside and `-s` outside (LSQ+); for `x`,
+    1 inside and 0 outside (STE). The zero point is rounded (STE) so the grid stays integer.
+    """
+    zp = round_ste(zero_point)
+    codes = round_ste(torch.clamp(x / scale + zp, qmin, qmax))
+    return (codes - zp) * scale
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes (as a float tensor) of `x`: what fake_quantize multiplies back."""
+    return torch.clamp(torch.round(x / scale) + torch.round(zero_point), qmin, qmax)
+
+
+def scale_from_range(low: torch.Tensor, high: torch.Tensor, qmin: int, qmax: int,
+                     symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Step size and zero point that map [low, high] onto the integer grid."""
+    low = torch.minimum(low, torch.zeros_like(low))
+    high = torch.maximum(high, torch.zeros_like(high))
+    if symmetric:
+        scale = torch.maximum(-low / -qmin, high / qmax).clamp_min(_EPS)
+        return scale, torch.zeros_like(scale)
+    scale = ((high - low) / (qmax - qmin)).clamp_min(_EPS)
+    zero_point = torch.clamp(torch.round(qmin - low / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def _reduce_dims(x: torch.Tensor, channel_dim: Optional[int]) -> Tuple[int, ...]:
+    return tuple(d for d in range(x.dim()) if d != channel_dim) if channel_dim is not None \
+        else tuple(range(x.dim()))
+
+
+def _view_channels(t: torch.Tensor, x: torch.Tensor, channel_dim: Optional[int]) -> torch.Tensor:
+    """Reshape per-channel values so they broadcast against `x` along `channel_dim`."""
+    if channel_dim is None:
+        return t
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return t.reshape(shape)
+
+
+def minmax_init(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+                channel_dim: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale / zero point covering the full range of `x` (per channel or per tensor)."""
+    dims = _reduce_dims(x, channel_dim)
+    return scale_from_range(x.amin(dim=dims), x.amax(dim=dims), qmin, qmax, symmetric)
+
+
+def lp_search_init(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, p: float = 2.4,
+                   channel_dim: Optional[int] = None,
+                   ratios: torch.Tensor = DEFAULT_RATIOS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale / zero point minimising mean |x - Q(x)|^p over clipping ratios of the range.
+
+    Why: min-max wastes most of the grid on rare outliers; shrinking the range by a
+    searched ratio trades clipping error for rounding error (EfficientDM uses p = 2.4).
+    Each channel (or the whole tensor) keeps the ratio with the lowest error.
+    """
+    x = x.detach().float()
+    dims = _reduce_dims(x, channel_dim)
+    low, high = x.amin(dim=dims), x.amax(dim=dims)
+    best_err = torch.full_like(low, float("inf"))
+    best_scale, best_zp = scale_from_range(low, high, qmin, qmax, symmetric)
+    for ratio in ratios.tolist():
+        scale, zp = scale_from_range(low * ratio, high * ratio, qmin, qmax, symmetric)
+        q = fake_quantize(x, _view_channels(scale, x, channel_dim),
+                          _view_channels(zp, x, channel_dim), qmin, qmax)
+        err = (x - q).abs().pow(p).mean(dim=dims)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def init_scale(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, method: str,
+               p: float = 2.4, channel_dim: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch on the init method named in `QuantConfig.weight_init` ("minmax" or "mse")."""
+    if method == "minmax":
+        return minmax_init(x.detach().float(), qmin, qmax, symmetric, channel_dim)
+    if method == "mse":
+        return lp_search_init(x, qmin, qmax, symmetric, p, channel_dim)
+    raise ValueError(f"Unknown init method '{method}'; choose 'minmax' or 'mse'.")

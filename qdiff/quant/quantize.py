@@ -1,0 +1,89 @@
+"""`quantize_`: swap a denoiser's Linear / Conv layers for quantized ones, in place."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Optional, Tuple
+
+from torch import nn
+
+from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
+
+from .layers import QUANT_LAYERS, QuantLayer
+from .report import QuantizationReport, ReportRow
+from .timestep_context import TimestepContext
+
+CONTEXT_ATTR = "_qdiff_timestep_context"
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _keep_float_reason(name: str, cfg: QuantConfig, keep_fp32: Iterable[str]) -> str:
+    """Why `name` stays float ('' if it is quantized)."""
+    if not _matches(name, cfg.include):
+        return "not included"
+    if _matches(name, cfg.exclude):
+        return "excluded"
+    # diffusers' rule: an entry matches a whole component of the qualified name
+    if any(part in keep_fp32 for part in name.split(".")):
+        return "_keep_in_fp32_modules"
+    return ""
+
+
+def _bits_for(name: str, cfg: QuantConfig) -> Tuple[int, int, str]:
+    """(weight_bits, act_bits, note) from the first matching override, else the defaults."""
+    for override in cfg.overrides:
+        if fnmatch.fnmatchcase(name, override.pattern):
+            weight_bits = override.weight_bits if override.weight_bits is not None else cfg.weight_bits
+            act_bits = override.act_bits if override.act_bits is not None else cfg.act_bits
+            return weight_bits, act_bits, f"override '{override.pattern}'"
+    return cfg.weight_bits, cfg.act_bits, ""
+
+
+def timestep_context(model: nn.Module) -> TimestepContext:
+    """The context shared by `model`'s quantizers (created and hooked on first use)."""
+    context = getattr(model, CONTEXT_ATTR, None)
+    if context is None:
+        context = TimestepContext()
+        setattr(model, CONTEXT_ATTR, context)
+    context.install(model)
+    return context
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Linear / Conv layers of `model` that are not already part of a quantized layer."""
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, QuantLayer)]
+    return [(name, module) for name, module in model.named_modules()
+            if name and type(module) in QUANT_LAYERS
+            and not any(name.startswith(prefix + ".") for prefix in wrapped)]
+
+
+def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAConfig] = None,
+              aux_cfg: Optional[AuxConfig] = None) -> QuantizationReport:
+    """Replace every selected `nn.Linear` / `nn.Conv2d` / `nn.Conv3d` of `model` in place.
+
+    Layers are selected by `quant_cfg.include` / `exclude` (fnmatch on qualified names);
+    diffusers' `_keep_in_fp32_modules` also stay float. `quant_cfg.overrides` set bits per
+    pattern, first match wins. A forward pre-hook on `model` feeds its `timestep` argument
+    to every activation quantizer. Weight scales (and Phi) are initialised here from the
+    weights; activation scales need calibration (see `model_ops.calibrating`).
+    """
+    context = timestep_context(model)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    rows = []
+    for name, module in _candidates(model):
+        params = sum(p.numel() for p in module.parameters())
+        kind = type(module).__name__
+        reason = _keep_float_reason(name, quant_cfg, keep_fp32)
+        if reason:
+            rows.append(ReportRow(name, kind, None, None, params, reason))
+            continue
+        weight_bits, act_bits, note = _bits_for(name, quant_cfg)
+        layer = QUANT_LAYERS[type(module)].from_module(
+            module, weight_bits, act_bits, quant_cfg, lora_cfg, aux_cfg, context)
+        layer.train(module.training)
+        model.set_submodule(name, layer)
+        rows.append(ReportRow(name, kind, weight_bits, act_bits, params, note))
+    return QuantizationReport(rows)
