@@ -155,7 +155,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, then linear decay to 0 (as EfficientDM)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    loss: str = "mse"
+    loss: str = "mse"  # "mse" / "l1" of the noise predictions, or "update": MSE of the DDIM steps
     checkpoint_every: int = 200
     sample_every: int = 200  # steps between PNG grids of teacher vs student
     log_every: int = 10
@@ -171,7 +171,7 @@ class DistillConfig:
         _check_range("distill.weight_decay", self.weight_decay, 0.0)
         _check_range("distill.warmup_steps", self.warmup_steps, 0)
         _check_range("distill.grad_clip", self.grad_clip, 0.0)
-        _check_choice("distill.loss", self.loss, ("mse", "l1"))
+        _check_choice("distill.loss", self.loss, ("mse", "l1", "update"))
 
 
 @dataclass

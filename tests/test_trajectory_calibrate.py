@@ -79,3 +79,21 @@ def test_calibrated_students_of_the_embedded_teacher_track_it_by_bit_width(teach
         _relative_error(teacher, _calibrated(teacher, 4, 4))
     assert 0 < w8a8 < 0.05  # measured 0.013
     assert w8a8 < w4a4 < 0.5  # measured 0.19
+
+
+@pytest.mark.parametrize("steps", [5, 50])
+def test_update_scale_is_how_far_a_noise_error_moves_the_ddim_step(random_class_ldm_pipeline,
+                                                                    steps):
+    from diffusers import DDIMScheduler
+
+    from qdiff.distill.trajectory import ddim_update_scale
+
+    scheduler = DDIMScheduler.from_config(random_class_ldm_pipeline.scheduler.config)
+    scheduler.set_timesteps(steps)
+    x_t, eps = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    for t in scheduler.timesteps[[0, len(scheduler.timesteps) // 2, -1]]:
+        base = scheduler.step(eps, t, x_t, eta=0.0).prev_sample
+        moved = scheduler.step(eps + 0.01, t, x_t, eta=0.0).prev_sample
+        torch.testing.assert_close((moved - base) / 0.01,
+                                   torch.full_like(base, ddim_update_scale(scheduler, int(t))),
+                                   atol=1e-3, rtol=1e-3)

@@ -8,6 +8,7 @@ from typing import Any
 
 from diffusers import DiffusionPipeline
 
+import qdiff.export  # noqa: F401  (model_index.json of exports names its denoiser classes)
 from qdiff.models.class_ldm_pipeline import ClassConditionalLDMPipeline
 
 # Pipelines that qdiff defines; any other `_class_name` is one of diffusers' own.

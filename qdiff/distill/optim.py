@@ -1,0 +1,49 @@
+"""AdamW over the student's trainable parts, one group per role, and the LR schedule.
+
+Groups: QALoRA per layer (learning rate proportional to the layer's mean weight step
+size: with Adam, scaling a gradient does nothing, scaling the rate does -- EfficientDM),
+temporal activation step sizes, weight step sizes, and QVGen's Phi. Everything else in
+the student stays frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qdiff.config import RunConfig
+from qdiff.quant import lora_param_groups, quant_parameters
+
+
+def freeze_all_but_quant_params(student: nn.Module) -> None:
+    student.requires_grad_(False)
+    params = quant_parameters(student)
+    for param in params.lora + params.act_scales + params.weight_scales + params.aux:
+        param.requires_grad_(True)
+
+
+def build_optimizer(student: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    params = quant_parameters(student)
+    groups = lora_param_groups(student, cfg.distill.lr, cfg.lora.scale_aware_lr)
+    groups += [
+        {"params": params.act_scales, "lr": cfg.distill.act_lr, "name": "act_scales"},
+        {"params": params.weight_scales, "lr": cfg.distill.weight_scale_lr, "name": "weight_scales"},
+        {"params": params.aux, "lr": cfg.distill.aux_lr, "name": "aux"},
+    ]
+    groups = [group for group in groups if group["params"]]
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return torch.optim.AdamW(groups, weight_decay=cfg.distill.weight_decay)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then linear decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """The schedule is a pure function of the step, so a resumed run needs no scheduler state."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor

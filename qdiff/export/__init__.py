@@ -1,0 +1,29 @@
+"""Export: a trained student -> a diffusers pipeline folder with packed low-bit weights.
+
+    path = export_pipeline(pipe, student, "runs/x/export", cfg.quant)
+    pipe = qdiff.load_pipeline(path)                # in any process, after `import qdiff`
+    pipe = DiffusionPipeline.from_pretrained(path)  # families whose pipeline is diffusers' own
+
+Layout: `packing` (dense bit-packing), `format` (the `quantization_config` block),
+`act_codes` (timestep-indexed activation codes), `int_ops` (exact integer sums),
+`int_layers` (integer Linear / Conv), `freeze` (student layer -> integer layer),
+`serialization` (safetensors + integrity checks), `models` (the denoiser classes
+diffusers loads), `pipeline` (`export_pipeline`, atomic folder write), `verify`
+(exactness checks against the student).
+"""
+
+from .format import FORMAT_VERSION, QUANT_METHOD, ExportFormatError, LayerSpec
+from .int_layers import IntConv2d, IntConv3d, IntLayer, IntLinear
+from .models import (QUANTIZED_CLASSES, QuantizedCogVideoXTransformer3DModel, QuantizedDiTTransformer2DModel,
+                     QuantizedModelMixin, QuantizedUNet2DConditionModel, QuantizedUNet2DModel,
+                     QuantizedWanTransformer3DModel, quantized_class_for)
+from .pipeline import export_pipeline
+from .verify import layer_mismatch, on_grid_reference
+
+__all__ = [
+    "FORMAT_VERSION", "QUANT_METHOD", "QUANTIZED_CLASSES", "ExportFormatError", "IntConv2d",
+    "IntConv3d", "IntLayer", "IntLinear", "LayerSpec", "QuantizedCogVideoXTransformer3DModel",
+    "QuantizedDiTTransformer2DModel", "QuantizedModelMixin", "QuantizedUNet2DConditionModel",
+    "QuantizedUNet2DModel", "QuantizedWanTransformer3DModel", "export_pipeline",
+    "layer_mismatch", "on_grid_reference", "quantized_class_for",
+]

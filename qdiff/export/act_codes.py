@@ -1,0 +1,121 @@
+"""Activation quantization of the exported model: inputs -> integer codes + step sizes.
+
+These are the inference halves of the student's activation quantizers: the same
+arithmetic in the same order (`clamp(x / s + zp, qmin, qmax)`, rounded), so on the same
+input the codes are the student's (its LSQ gradient scaling can move its step size by
+one ulp, which matters only for a value within an ulp of a rounding boundary), but they
+return the codes instead of multiplying them back, and hold frozen tables (buffers)
+rather than trainable parameters. The step size is
+selected exactly as the student selects it: by the timestep value that the denoiser
+root's pre-hook recorded in the shared `TimestepContext`, nearest table entry.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from qdiff.quant.primitives import int_range
+from qdiff.quant.temporal_act_quantizer import nearest_index
+from qdiff.quant.timestep_context import TimestepContext
+
+
+class ActCodes(NamedTuple):
+    """Integer-valued codes shaped like the input, and the grid they live on.
+
+    `scale` and `zero_point` broadcast against `codes` (one entry per sample, or per
+    token with the channel dim of size 1); `x ~ (codes - zero_point) * scale`.
+    """
+
+    codes: torch.Tensor
+    zero_point: torch.Tensor
+    scale: torch.Tensor
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+           qmax: int) -> torch.Tensor:
+    """The student's `fake_quantize` up to (excluding) the multiply back."""
+    return torch.clamp(x / scale + zero_point, qmin, qmax).round()
+
+
+class TimestepActCodes(nn.Module):
+    """Per-tensor step size and zero point looked up by timestep (temporal LSQ, frozen)."""
+
+    granularity = "per_tensor_per_timestep"
+
+    def __init__(self, bits: int, symmetric: bool, table_size: int,
+                 context: Optional[TimestepContext] = None) -> None:
+        super().__init__()
+        self.bits, self.symmetric = bits, symmetric
+        self.qmin, self.qmax = int_range(bits, symmetric)
+        self.context = context or TimestepContext()
+        self.register_buffer("timesteps", torch.zeros(table_size))
+        self.register_buffer("scale", torch.ones(table_size))
+        self.register_buffer("zero_point", torch.zeros(table_size))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, timesteps={self.timesteps.numel()}"
+
+    def forward(self, x: torch.Tensor) -> ActCodes:
+        timesteps = self.context.per_sample(x.shape[0])
+        if timesteps is None:
+            if self.timesteps.numel() != 1:
+                raise RuntimeError("No timestep is set: call the denoiser itself (its pre-hook "
+                                   "records the `timestep` argument) or use `context.use(t)`.")
+            index = torch.zeros(x.shape[0], dtype=torch.long, device=self.timesteps.device)
+        else:
+            index = nearest_index(self.timesteps, timesteps)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        scale = self.scale[index].view(shape).to(x.dtype)
+        zero_point = self.zero_point[index].view(shape).to(x.dtype)
+        return ActCodes(_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
+
+
+class TokenActCodes(nn.Module):
+    """Per-token grid from each token's clipped range; the clip ratio by timestep group."""
+
+    granularity = "per_token"
+
+    def __init__(self, bits: int, symmetric: bool, num_groups: int, channel_dim: int,
+                 context: Optional[TimestepContext] = None) -> None:
+        super().__init__()
+        self.bits, self.symmetric, self.channel_dim = bits, symmetric, channel_dim
+        self.qmin, self.qmax = int_range(bits, symmetric)
+        self.context = context or TimestepContext()
+        self.register_buffer("clip_ratio", torch.ones(num_groups))
+        self.register_buffer("group_edges", torch.zeros(max(num_groups - 1, 0)))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, groups={self.clip_ratio.numel()}"
+
+    def _ratio(self, x: torch.Tensor) -> torch.Tensor:
+        timesteps = self.context.per_sample(x.shape[0])
+        if timesteps is None:
+            if self.clip_ratio.numel() != 1:
+                raise RuntimeError("No timestep is set: call the denoiser itself or use `context.use(t)`.")
+            groups = torch.zeros(x.shape[0], dtype=torch.long, device=self.clip_ratio.device)
+        else:
+            edges = self.group_edges
+            groups = torch.bucketize(timesteps.to(edges.device).contiguous(), edges, right=True)
+        return self.clip_ratio[groups].view((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> ActCodes:
+        ratio = self._ratio(x)
+        tokens = x.movedim(self.channel_dim, -1)
+        high = tokens.amax(dim=-1, keepdim=True).clamp_min(0)
+        low = tokens.amin(dim=-1, keepdim=True).clamp_max(0)
+        if self.symmetric:
+            scale = ratio * torch.maximum(high, -low) / self.qmax
+            zero_point = torch.zeros_like(high)
+        else:
+            span = (high - low).clamp_min(1e-8)
+            scale = ratio * span / (self.qmax - self.qmin)
+            zero_point = torch.round(self.qmin - low * (self.qmax - self.qmin) / span)
+        scale = scale.clamp_min(1e-8)
+        codes = _codes(tokens, scale, zero_point, self.qmin, self.qmax)
+        return ActCodes(*(t.movedim(-1, self.channel_dim) for t in (codes, zero_point, scale)))
+
+
+ActCodesModule = Union[TimestepActCodes, TokenActCodes]

@@ -1,0 +1,117 @@
+"""The export format: the `quantization_config` that the denoiser's config.json carries.
+
+    "quantization_config": {
+      "quant_method": "qdiff", "format_version": 1,
+      "weight_granularity": "per_output_channel", "weight_packing": "dense_le",
+      "weights_file": "diffusion_pytorch_model.safetensors", "weights_sha256": "...",
+      "recipe": {...the QuantConfig the student was built from...},
+      "layers": {"conv_in": {"type": "Conv2d", "weight_bits": 8, "weight_symmetric": false,
+                             "act_bits": 8, "act_symmetric": false,
+                             "act_granularity": "per_tensor_per_timestep",
+                             "act_table_size": 50, "weight_shape": [32, 3, 3, 3]}, ...}}
+
+Config files are data: this module only reads and checks JSON-shaped dicts, and every
+problem is an `ExportFormatError` that names the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+QUANT_METHOD = "qdiff"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+ACT_GRANULARITIES = ("per_tensor_per_timestep", "per_token")
+LAYER_TYPES = ("Linear", "Conv2d", "Conv3d")
+
+
+class ExportFormatError(ValueError):
+    """An export folder is incomplete, damaged or of an unknown format version."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one integer layer is stored: what its tensors mean, not the tensors themselves."""
+
+    type: str
+    weight_bits: int
+    weight_symmetric: bool
+    act_bits: int
+    act_symmetric: bool
+    act_granularity: str
+    act_table_size: int  # timestep entries (per-tensor tables) or timestep groups (per token)
+    weight_shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "weight_shape": list(self.weight_shape)}
+
+    @classmethod
+    def from_json(cls, name: str, data: Any, source: Path) -> "LayerSpec":
+        keys = [f.name for f in fields(cls)]
+        if not isinstance(data, Mapping) or sorted(data) != sorted(keys):
+            raise ExportFormatError(f"{source}: layer '{name}' must have exactly the keys {keys}, "
+                                    f"got {sorted(data) if isinstance(data, Mapping) else data!r}.")
+        shape = data["weight_shape"]
+        problems = [
+            data["type"] not in LAYER_TYPES and f"type {data['type']!r} is not one of {LAYER_TYPES}",
+            data["act_granularity"] not in ACT_GRANULARITIES
+            and f"act_granularity {data['act_granularity']!r} is not one of {ACT_GRANULARITIES}",
+            not all(_is_int(data[key], 2, 8) for key in ("weight_bits", "act_bits"))
+            and "bits must be integers in 2..8",
+            not _is_int(data["act_table_size"], 1) and "act_table_size must be a positive integer",
+            not (isinstance(shape, list) and shape and all(_is_int(d, 1) for d in shape))
+            and "weight_shape must be a list of positive integers",
+            not all(isinstance(data[key], bool) for key in ("weight_symmetric", "act_symmetric"))
+            and "weight_symmetric and act_symmetric must be true or false",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ExportFormatError(f"{source}: layer '{name}': {'; '.join(problems)}.")
+        return cls(**{**data, "weight_shape": tuple(shape)})
+
+
+def _is_int(value: Any, low: int, high: float = float("inf")) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def quantization_config(layers: Mapping[str, LayerSpec], recipe: Mapping[str, Any],
+                        weights_sha256: str) -> dict[str, Any]:
+    """The JSON block written under `quantization_config` in the denoiser's config.json."""
+    granularities = sorted({spec.act_granularity for spec in layers.values()})
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "weight_granularity": "per_output_channel",
+        "act_granularity": granularities[0] if len(granularities) == 1 else granularities,
+        "weight_packing": "dense_le",  # 8 codes of b bits in b bytes, offset by qmin
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": weights_sha256,
+        "recipe": dict(recipe),
+        "layers": {name: spec.to_json() for name, spec in layers.items()},
+    }
+
+
+def check_quantization_config(config: Any, source: Path) -> dict[str, LayerSpec]:
+    """Validate the block read from `source`; return its layer specs by qualified name."""
+    if not isinstance(config, Mapping):
+        raise ExportFormatError(f"{source}: no `quantization_config`; this is not a qdiff export "
+                                f"(load a float model with its own diffusers class instead).")
+    if config.get("quant_method") != QUANT_METHOD:
+        raise ExportFormatError(f"{source}: quant_method is '{config.get('quant_method')}', "
+                                f"expected '{QUANT_METHOD}'.")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        hint = ("it was written by a newer qdiff; upgrade qdiff to load it" if newer
+                else "re-export the model with this qdiff")
+        raise ExportFormatError(f"{source}: export format version {version!r} is not known to this "
+                                f"qdiff (it reads version {FORMAT_VERSION}); {hint}.")
+    missing = [key for key in ("weights_file", "weights_sha256", "layers") if key not in config]
+    if missing:
+        raise ExportFormatError(f"{source}: quantization_config lacks {missing}; the export is damaged.")
+    if config["weights_file"] != WEIGHTS_FILE:
+        raise ExportFormatError(f"{source}: weights_file must be '{WEIGHTS_FILE}', "
+                                f"got {config['weights_file']!r}.")
+    return {name: LayerSpec.from_json(name, data, source) for name, data in config["layers"].items()}

@@ -1,0 +1,97 @@
+"""Student layer -> integer layer: merge QALoRA, refuse Phi, take the codes on the learned grid.
+
+The codes are read off the student's own fake-quantized weight `Q_w(W0 + B @ A)` (what
+its forward multiplies with), so the exported layer applies exactly the student's
+weight; the activation tables are copied as they are. Nothing on the student changes:
+LoRA is folded into a temporary weight, not into the student, so a training run can
+export a checkpoint and go on training.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from qdiff.quant import DynamicActQuantizer, QuantLayer, TemporalActQuantizer, TimestepContext
+
+from .act_codes import ActCodesModule, TimestepActCodes, TokenActCodes
+from .format import LayerSpec
+from .int_layers import INT_LAYERS, IntLayer
+
+
+def check_no_aux(layers: Iterable[tuple[str, QuantLayer]]) -> None:
+    """ValueError naming every layer that still carries the QVGen auxiliary branch Phi."""
+    left = [f"{name} (rank {layer.aux.rank})" for name, layer in layers if layer.aux is not None]
+    if left:
+        raise ValueError(
+            f"Cannot export: the auxiliary branch Phi is still present in {len(left)} layer(s): "
+            f"{', '.join(left[:5])}{', ...' if len(left) > 5 else ''}. Phi is a training aid that "
+            f"inference must not carry; run the rank-decay schedule (qdiff.quant.RankDecay) to "
+            f"its end, which deletes it, before exporting.")
+
+
+def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
+    quantizer = layer.act_quantizer
+    if isinstance(quantizer, TemporalActQuantizer):
+        granularity, table_size = TimestepActCodes.granularity, quantizer.timesteps.numel()
+        if quantizer.calibrating or table_size == 0:
+            raise ValueError(f"Cannot export layer '{name}': its activation step sizes are not "
+                             f"calibrated (run qdiff.calibrate.calibrate, or finish calibration).")
+    elif isinstance(quantizer, DynamicActQuantizer):
+        granularity, table_size = TokenActCodes.granularity, quantizer.clip_ratio.numel()
+    else:
+        raise TypeError(f"Layer '{name}': unknown activation quantizer {type(quantizer).__name__}.")
+    return LayerSpec(type=layer.base_type.__name__, weight_bits=layer.weight_bits,
+                     weight_symmetric=layer.weight_quantizer.symmetric, act_bits=layer.act_bits,
+                     act_symmetric=quantizer.symmetric, act_granularity=granularity,
+                     act_table_size=table_size, weight_shape=tuple(layer.weight_shape))
+
+
+def act_codes_module(spec: LayerSpec, context: TimestepContext) -> ActCodesModule:
+    """An empty (not yet loaded) activation module for a layer of `spec`."""
+    if spec.act_granularity == TimestepActCodes.granularity:
+        return TimestepActCodes(spec.act_bits, spec.act_symmetric, spec.act_table_size, context)
+    channel_dim = -1 if spec.type == "Linear" else 1
+    return TokenActCodes(spec.act_bits, spec.act_symmetric, spec.act_table_size, channel_dim, context)
+
+
+@torch.no_grad()
+def _copy_act_tables(source: torch.nn.Module, target: ActCodesModule) -> None:
+    if isinstance(target, TimestepActCodes):
+        target.timesteps.copy_(source.timesteps)
+        target.scale.copy_(source.scale.detach().clamp_min(1e-8))  # as the student's forward
+        target.zero_point.copy_(source.zero_point.detach().round())
+    else:
+        target.clip_ratio.copy_(source.clip_ratio.detach().clamp_min(1e-4))
+        target.group_edges.copy_(source.group_edges)
+
+
+@torch.no_grad()
+def weight_codes(name: str, layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero_point) of Q_w(W0 + B @ A) on the layer's learned grid, in float32."""
+    weight = layer.base_weight().float()
+    if layer.lora_A is not None and not layer.merged:
+        weight = weight + layer.get_delta_weight().float()
+    quantizer = layer.weight_quantizer
+    fake = quantizer(weight)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    scale = quantizer.scale.detach().float().clamp_min(1e-8).view(shape)
+    zero_point = quantizer.zero_point.detach().float().round().view(shape)
+    codes = torch.round(fake / scale) + zero_point
+    error = ((codes - zero_point) * scale - fake).abs().max()
+    if not torch.isfinite(error) or error > 1e-5 * fake.abs().max().clamp_min(1e-30):
+        raise ValueError(f"Cannot export layer '{name}': its weight does not lie on its grid "
+                         f"(error {float(error):.3g}); are its scales finite and positive?")
+    return codes, scale.reshape(-1), zero_point.reshape(-1)
+
+
+def freeze_layer(name: str, layer: QuantLayer, context: TimestepContext) -> IntLayer:
+    """The integer layer that computes what `layer` (Phi-free) computes."""
+    check_no_aux([(name, layer)])
+    spec = layer_spec(name, layer)
+    act = act_codes_module(spec, context).to(layer.weight_quantizer.scale.device)
+    _copy_act_tables(layer.act_quantizer, act)
+    int_layer = INT_LAYERS[spec.type].like(layer.base_layer, spec, act)
+    int_layer.set_weight(*weight_codes(name, layer))
+    return int_layer

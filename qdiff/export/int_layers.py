@@ -1,0 +1,144 @@
+"""Exported integer layers: packed weight codes, per-channel scales, activation tables.
+
+    y = s_a(t) * s_w[o] * sum_k (a_k - za)(w_ok - zw_o) + bias[o]
+
+The integer sum is exact (see `int_ops`); one float multiply rescales it. Weights are
+stored packed and unpacked inside `forward` only, so no float (or unpacked) copy of them
+lives between calls. Convolutions keep the geometry of the module they replace (stride,
+padding, ...) as plain attributes: it comes from the model's config, not from the file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qdiff.quant.primitives import int_range
+
+from .act_codes import ActCodes, ActCodesModule
+from .format import LayerSpec
+from .int_ops import exact_conv, int8_offset, int_linear
+from .packing import pack_dense, packed_numel, unpack_dense
+
+
+class IntLayer(nn.Module):
+    """Shared storage and weight decoding; subclasses say how the integer sum is formed."""
+
+    float_type: type = nn.Module
+
+    def __init__(self, spec: LayerSpec, act: ActCodesModule, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.weight_shape = spec.weight_shape
+        self.weight_qmin, _ = int_range(spec.weight_bits, spec.weight_symmetric)
+        numel = math.prod(spec.weight_shape)
+        out = spec.weight_shape[0]
+        self.register_buffer("weight_packed", torch.zeros(packed_numel(numel, spec.weight_bits),
+                                                          dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(out))
+        self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act = act
+
+    @torch.no_grad()
+    def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Store integer codes (shape `weight_shape`) with their per-channel grid."""
+        self.weight_packed = pack_dense(codes, self.spec.weight_bits, self.weight_qmin)
+        self.weight_scale = scale.detach().float().clone()
+        self.weight_zero_point = zero_point.detach().round().to(torch.int16)
+
+    def weight_codes(self) -> torch.Tensor:
+        """The integer codes, int16, shape `weight_shape` (decoded for one call)."""
+        numel = math.prod(self.weight_shape)
+        flat = unpack_dense(self.weight_packed, self.spec.weight_bits, self.weight_qmin, numel)
+        return flat.view(self.weight_shape)
+
+    def _rescale(self, acc: torch.Tensor, x: torch.Tensor, channel_shape: tuple[int, ...],
+                 act_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """acc (* s_a) * s_w + bias in at least float32, returned in the input's dtype."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        y = acc.to(dtype)
+        if act_scale is not None:
+            y = y * act_scale.to(dtype)
+        y = y * self.weight_scale.view(channel_shape).to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.view(channel_shape).to(dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"w{self.spec.weight_bits}a{self.spec.act_bits}, shape={tuple(self.weight_shape)}, "
+                f"act={self.spec.act_granularity}")
+
+
+class IntLinear(IntLayer):
+    float_type = nn.Linear
+
+    @classmethod
+    def like(cls, module: nn.Linear, spec: LayerSpec, act: ActCodesModule) -> "IntLinear":
+        return cls(spec, act, module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act: ActCodes = self.act(x)
+        rows = x.shape[:-1] + (1,)
+        a_zero = act.zero_point.expand(rows).reshape(-1)
+        acc = int_linear(act.codes.reshape(-1, x.shape[-1]), a_zero,
+                         int8_offset(self.spec.act_bits, self.act.qmin),
+                         self.weight_codes(), self.weight_zero_point,
+                         int8_offset(self.spec.weight_bits, self.weight_qmin))
+        act_scale = act.scale.expand(rows).reshape(-1, 1)
+        y = self._rescale(acc, x, (1, -1), act_scale)
+        return y.view(x.shape[:-1] + (y.shape[-1],))
+
+
+class _IntConv(IntLayer):
+    """Convolution on zero-point-centred codes; padding modes as in `nn.Conv*d`."""
+
+    conv_fn: staticmethod  # F.conv2d or F.conv3d
+    _GEOMETRY = ("stride", "padding", "dilation", "groups", "padding_mode",
+                 "_reversed_padding_repeated_twice")
+
+    @classmethod
+    def like(cls, module: nn.Module, spec: LayerSpec, act: ActCodesModule) -> "_IntConv":
+        layer = cls(spec, act, module.bias)
+        for name in cls._GEOMETRY:
+            setattr(layer, name, getattr(module, name))
+        return layer
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self.conv_fn(x, weight, None, self.stride, 0, self.dilation, self.groups)
+        return self.conv_fn(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act: ActCodes = self.act(x)
+        channels = (1, -1) + (1,) * (x.dim() - 2)
+        per_filter = (-1,) + (1,) * (x.dim() - 1)
+        weight = self.weight_codes().int() - self.weight_zero_point.view(per_filter).int()
+        centred = act.codes - act.zero_point
+        if act.scale.shape[2:] == (1,) * (x.dim() - 2):  # one step size per sample
+            acc = exact_conv(self._conv, centred, weight)
+            return self._rescale(acc, x, channels, act.scale)
+        # A step size per position (per-token activations) cannot leave the sum: the
+        # activations enter dequantized, the weights as exact integers (float rounding).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        acc = self._conv((centred * act.scale).to(dtype), weight.to(dtype))
+        return self._rescale(acc, x, channels)
+
+
+class IntConv2d(_IntConv):
+    float_type = nn.Conv2d
+    conv_fn = staticmethod(F.conv2d)
+
+
+class IntConv3d(_IntConv):
+    float_type = nn.Conv3d
+    conv_fn = staticmethod(F.conv3d)
+
+
+INT_LAYERS: dict[str, type[IntLayer]] = {"Linear": IntLinear, "Conv2d": IntConv2d,
+                                        "Conv3d": IntConv3d}

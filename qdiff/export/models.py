@@ -1,0 +1,190 @@
+"""Denoiser classes whose quantized layers are integer layers, loadable by plain diffusers.
+
+diffusers 0.42 has no public way to register a quantizer, but it does load a component
+class from any module the caller has already imported: `model_index.json` names the
+component as `["qdiff.export.models", "QuantizedUNet2DConditionModel"]`, and once
+`import qdiff` has run (it imports this module), `DiffusionPipeline.from_pretrained`
+finds the class in `sys.modules` and calls its `from_pretrained`. Each class subclasses
+the diffusers model it quantizes, so pipelines accept it where they expect that model,
+and its `save_pretrained` is what `pipeline.save_pretrained` calls: exports round-trip.
+
+The model is built from its config with empty (meta) float weights; the layers named
+in `quantization_config["layers"]` become integer layers; then the safetensors file fills
+both, after the checks in `serialization`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import (CogVideoXTransformer3DModel, DiTTransformer2DModel, UNet2DConditionModel,
+                       UNet2DModel, WanTransformer3DModel)
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from qdiff.quant import TimestepContext, iter_quant_layers, timestep_context
+
+from .format import ExportFormatError, LayerSpec, check_quantization_config, quantization_config
+from .freeze import act_codes_module, check_no_aux, freeze_layer
+from .int_layers import INT_LAYERS
+from .serialization import check_state, load_weights, save_weights
+
+# Loading arguments diffusers passes that change nothing for a whole-model CPU/GPU load.
+_HARMLESS_LOAD_ARGS = {"low_cpu_mem_usage", "disable_mmap", "use_safetensors", "local_files_only",
+                       "offload_state_dict"}
+
+
+def _check_load_args(kwargs: Mapping[str, Any]) -> None:
+    unsupported = {key: value for key, value in kwargs.items()
+                   if key not in _HARMLESS_LOAD_ARGS and value not in (None, False)}
+    if kwargs.get("use_safetensors") is False:
+        unsupported["use_safetensors"] = False
+    if unsupported:
+        raise NotImplementedError(f"qdiff integer models do not support {unsupported} when loading; "
+                                  f"load without them, then move the model with `.to(device)`.")
+
+
+def _install_int_layers(model: nn.Module, specs: Mapping[str, LayerSpec],
+                        context: TimestepContext, source: Union[Path, str]) -> None:
+    """Replace each named float layer of the (empty) model by an empty integer layer."""
+    for name, spec in specs.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ExportFormatError(f"{source}: layer '{name}' does not exist in this model.") from None
+        int_cls = INT_LAYERS[spec.type]
+        if type(module) is not int_cls.float_type:
+            raise ExportFormatError(f"{source}: layer '{name}' is a {type(module).__name__} in "
+                                    f"the model, but the export stores a {spec.type}.")
+        model.set_submodule(name, int_cls.like(module, spec, act_codes_module(spec, context)))
+
+
+def _adopt_float_state(model: nn.Module, student: nn.Module, frozen: Mapping[str, nn.Module]) -> None:
+    """Give the empty model copies of the student's tensors outside the quantized layers
+    (copies: a run may go on training the student after exporting it)."""
+    state = {key: value.detach().clone() for key, value in student.state_dict().items()
+             if not any(key.startswith(name + ".") for name in frozen)}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    int_keys = {f"{name}.{key}" for name, layer in frozen.items() for key in layer.state_dict()}
+    missing = sorted(set(result.missing_keys) - int_keys)
+    if missing or result.unexpected_keys:
+        raise ValueError(f"The student does not match a fresh {type(model).__name__}: missing "
+                         f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}.")
+
+
+class QuantizedModelMixin:
+    """Build from a student, save and load as packed integer weights (first in the MRO)."""
+
+    @classmethod
+    def _empty(cls, config: Mapping[str, Any], specs: Mapping[str, LayerSpec],
+               source: Union[Path, str]) -> tuple[ModelMixin, TimestepContext]:
+        with init_empty_weights():  # float weights on the meta device, buffers real
+            model = cls.from_config(dict(config))
+        context = timestep_context(model)
+        _install_int_layers(model, specs, context, source)
+        return model, context
+
+    @classmethod
+    @torch.no_grad()
+    def from_student(cls, student: nn.Module, recipe: Mapping[str, Any]) -> ModelMixin:
+        """The integer model of a calibrated (and trained) student; the student is unchanged.
+
+        Pass the bare model (not a DDP / compiled wrapper); `recipe` is recorded as is.
+        """
+        layers = dict(iter_quant_layers(student))
+        check_no_aux(layers.items())
+        model, context = cls._empty(student.config, {}, "student")
+        frozen = {name: freeze_layer(name, layer, context) for name, layer in layers.items()}
+        for name, int_layer in frozen.items():
+            model.set_submodule(name, int_layer)
+        _adopt_float_state(model, student, frozen)
+        specs = {name: int_layer.spec for name, int_layer in frozen.items()}
+        model.register_to_config(quantization_config=quantization_config(specs, recipe, ""))
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path],
+                        subfolder: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None,
+                        **kwargs: Any) -> ModelMixin:
+        """Load an export's denoiser folder (or `subfolder` of a pipeline folder)."""
+        _check_load_args(kwargs)
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ExportFormatError(f"{config_file}: missing; point at the denoiser folder of a "
+                                    f"qdiff export (it holds config.json and the weights).")
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ExportFormatError(f"{config_file}: not valid JSON ({error}).") from None
+        if config.get("_class_name") != cls.__name__:
+            raise ExportFormatError(f"{config_file}: holds a {config.get('_class_name')}, not a "
+                                    f"{cls.__name__}.")
+        specs = check_quantization_config(config.get("quantization_config"), config_file)
+        qconfig = config["quantization_config"]
+        state = load_weights(folder, qconfig["weights_sha256"])
+        model, _ = cls._empty(config, specs, config_file)
+        check_state(state, model.state_dict(), folder / qconfig["weights_file"])
+        model.load_state_dict(state, strict=True, assign=True)
+        model.register_to_config(quantization_config=qconfig)
+        model.eval()
+        return model.to(torch_dtype) if torch_dtype is not None else model
+
+    def save_pretrained(self, save_directory: Union[str, Path], safe_serialization: bool = True,
+                        variant: Optional[str] = None, max_shard_size: Optional[Any] = None,
+                        use_flashpack: bool = False) -> None:
+        """Write config.json (with the weights' checksum) and the one safetensors file.
+
+        The keyword arguments are those `DiffusionPipeline.save_pretrained` may pass; asking
+        for anything but one unsharded safetensors file is refused rather than ignored.
+        """
+        if not safe_serialization or variant or max_shard_size is not None or use_flashpack:
+            raise NotImplementedError("qdiff integer models save as one safetensors file: no "
+                                      "pickle, variants, shards or flashpack.")
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        sha256 = save_weights(self.state_dict(), folder)
+        self.register_to_config(quantization_config={**self.config["quantization_config"],
+                                                     "weights_sha256": sha256})
+        self.save_config(folder)
+
+
+class QuantizedUNet2DConditionModel(QuantizedModelMixin, UNet2DConditionModel):
+    """Stable Diffusion's and the class-conditional LDM's UNet with integer layers."""
+
+
+class QuantizedUNet2DModel(QuantizedModelMixin, UNet2DModel):
+    """The unconditional LDM UNet with integer layers."""
+
+
+class QuantizedDiTTransformer2DModel(QuantizedModelMixin, DiTTransformer2DModel):
+    """DiT with integer layers."""
+
+
+class QuantizedWanTransformer3DModel(QuantizedModelMixin, WanTransformer3DModel):
+    """Wan's video transformer with integer layers."""
+
+
+class QuantizedCogVideoXTransformer3DModel(QuantizedModelMixin, CogVideoXTransformer3DModel):
+    """CogVideoX's video transformer with integer layers."""
+
+
+QUANTIZED_CLASSES: dict[type, type] = {
+    base: cls for cls in (QuantizedUNet2DConditionModel, QuantizedUNet2DModel,
+                          QuantizedDiTTransformer2DModel, QuantizedWanTransformer3DModel,
+                          QuantizedCogVideoXTransformer3DModel)
+    for base in cls.__bases__[1:]
+}
+
+
+def quantized_class_for(student: nn.Module) -> type:
+    """The integer class for a student of one of the supported denoiser classes."""
+    cls = QUANTIZED_CLASSES.get(type(student))
+    if cls is None:
+        names = sorted(base.__name__ for base in QUANTIZED_CLASSES)
+        raise ValueError(f"Cannot export a {type(student).__name__}: supported denoisers are {names}.")
+    return cls

@@ -1,0 +1,199 @@
+"""Honest failure: damaged or foreign exports are refused with the file and the problem named;
+students that cannot be exported are refused with the layer named; writes are atomic."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
+from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import load_file, save_file
+
+import qdiff
+from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
+from qdiff.export import ExportFormatError, QuantizedUNet2DConditionModel, export_pipeline
+from qdiff.export.serialization import sha256_file
+from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
+from qdiff.quant import calibrating, quantize_, set_timesteps
+
+QUANT = QuantConfig(weight_bits=4, act_bits=4)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    diffusers_logging.disable_progress_bar()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
+    vae = VQModel(in_channels=3, out_channels=3, block_out_channels=(8,), latent_channels=4,
+                  norm_num_groups=4, num_vq_embeddings=16)
+    return ClassConditionalLDMPipeline(unet=unet.eval(), class_embedder=ClassEmbedder(10, 16).eval(),
+                                       vae=vae.eval(), scheduler=DDIMScheduler())
+
+
+def _student(pipe, calibrate=True, aux=None):
+    student = copy.deepcopy(pipe.unet)
+    quantize_(student, QUANT, LoRAConfig(rank=2), aux)
+    if calibrate:
+        set_timesteps(student, [900.0, 100.0])
+        with torch.no_grad(), calibrating(student):
+            for t in (900.0, 100.0):
+                student(torch.randn(2, 4, 8, 8), t, encoder_hidden_states=torch.randn(2, 1, 16))
+    return student
+
+
+@pytest.fixture(scope="module")
+def pristine(pipe, tmp_path_factory):
+    return export_pipeline(pipe, _student(pipe), tmp_path_factory.mktemp("ok") / "export", QUANT)
+
+
+@pytest.fixture
+def export(pristine, tmp_path):
+    """A fresh copy of a good export, to damage."""
+    return shutil.copytree(pristine, tmp_path / "export")
+
+
+def _load_unet(folder):
+    return QuantizedUNet2DConditionModel.from_pretrained(folder / "unet")
+
+
+def _edit_config(folder, edit):
+    path = folder / "unet" / "config.json"
+    config = json.loads(path.read_text())
+    edit(config["quantization_config"])
+    path.write_text(json.dumps(config))
+
+
+def _rewrite_weights(folder, edit):
+    """Change the tensors and record the new checksum, as a buggy tool would."""
+    path = folder / "unet" / WEIGHTS
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    _edit_config(folder, lambda q: q.update(weights_sha256=sha256_file(path)))
+
+
+def test_truncated_weights_are_refused_naming_the_file(export):
+    path = export / "unet" / WEIGHTS
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ExportFormatError, match=rf"{WEIGHTS}: truncated \(\d+ of \d+ bytes\)"):
+        qdiff.load_pipeline(export)  # through diffusers' pipeline loading, unchanged
+
+
+def test_file_cut_inside_its_header_is_refused(export):
+    path = export / "unet" / WEIGHTS
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ExportFormatError, match="truncated"):
+        _load_unet(export)
+
+
+def test_a_changed_byte_is_refused_as_modified(export):
+    path = export / "unet" / WEIGHTS
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ExportFormatError, match=f"{WEIGHTS}: checksum mismatch.*modified after export"):
+        _load_unet(export)
+
+
+def test_appended_bytes_are_refused(export):
+    path = export / "unet" / WEIGHTS
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    with pytest.raises(ExportFormatError, match="8 unexpected bytes after the tensor data"):
+        _load_unet(export)
+
+
+def test_missing_weights_file_is_refused(export):
+    (export / "unet" / WEIGHTS).unlink()
+    with pytest.raises(ExportFormatError, match=f"{WEIGHTS}: missing"):
+        _load_unet(export)
+
+
+def test_missing_tensor_is_named(export):
+    _rewrite_weights(export, lambda t: t.pop("conv_in.act.scale"))
+    with pytest.raises(ExportFormatError, match=f"{WEIGHTS}: tensor 'conv_in.act.scale' is missing"):
+        _load_unet(export)
+
+
+def test_codes_of_the_wrong_dtype_are_refused(export):
+    key = "conv_in.weight_packed"
+    _rewrite_weights(export, lambda t: t.update({key: t[key].long()}))
+    with pytest.raises(ExportFormatError, match=f"'{key}' is torch.int64, the model needs torch.uint8"):
+        _load_unet(export)
+
+
+def test_unknown_format_version_is_refused(export):
+    _edit_config(export, lambda q: q.update(format_version=2))
+    with pytest.raises(ExportFormatError, match=r"config.json: export format version 2 .* newer qdiff"):
+        _load_unet(export)
+
+
+def test_layer_map_must_match_the_model(export):
+    _edit_config(export, lambda q: q["layers"].update({"conv_nope": q["layers"]["conv_in"]}))
+    with pytest.raises(ExportFormatError, match="layer 'conv_nope' does not exist"):
+        _load_unet(export)
+
+
+def test_malformed_layer_entries_are_refused(export):
+    _edit_config(export, lambda q: q["layers"]["conv_in"].update(weight_bits=9))
+    with pytest.raises(ExportFormatError, match="config.json: layer 'conv_in': bits must be integers"):
+        _load_unet(export)
+
+
+def test_a_float_model_folder_is_not_taken_for_an_export(pipe, tmp_path):
+    pipe.unet.save_pretrained(tmp_path)
+    with pytest.raises(ExportFormatError, match="holds a UNet2DConditionModel"):
+        QuantizedUNet2DConditionModel.from_pretrained(tmp_path)
+
+
+def test_unsupported_loading_options_are_refused(pristine):
+    with pytest.raises(NotImplementedError, match="device_map"):
+        QuantizedUNet2DConditionModel.from_pretrained(pristine / "unet", device_map="auto")
+
+
+def test_export_refuses_a_student_that_still_has_phi(pipe, tmp_path):
+    student = _student(pipe, aux=AuxConfig(enabled=True, rank=2))
+    with pytest.raises(ValueError, match=r"Phi is still present in \d+ layer\(s\): conv_in \(rank 2\)"):
+        export_pipeline(pipe, student, tmp_path / "export", QUANT)
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_refuses_an_uncalibrated_student(pipe, tmp_path):
+    with pytest.raises(ValueError, match="layer 'conv_in'.* not calibrated"):
+        export_pipeline(pipe, _student(pipe, calibrate=False), tmp_path / "export", QUANT)
+
+
+def test_an_interrupted_export_leaves_the_previous_one_untouched(pipe, pristine, tmp_path, monkeypatch):
+    out = shutil.copytree(pristine, tmp_path / "export")
+    before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(type(pipe.vae), "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_pipeline(pipe, _student(pipe), out, QUANT)
+    assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no partial folder left behind
+
+
+def test_export_over_an_existing_one_replaces_it(pipe, pristine, tmp_path):
+    out = shutil.copytree(pristine, tmp_path / "export")
+    (out / "stale.txt").write_text("from an older export")
+    export_pipeline(pipe, _student(pipe), out, QUANT)
+    assert not (out / "stale.txt").exists() and [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert isinstance(qdiff.load_pipeline(out).unet, QuantizedUNet2DConditionModel)
