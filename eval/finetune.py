@@ -21,11 +21,9 @@ from pathlib import Path
 import qdiff
 from qdiff.config import load_config
 from qdiff.distill.loop import build_student, distill
-from qdiff.eval.evaluate import Reference, reference_from_features
+from qdiff.eval.evaluate import held_out_digits_reference, reference_from_features
 from qdiff.eval.feature_nets import load_feature_net
-from qdiff.eval.features import extract_features
 from qdiff.eval.sampling import SamplingSettings
-from qdiff.models.zoo.digits_data import load_digits_split
 
 from ptq import evaluate_row  # noqa: E402  (eval/ is a folder of scripts)
 
@@ -39,7 +37,7 @@ def _with_unet(pipe, unet):
 
 def run_recipe(pipe, recipe: str, settings, net, real, fp, overrides: list[str]) -> list[dict]:
     cfg = load_config(CONFIGS / f"tiny-ldm-{recipe}.yaml",
-                      [f"output_dir=runs/bench-finetune", "export.enabled=false", *overrides])
+                      ["output_dir=runs/bench-finetune", "export.enabled=false", *overrides])
     ptq, _ = evaluate_row(_with_unet(pipe, build_student(pipe, cfg).model), settings, net, real, fp)
     start = time.time()
     student = distill(pipe, cfg, cfg.run_dir)
@@ -83,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = SamplingSettings(args.num_samples, base.eval.steps, base.eval.guidance_scale,
                                 base.eval.seed, 250)
     net, stats = load_feature_net("digits")
-    held_out = load_digits_split("held_out")
-    real = Reference("held-out digits", stats, extract_features(net, (held_out.images + 1) / 2).pool)
+    real = held_out_digits_reference(net, stats)
     fp_row, fp_features = evaluate_row(pipe, settings, net, real, None)
     rows = [{"method": "FP (teacher)", "bits": "W32A32", **fp_row}]
     fp = reference_from_features("FP samples", fp_features)

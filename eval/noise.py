@@ -21,12 +21,12 @@ import torch
 
 import qdiff
 from qdiff.config import EvalConfig
-from qdiff.eval.evaluate import Reference, reference_from_features, score
+from qdiff.eval.evaluate import (Reference, held_out_digits_reference, reference_from_features,
+                                  score)
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc
 from qdiff.eval.sampling import SamplingSettings, generate
-from qdiff.models.zoo.digits_data import load_digits_split
 
 RESULTS = Path(__file__).parent / "results"
 SEED_STRIDE = 10_000  # batch b of a set uses seed + b: sets this far apart share no seed
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = SamplingSettings(args.num_samples, args.steps, args.guidance, 0, 250)
     net, stats = load_feature_net("digits")
-    held_out = load_digits_split("held_out")
-    real = Reference("held-out digits", stats, extract_features(net, (held_out.images + 1) / 2).pool)
+    real = held_out_digits_reference(net, stats)
     result = measure(qdiff.load_pipeline(args.pipeline), net, real, settings, args.pairs)
     write_report(result, settings, "python " + " ".join(["eval/noise.py", *sys.argv[1:]]))
 

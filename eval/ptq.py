@@ -26,12 +26,12 @@ import torch
 import qdiff
 from qdiff.calibrate import calibrate
 from qdiff.config import load_config
-from qdiff.eval.evaluate import Reference, reference_from_features, score
+from qdiff.eval.evaluate import (Reference, held_out_digits_reference, reference_from_features,
+                                  score)
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc
 from qdiff.eval.sampling import SamplingSettings, generate
-from qdiff.models.zoo.digits_data import load_digits_split
 from qdiff.quant import quantize_
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = SamplingSettings(args.num_samples, args.steps, base.eval.guidance_scale,
                                 base.eval.seed, 250)
     net, stats = load_feature_net("digits")
-    held_out = load_digits_split("held_out")
-    real = Reference("held-out digits", stats, extract_features(net, (held_out.images + 1) / 2).pool)
+    real = held_out_digits_reference(net, stats)
     fp_row, fp_features = evaluate_row(pipe, settings, net, real, None)
     rows = [{"method": "FP (teacher)", "bits": "W32A32", **fp_row}]
     fp = reference_from_features("FP samples", fp_features)

@@ -22,7 +22,8 @@ import torch
 from torchvision.utils import save_image
 
 import qdiff
-from qdiff.eval.evaluate import Reference, reference_from_features, score
+from qdiff.eval.evaluate import (Reference, held_out_digits_reference, reference_from_features,
+                                  score)
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc
@@ -83,9 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = qdiff.load_pipeline(args.pipeline)
     net, stats = load_feature_net(args.features)
-    held_out = load_digits_split("held_out")
-    reference = Reference("held-out digits", stats,
-                          extract_features(net, (held_out.images + 1) / 2).pool)
+    reference = held_out_digits_reference(net, stats)
     rows = real_rows(net, reference)
     for guidance in (float(g) for g in args.guidance.split(",")):
         settings = SamplingSettings(args.num_samples, args.steps, guidance, args.seed, 250)

@@ -14,6 +14,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "assets"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two oversubscribing a busy CPU, and repeatable.
+
+    Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def random_class_ldm_pipeline():
     """The embedded teacher's architecture with random weights (seeded)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from qdiff.eval.feature_nets import load_digits_reference_stats

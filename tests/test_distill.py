@@ -20,12 +20,7 @@ TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration
         "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "export.enabled=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and fast for tiny models
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path: Path, *overrides: str):

@@ -24,13 +24,13 @@ QUANT = QuantConfig(weight_bits=4, act_bits=4)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet():
     diffusers_logging.disable_progress_bar()
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,14 @@ from qdiff.quant import calibrating, iter_quant_layers, quantize_, set_timesteps
 CALIBRATION_TIMESTEPS = torch.tensor([951.0, 651.0, 351.0, 51.0])
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet():
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     yield
-    torch.set_num_threads(threads)
 
 
 def _vae(kind=AutoencoderKL):

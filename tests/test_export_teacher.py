@@ -24,13 +24,13 @@ from conftest import ASSETS, REPO_ROOT
 SAMPLE = {"class_labels": [3, 8], "guidance_scale": 2.0, "num_inference_steps": 4}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _quiet():
     diffusers_logging.disable_progress_bar()
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from qdiff.quant import QuantConv2d, QuantLinear, TimestepContext
 from qdiff.quant.primitives import int_range
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -12,13 +12,7 @@ from qdiff.quant import DynamicActQuantizer, TemporalActQuantizer, TimestepConte
 from qdiff.quant.primitives import fake_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a busy CPU (20x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibrated(timesteps=(100.0, 900.0), spreads=(1.0, 10.0), symmetric=False):

@@ -13,13 +13,7 @@ from qdiff.quant import QUANT_LAYERS, QuantLinear
 from qdiff.quant.primitives import fake_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a busy CPU (20x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KINDS = {

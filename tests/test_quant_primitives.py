@@ -11,13 +11,7 @@ from qdiff.quant.primitives import (fake_quantize, grad_scale, int_range, lp_sea
                                     minmax_init, round_ste)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a busy CPU (20x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("bits, symmetric, expected", [

@@ -12,13 +12,7 @@ from qdiff.config import AuxConfig, QuantConfig
 from qdiff.quant import RankDecay, quant_parameters, quantize_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a busy CPU (20x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Net(nn.Module):

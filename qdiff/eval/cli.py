@@ -25,13 +25,13 @@ import torch
 from torchvision.utils import save_image
 
 from qdiff.config import EvalConfig, load_config
-from qdiff.eval.evaluate import Reference, check_metrics, reference_from_features, score
+from qdiff.eval.evaluate import (Reference, check_metrics, held_out_digits_reference,
+                                  reference_from_features, score)
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc, load_reference_stats, load_samples
 from qdiff.eval.sampling import SamplingSettings, generate
 from qdiff.models.loading import load_pipeline
-from qdiff.models.zoo.digits_data import load_digits_split
 
 logger = logging.getLogger("qdiff.eval")
 REFERENCE_SEED_OFFSET = 10_000  # batch b of a sample set uses seed + b; keep sets disjoint
@@ -70,9 +70,7 @@ def build_reference(kind: str, pipeline: Path, settings: SamplingSettings, net,
         if shipped_stats is None:
             raise ValueError("--reference real is the held-out digits (with --features digits); "
                              "for other data pass an ADM reference batch: --reference PATH.npz")
-        held_out = load_digits_split("held_out")
-        pool = extract_features(net, (held_out.images + 1) / 2).pool
-        return Reference("real held-out digits", shipped_stats, pool)
+        return held_out_digits_reference(net, shipped_stats)
     source = teacher_of(pipeline) if kind == "teacher" else Path(kind)
     if source.suffix == ".npz" and load_reference_stats(source) is not None:
         images, _ = load_samples(source)

@@ -7,9 +7,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from qdiff.eval import metrics as M
-from qdiff.eval.features import Features
+from qdiff.eval.features import Features, extract_features
+from qdiff.models.zoo.digits_data import load_digits_split
 
 
 @dataclass
@@ -19,6 +21,13 @@ class Reference:
     name: str
     stats: dict[str, np.ndarray]
     pool: Optional[torch.Tensor] = None  # per-sample pooled features (precision/recall)
+
+
+def held_out_digits_reference(net: nn.Module, stats: dict[str, np.ndarray]) -> Reference:
+    """The real held-out digits: their shipped statistics and per-image pooled features."""
+    held_out = load_digits_split("held_out")
+    pool = extract_features(net, (held_out.images + 1) / 2).pool
+    return Reference("real held-out digits", stats, pool)
 
 
 def reference_from_features(name: str, features: Features) -> Reference:
