@@ -89,7 +89,12 @@ def size_breakdown(unet_dir: Path) -> dict[str, int]:
 
 @torch.no_grad()
 def code_flips(student, model, model_input, timestep, context) -> tuple[int, int]:
-    """(activation codes that differ, all codes) between student and export, each on its own inputs."""
+    """(activation codes that differ, all codes) between student and export, each on its own inputs.
+
+    The export runs its reference kernel here: that path calls the activation modules,
+    whose codes the hooks read (the fast kernels compute the same codes inline).
+    """
+    model.set_qdiff_kernel("reference")
     exported = {}
     handles = [layer.act.register_forward_hook(
         lambda m, args, out, name=name: exported.__setitem__(name, out.codes))
@@ -111,6 +116,7 @@ def code_flips(student, model, model_input, timestep, context) -> tuple[int, int
     student(model_input, timestep, encoder_hidden_states=context)
     for handle in handles:
         handle.remove()
+    model.set_qdiff_kernel("auto")
     return counts[0], counts[1]
 
 

@@ -6,7 +6,9 @@
 
 Layout: `packing` (dense bit-packing), `format` (the `quantization_config` block),
 `act_codes` (timestep-indexed activation codes), `int_ops` (exact integer sums),
-`int_layers` (integer Linear / Conv), `freeze` (student layer -> integer layer),
+`int_layers` (integer Linear / Conv), the fast kernels (`kernel_choice`: which one runs;
+`fast_path`: the layers' fast forward; `int8_weight`, `int8_acts`, `int8_gemm`, `im2col`:
+int8 operands and exact sums on `torch._int_mm`), `freeze` (student layer -> integer layer),
 `serialization` (safetensors + integrity checks), `models` (the denoiser classes
 diffusers loads), `pipeline` (`export_pipeline`, atomic folder write), `verify`
 (exactness checks against the student).
@@ -14,6 +16,7 @@ diffusers loads), `pipeline` (`export_pipeline`, atomic folder write), `verify`
 
 from .format import FORMAT_VERSION, QUANT_METHOD, ExportFormatError, LayerSpec
 from .int_layers import IntConv2d, IntConv3d, IntLayer, IntLinear
+from .kernel_choice import KERNELS
 from .models import (QUANTIZED_CLASSES, QuantizedCogVideoXTransformer3DModel, QuantizedDiTTransformer2DModel,
                      QuantizedModelMixin, QuantizedUNet2DConditionModel, QuantizedUNet2DModel,
                      QuantizedWanTransformer3DModel, quantized_class_for)
@@ -22,7 +25,7 @@ from .verify import layer_mismatch, on_grid_reference
 
 __all__ = [
     "FORMAT_VERSION", "QUANT_METHOD", "QUANTIZED_CLASSES", "ExportFormatError", "IntConv2d",
-    "IntConv3d", "IntLayer", "IntLinear", "LayerSpec", "QuantizedCogVideoXTransformer3DModel",
+    "IntConv3d", "IntLayer", "IntLinear", "KERNELS", "LayerSpec", "QuantizedCogVideoXTransformer3DModel",
     "QuantizedDiTTransformer2DModel", "QuantizedModelMixin", "QuantizedUNet2DConditionModel",
     "QuantizedUNet2DModel", "QuantizedWanTransformer3DModel", "export_pipeline",
     "layer_mismatch", "on_grid_reference", "quantized_class_for",

@@ -59,6 +59,11 @@ class TimestepActCodes(nn.Module):
         return f"bits={self.bits}, symmetric={self.symmetric}, timesteps={self.timesteps.numel()}"
 
     def forward(self, x: torch.Tensor) -> ActCodes:
+        scale, zero_point = self.grid(x)
+        return ActCodes(_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
+
+    def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) of each sample, shaped (B, 1, ...) like `x`, in `x`'s dtype."""
         timesteps = self.context.per_sample(x.shape[0])
         if timesteps is None:
             if self.timesteps.numel() != 1:
@@ -68,9 +73,7 @@ class TimestepActCodes(nn.Module):
         else:
             index = nearest_index(self.timesteps, timesteps)
         shape = (-1,) + (1,) * (x.dim() - 1)
-        scale = self.scale[index].view(shape).to(x.dtype)
-        zero_point = self.zero_point[index].view(shape).to(x.dtype)
-        return ActCodes(_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
+        return self.scale[index].view(shape).to(x.dtype), self.zero_point[index].view(shape).to(x.dtype)
 
 
 class TokenActCodes(nn.Module):
@@ -102,6 +105,11 @@ class TokenActCodes(nn.Module):
         return self.clip_ratio[groups].view((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> ActCodes:
+        scale, zero_point = self.grid(x)
+        return ActCodes(_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
+
+    def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) of each token, shaped like `x` with a channel dim of size 1."""
         ratio = self._ratio(x)
         tokens = x.movedim(self.channel_dim, -1)
         high = tokens.amax(dim=-1, keepdim=True).clamp_min(0)
@@ -114,8 +122,7 @@ class TokenActCodes(nn.Module):
             scale = ratio * span / (self.qmax - self.qmin)
             zero_point = torch.round(self.qmin - low * (self.qmax - self.qmin) / span)
         scale = scale.clamp_min(1e-8)
-        codes = _codes(tokens, scale, zero_point, self.qmin, self.qmax)
-        return ActCodes(*(t.movedim(-1, self.channel_dim) for t in (codes, zero_point, scale)))
+        return scale.movedim(-1, self.channel_dim), zero_point.movedim(-1, self.channel_dim)
 
 
 ActCodesModule = Union[TimestepActCodes, TokenActCodes]

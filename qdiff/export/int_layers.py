@@ -2,10 +2,17 @@
 
     y = s_a(t) * s_w[o] * sum_k (a_k - za)(w_ok - zw_o) + bias[o]
 
-The integer sum is exact (see `int_ops`); one float multiply rescales it. Weights are
-stored packed and unpacked inside `forward` only, so no float (or unpacked) copy of them
-lives between calls. Convolutions keep the geometry of the module they replace (stride,
-padding, ...) as plain attributes: it comes from the model's config, not from the file.
+The integer sum is exact (see `int_ops`); one float multiply rescales it. Two ways to
+compute it, chosen by the layer's `kernel` (see `kernel_choice`):
+
+- "reference": the weights stay packed and are unpacked inside `forward` only, so no
+  float (or unpacked) copy of them lives between calls; slow, and the yardstick;
+- the fast kernels ("auto", "int8", "float"; `fast_path`): on the first call the packed
+  codes become an int8 matrix (`Int8Weight`) and the packed bytes are dropped, so the
+  layer holds one copy of its codes either way; `state_dict()` packs them again.
+
+Convolutions keep the geometry of the module they replace (stride, padding, ...) as
+plain attributes: it comes from the model's config, not from the file.
 """
 
 from __future__ import annotations
@@ -20,8 +27,12 @@ from torch.nn import functional as F
 from qdiff.quant.primitives import int_range
 
 from .act_codes import ActCodes, ActCodesModule
+from .fast_path import conv_forward, linear_forward
 from .format import LayerSpec
+from .int8_acts import centres_codes
+from .int8_weight import Int8Weight
 from .int_ops import exact_conv, int8_offset, int_linear
+from .kernel_choice import check_kernel, default_kernel
 from .packing import pack_dense, packed_numel, unpack_dense
 
 
@@ -43,16 +54,72 @@ class IntLayer(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act = act
+        self.kernel = default_kernel()
+        self.int8: Optional[Int8Weight] = None  # the codes while a fast kernel holds them
+        self._centred_acts: Optional[bool] = None
 
     @torch.no_grad()
     def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Store integer codes (shape `weight_shape`) with their per-channel grid."""
+        self.int8 = None
         self.weight_packed = pack_dense(codes, self.spec.weight_bits, self.weight_qmin)
         self.weight_scale = scale.detach().float().clone()
         self.weight_zero_point = zero_point.detach().round().to(torch.int16)
 
+    def set_kernel(self, kernel: str) -> None:
+        """Switch kernels; the codes move between packed bytes and int8 operands, exactly."""
+        self.kernel = check_kernel(kernel)
+        if kernel == "reference" and self.int8 is not None:
+            self.weight_packed = self._packed_codes()
+            self.int8 = None
+        elif kernel != "reference":
+            self.int8_weight()
+
+    @torch.no_grad()
+    def int8_weight(self) -> Int8Weight:
+        """The int8 operand (built from the packed codes on first use, which are then dropped)."""
+        if self.int8 is None:
+            codes = self.weight_codes()
+            self.int8 = Int8Weight.from_codes(codes, self.weight_zero_point, self.spec.weight_bits,
+                                              self.weight_qmin)
+            self.weight_packed = self.weight_packed.new_empty(0)
+        return self.int8
+
+    def centred_acts(self) -> bool:
+        """Whether the activation codes minus their zero point fit int8 (see `int8_acts`)."""
+        if self._centred_acts is None:
+            self._centred_acts = centres_codes(self.act)
+        return self._centred_acts
+
+    def _packed_codes(self) -> torch.Tensor:
+        return pack_dense(self.weight_codes(), self.spec.weight_bits, self.weight_qmin)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.int8 is not None:  # the file format holds packed codes, whatever the kernel
+            destination[prefix + "weight_packed"] = self._packed_codes()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        if self.int8 is not None:  # new codes arrive packed; the int8 operand is rebuilt from them
+            numel = packed_numel(math.prod(self.weight_shape), self.spec.weight_bits)
+            self.weight_packed = self.weight_packed.new_zeros(numel)
+            self.int8 = None
+        self._centred_acts = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference_forward(x) if self.kernel == "reference" else self.fast_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def weight_codes(self) -> torch.Tensor:
         """The integer codes, int16, shape `weight_shape` (decoded for one call)."""
+        if self.int8 is not None:
+            return self.int8.codes(self.weight_zero_point, self.weight_shape)
         numel = math.prod(self.weight_shape)
         flat = unpack_dense(self.weight_packed, self.spec.weight_bits, self.weight_qmin, numel)
         return flat.view(self.weight_shape)
@@ -71,7 +138,7 @@ class IntLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"w{self.spec.weight_bits}a{self.spec.act_bits}, shape={tuple(self.weight_shape)}, "
-                f"act={self.spec.act_granularity}")
+                f"act={self.spec.act_granularity}, kernel={self.kernel}")
 
 
 class IntLinear(IntLayer):
@@ -81,7 +148,10 @@ class IntLinear(IntLayer):
     def like(cls, module: nn.Linear, spec: LayerSpec, act: ActCodesModule) -> "IntLinear":
         return cls(spec, act, module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_forward(self, x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         act: ActCodes = self.act(x)
         rows = x.shape[:-1] + (1,)
         a_zero = act.zero_point.expand(rows).reshape(-1)
@@ -114,7 +184,10 @@ class _IntConv(IntLayer):
             return self.conv_fn(x, weight, None, self.stride, 0, self.dilation, self.groups)
         return self.conv_fn(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_forward(self, x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         act: ActCodes = self.act(x)
         channels = (1, -1) + (1,) * (x.dim() - 2)
         per_filter = (-1,) + (1,) * (x.dim() - 1)

@@ -30,7 +30,8 @@ from qdiff.quant import TimestepContext, iter_quant_layers, timestep_context
 
 from .format import ExportFormatError, LayerSpec, check_quantization_config, quantization_config
 from .freeze import act_codes_module, check_no_aux, freeze_layer
-from .int_layers import INT_LAYERS
+from .int_layers import INT_LAYERS, IntLayer
+from .kernel_choice import check_kernel
 from .serialization import check_state, load_weights, save_weights
 
 # Loading arguments diffusers passes that change nothing for a whole-model CPU/GPU load.
@@ -133,6 +134,18 @@ class QuantizedModelMixin:
         model.register_to_config(quantization_config=qconfig)
         model.eval()
         return model.to(torch_dtype) if torch_dtype is not None else model
+
+    def set_qdiff_kernel(self, kernel: str) -> "QuantizedModelMixin":
+        """Run the integer layers on `kernel`: "auto" (default), "int8", "float" or "reference".
+
+        Like diffusers' `set_attention_backend`: `pipe.unet.set_qdiff_kernel("int8")`. All
+        kernels give the same numbers; see `qdiff.export.kernel_choice`. Returns the model.
+        """
+        check_kernel(kernel)
+        for module in self.modules():
+            if isinstance(module, IntLayer):
+                module.set_kernel(kernel)
+        return self
 
     def save_pretrained(self, save_directory: Union[str, Path], safe_serialization: bool = True,
                         variant: Optional[str] = None, max_shard_size: Optional[Any] = None,

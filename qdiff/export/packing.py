@@ -37,6 +37,10 @@ def pack_dense(codes: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
 
 def unpack_dense(packed: torch.Tensor, bits: int, qmin: int, numel: int) -> torch.Tensor:
     """Inverse of `pack_dense`: the first `numel` codes, as a flat int16 tensor."""
+    if 8 % bits == 0:  # whole codes per byte: byte-wise shifts, no int64 words (fast kernels unpack once)
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed[:, None] >> shifts) & ((1 << bits) - 1)
+        return (codes.reshape(-1)[:numel].to(torch.int16) + qmin)
     groups = packed.view(-1, bits).to(torch.int64)
     byte_shifts = torch.arange(bits, device=packed.device) * 8
     words = (groups << byte_shifts).sum(dim=1)

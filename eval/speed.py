@@ -1,0 +1,386 @@
+"""Speed and memory of the exported W4A8 / W4A4 pipelines against their float teacher.
+
+    python eval/speed.py              # -> eval/results/speed.md, speed.json, speed.png
+    python eval/speed.py --quick      # small sizes, few repeats: checks that it runs (own files)
+
+Two models, each run side by side in one process: the embedded teacher
+(assets/tiny-ldm-digits) and a Stable-Diffusion-1.5-sized `UNet2DConditionModel`
+(block_out_channels 320/640/1280/1280, cross_attention_dim 768; 860 M random weights)
+in a `StableDiffusionPipeline` with SD's VAE and CLIP-L text encoder shapes (random
+weights, a character tokenizer) at a 32x32 latent (256x256 images). The low-bit
+students are built as a run builds them (`quantize_`, calibration, `export_pipeline`,
+`qdiff.load_pipeline`) with the time embedding, conv_in and conv_out at 8 bit; for the
+SD-sized model the grids are min-max and calibrated on random inputs (speed does not
+depend on the values). The low-bit pipelines run on their default kernel ("auto").
+
+Timing: variants take turns within each repeat (so a change of the machine's load hits
+all alike), after one untimed warm-up call each; ratios are per repeat, teacher time over
+low-bit time (> 1: the low-bit pipeline is faster), reported as min / median / max.
+Peak memory: in a fresh process per variant, the denoiser is loaded and run once (the
+kernels' one-time preparation and measurement), then the peak resident memory of one
+more forward, above the process's resident memory before the model was loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import qdiff
+from qdiff.calibrate import calibrate
+from qdiff.config import LayerOverride, LoRAConfig, QuantConfig, load_config
+from qdiff.export import export_pipeline
+from qdiff.export.kernel_choice import choices
+from qdiff.quant import calibrating, quantize_, set_timesteps
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
+TEACHERS = ("float32", "bfloat16")
+EIGHT_BIT = ("time_embedding.*", "conv_in", "conv_out")  # EfficientDM's higher-precision layers
+
+
+@dataclass
+class Case:
+    """One model: its pipelines by variant, a denoiser call and a sampling call."""
+
+    name: str
+    pipes: dict
+    forward: Callable  # (pipe) -> None: one denoiser forward on fixed inputs
+    sample: Callable  # (pipe) -> None: one end-to-end sampling
+    describe: str
+
+
+# ---------------------------------------------------------------- the SD-sized model
+
+def _sd_sizes(quick: bool) -> dict:
+    if quick:  # SD's layout at a tenth of its width (text: 64 wide, 2 layers)
+        return dict(channels=(32, 64, 128, 128), heads=8, context=64, latent=16, text_layers=2,
+                    vae=(32, 32, 32, 32))
+    return dict(channels=(320, 640, 1280, 1280), heads=8, context=768, latent=32, text_layers=12,
+                vae=(128, 256, 512, 512))
+
+
+def _tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP tokenizer (no vocabulary file to download); 77 tokens as SD."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase:
+        vocab.update({char: len(vocab), f"{char}</w>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_sd(quick: bool) -> StableDiffusionPipeline:
+    """SD-1.5's UNet / VAE / CLIP-L shapes with random weights (seeded)."""
+    s = _sd_sizes(quick)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=s["latent"], in_channels=4, out_channels=4,
+                                block_out_channels=s["channels"], attention_head_dim=s["heads"],
+                                cross_attention_dim=s["context"], layers_per_block=2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s["vae"],
+                        down_block_types=("DownEncoderBlock2D",) * 4, layers_per_block=2,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=8 * s["latent"])
+    tokenizer = _tokenizer()
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=s["context"], projection_dim=s["context"],
+        intermediate_size=4 * s["context"], num_hidden_layers=s["text_layers"], num_attention_heads=8,
+        max_position_embeddings=77, pad_token_id=1, bos_token_id=0, eos_token_id=1))
+    return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def sd_inputs(unet, dtype: torch.dtype) -> tuple:
+    """One guided SD step: a batch of 2 (prompt, empty prompt), 77 text tokens."""
+    gen = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    sample = torch.randn(2, 4, size, size, generator=gen).to(dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen).to(dtype)
+    return sample, torch.tensor([500, 500]), context
+
+
+def sd_student(unet, bits: tuple[int, int], timesteps: torch.Tensor):
+    """Min-max W/A grids calibrated on random inputs at `timesteps`."""
+    overrides = [LayerOverride(pattern=p, weight_bits=8, act_bits=8) for p in EIGHT_BIT]
+    cfg = QuantConfig(weight_bits=bits[0], act_bits=bits[1], weight_init="minmax", act_init="minmax",
+                      overrides=overrides)
+    student = copy.deepcopy(unet)
+    quantize_(student, cfg, LoRAConfig(enabled=False))
+    set_timesteps(student, timesteps)
+    with torch.no_grad(), calibrating(student):
+        for t in timesteps:
+            sample, _, context = sd_inputs(unet, torch.float32)
+            student(sample, t.expand(2), encoder_hidden_states=context)
+    return student, cfg
+
+
+def sd_case(workdir: Path, quick: bool, steps: int) -> Case:
+    pipe = build_sd(quick)
+    pipe.scheduler.set_timesteps(steps)
+    calibration = pipe.scheduler.timesteps[:: max(1, steps // 2)].float()
+    pipes = {"float32": pipe}
+    for name, bits in BITS.items():
+        student, cfg = sd_student(pipe.unet, bits, calibration)
+        pipes[name] = _export(pipe, student, cfg, workdir / f"sd-{name}")
+        del student
+    pipes["bfloat16"] = copy.deepcopy(pipe).to(torch.bfloat16)
+    size = 8 * pipe.unet.config.sample_size
+
+    def sample(p):
+        p(prompt="a photo of a cat", num_inference_steps=steps, guidance_scale=7.5, height=size,
+          width=size, generator=torch.Generator().manual_seed(0), output_type="np")
+
+    channels = "/".join(map(str, pipe.unet.config.block_out_channels))
+    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    return Case("sd15-unet", pipes, lambda p: _sd_forward(p.unet), sample,
+                f"SD-1.5-shaped UNet ({channels}, {params:.0f} M parameters), latent "
+                f"{pipe.unet.config.sample_size}x{pipe.unet.config.sample_size}, batch 2 (guidance), "
+                f"sampling {steps} DDIM steps at {size}x{size}")
+
+
+def _sd_forward(unet) -> None:
+    sample, t, context = sd_inputs(unet, unet.dtype)
+    unet(sample, t, encoder_hidden_states=context)
+
+
+# ---------------------------------------------------------------- the embedded model
+
+LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def digits_case(workdir: Path, steps: int, calibration_samples: int) -> Case:
+    pipe = qdiff.load_pipeline(ROOT / "assets" / "tiny-ldm-digits")
+    pipes = {"float32": pipe}
+    for name in BITS:
+        cfg = load_config(ROOT / "configs" / f"tiny-ldm-{name.lower()}.yaml")
+        student = copy.deepcopy(pipe.unet)
+        quantize_(student, cfg.quant, LoRAConfig(enabled=False))
+        calibrate(student, pipe, calibration_samples, cfg.distill.trajectory_steps, cfg.distill.eta,
+                  cfg.distill.guidance_scale, batch_size=calibration_samples, seed=cfg.seed)
+        pipes[name] = _export(pipe, student, cfg.quant, workdir / f"digits-{name}")
+    pipes["bfloat16"] = copy.deepcopy(pipe).to(torch.bfloat16)
+
+    def forward(p):
+        gen = torch.Generator().manual_seed(3)
+        context = p.class_context(torch.tensor(LABELS), 2.0)
+        x = torch.randn(len(context), 3, 8, 8, generator=gen).to(p.unet.dtype)
+        p.unet(x, torch.full((len(x),), 500), encoder_hidden_states=context)
+
+    def sample(p):
+        p(class_labels=LABELS, guidance_scale=2.0, num_inference_steps=steps,
+          generator=torch.Generator().manual_seed(0), output_type="np")
+
+    return Case("tiny-ldm-digits", pipes, forward, sample,
+                f"the embedded teacher (2.5 M parameters), latent 8x8x3, batch 16 (8 labels, guidance), "
+                f"sampling {steps} DDIM steps")
+
+
+def _export(pipe, student, quant_cfg: QuantConfig, folder: Path):
+    export_pipeline(pipe, student, folder, quant_cfg)
+    loaded = qdiff.load_pipeline(folder)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+# ---------------------------------------------------------------- measuring
+
+def _seconds(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def interleaved(pipes: dict, call: Callable, repeats: int) -> dict[str, list[float]]:
+    """Seconds per variant and repeat; the variants take turns within each repeat."""
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+        call(pipe)  # warm-up (and the low-bit kernels' one-time preparation and measurement)
+    times: dict[str, list[float]] = {name: [] for name in pipes}
+    for _ in range(repeats):
+        for name, pipe in pipes.items():
+            times[name].append(_seconds(lambda: call(pipe)))
+    return times
+
+
+def low_bit(times: dict) -> list[str]:
+    return [name for name in times if name not in TEACHERS]
+
+
+def ratios(times: dict[str, list[float]]) -> dict:
+    """teacher / low-bit per repeat, min / median / max, for every (low-bit, teacher) pair."""
+    out = {}
+    for low in low_bit(times):
+        for teacher in TEACHERS:
+            r = [t / s for t, s in zip(times[teacher], times[low])]
+            out[f"{low} vs {teacher}"] = {"min": min(r), "median": statistics.median(r), "max": max(r)}
+    return out
+
+
+def add_compiled(case: Case) -> None:
+    """Low-bit variants whose denoiser is `torch.compile`d (after "auto" measured its kernels)."""
+    for name in BITS:
+        pipe = copy.copy(case.pipes[name])
+        pipe.unet = torch.compile(pipe.unet)
+        case.pipes[f"{name} compiled"] = pipe
+
+
+PROBE = """
+import ctypes, gc, json, sys, torch
+torch.set_num_threads(int(sys.argv[4]))
+import qdiff
+from diffusers import UNet2DConditionModel
+from qdiff.export import QuantizedUNet2DConditionModel
+sys.path.insert(0, sys.argv[5])
+from speed import sd_inputs, rss_bytes, reset_peak, peak_bytes
+base = rss_bytes()
+folder, variant = sys.argv[1], sys.argv[2]
+dtype = torch.bfloat16 if variant == "bfloat16" else torch.float32
+cls = UNet2DConditionModel if variant in ("float32", "bfloat16") else QuantizedUNet2DConditionModel
+unet = cls.from_pretrained(folder, torch_dtype=dtype).eval()
+with torch.inference_mode():
+    sample, t, context = sd_inputs(unet, dtype)
+    unet(sample, t, encoder_hidden_states=context)
+    gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+    resident = rss_bytes() - base
+    reset_peak()
+    unet(sample, t, encoder_hidden_states=context)
+json.dump({"resident": resident, "peak": peak_bytes() - base}, open(sys.argv[3], "w"))
+"""
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}: peak memory needs Linux.")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from VmRSS
+
+
+def peak_memory(folder: Path, variant: str, threads: int, workdir: Path) -> dict:
+    """Resident and peak-forward bytes of the denoiser in `folder`, in a fresh process."""
+    out = workdir / f"memory-{variant}.json"
+    result = subprocess.run([sys.executable, "-c", PROBE, str(folder), variant, str(out), str(threads),
+                             str(Path(__file__).parent)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe of {variant} failed:\n{result.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def sd_memory(case: Case, workdir: Path, threads: int) -> dict:
+    folders = {name: workdir / f"sd-{name}" / "unet" for name in BITS}
+    teacher = workdir / "sd-teacher-unet"
+    case.pipes["float32"].unet.save_pretrained(teacher)
+    folders.update({"float32": teacher, "bfloat16": teacher})
+    return {name: peak_memory(folders[name], name, threads, workdir) for name in (*TEACHERS, *BITS)}
+
+
+# ---------------------------------------------------------------- report
+
+def _ratio_cell(r: dict) -> str:
+    return f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def report(results: dict, command: str, suffix: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"speed{suffix}.json").write_text(json.dumps({"command": command, **results}, indent=2) + "\n")
+    lines = ["# Speed of the exported low-bit pipelines against their float teacher", "",
+             f"Command: `{command}`", "", results["machine"], "",
+             "Ratios: teacher time / low-bit time per repeat (> 1: the low-bit pipeline is faster), "
+             "median (min-max) over repeats; the variants take turns within a repeat. Low-bit "
+             "pipelines on the default kernel (\"auto\"). Seconds are medians.", ""]
+    for case in results["cases"]:
+        lines += [f"## {case['name']}", "", case["describe"], ""]
+        for measure in ("denoiser forward", "end-to-end sampling"):
+            m = case[measure]
+            variants = list(m["seconds"])
+            lines += [f"{measure}:", "", "| | " + " | ".join(variants) + " |",
+                      "|---|" + "---:|" * len(variants),
+                      "| seconds (median) | " + " | ".join(
+                          f"{statistics.median(m['seconds'][v]):.3f}" for v in variants) + " |"]
+            for teacher in TEACHERS:
+                lines.append(f"| {teacher} time / this | " + " | ".join(
+                    _ratio_cell(m["ratios"][f"{v} vs {teacher}"]) if v in low_bit(m["seconds"]) else ""
+                    for v in variants) + " |")
+            lines.append("")
+        if "memory" in case:
+            mem = case["memory"]
+            lines += ["", "| peak memory of one denoiser forward | float32 | bfloat16 | W4A8 | W4A4 |",
+                      "|---|---:|---:|---:|---:|"]
+            variants, base = (*TEACHERS, *BITS), mem["float32"]["peak"]
+            lines.append("| MB | " + " | ".join(f"{mem[v]['peak'] / 1e6:,.0f}" for v in variants) + " |")
+            lines.append("| vs float32 | " + " | ".join(f"{mem[v]['peak'] / base:.3f}" for v in variants) + " |")
+        lines += ["", f"Kernels \"auto\" picked: {case['kernels']}", ""]
+    (RESULTS / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool) -> dict:
+    choices_before = len(choices())
+    sampling = interleaved(case.pipes, case.sample, sample_repeats)
+    picked = list(choices().values())[choices_before:]
+    if compiled:
+        add_compiled(case)
+    forward = interleaved(case.pipes, case.forward, repeats)
+    return {"name": case.name, "describe": case.describe,
+            "denoiser forward": {"seconds": forward, "ratios": ratios(forward)},
+            "end-to-end sampling": {"seconds": sampling, "ratios": ratios(sampling)},
+            "kernels": {k: picked.count(k) for k in sorted(set(picked))}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=None, help="timed forwards per variant")
+    parser.add_argument("--models", default="digits,sd")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd low-bit denoisers (minutes of compilation)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    diffusers_logging.disable_progress_bar()
+    repeats = args.repeats or (3 if args.quick else 7)
+    results = {"machine": f"CPU ({torch.backends.cpu.get_cpu_capability()}), {args.threads} thread(s), "
+                          f"torch {torch.__version__}", "cases": []}
+    with tempfile.TemporaryDirectory(prefix="qdiff-speed-") as tmp:
+        workdir = Path(tmp)
+        if "digits" in args.models:
+            case = digits_case(workdir, steps=20, calibration_samples=2)
+            results["cases"].append(measure_case(case, repeats, max(2, repeats // 2), args.compile))
+            del case
+        if "sd" in args.models:
+            case = sd_case(workdir, args.quick, steps=4 if args.quick else 10)
+            measured = measure_case(case, repeats, max(2, repeats // 2), args.compile)
+            measured["memory"] = sd_memory(case, workdir, args.threads)
+            results["cases"].append(measured)
+    command = "python eval/speed.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    report(results, command, "-quick" if args.quick else "")
+    print((RESULTS / f"speed{'-quick' if args.quick else ''}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

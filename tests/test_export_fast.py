@@ -1,0 +1,207 @@
+"""Fast integer kernels: the same numbers as the export's reference path, and the switch.
+
+Units (int8 operands, exact int8 sums, im2col), layers against their reference forward,
+the kernel choice ("auto" by measurement, forced kernels, errors), the one-copy weight
+storage, and whole exported denoisers of every family against their reference path.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from qdiff.export import IntLayer
+from qdiff.export import kernel_choice
+from qdiff.export.freeze import freeze_layer
+from qdiff.export.im2col import im2col
+from qdiff.export.int8_gemm import float_sum, int8_sum
+from qdiff.export.int8_weight import Int8Weight
+from qdiff.quant import TimestepContext
+from qdiff.quant.primitives import int_range
+from test_export_families import CALLS, FAMILIES, _denoiser, _export
+from test_export_units import MODULES, _shape, _student_layer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("bits, symmetric, centred", [(4, False, True), (3, True, True), (8, True, True),
+                                                      (8, False, False)])
+def test_int8_weight_holds_the_codes_exactly(bits, symmetric, centred):
+    gen = torch.Generator().manual_seed(bits)
+    qmin, qmax = int_range(bits, symmetric)
+    codes = torch.randint(qmin, qmax + 1, (6, 5, 3, 3), generator=gen)
+    zero = torch.zeros(6) if symmetric else torch.randint(qmin, qmax + 1, (6,), generator=gen).float()
+    if not symmetric:
+        zero[0] = qmin  # 8-bit asymmetric: a zero point at the edge does not centre into int8
+    weight = Int8Weight.from_codes(codes, zero, bits, qmin)
+    assert weight.matrix.dtype == torch.int8 and weight.matrix.shape == (6, 45)
+    assert weight.centred == centred
+    assert torch.equal(weight.codes(zero, (6, 5, 3, 3)), codes.to(torch.int16))
+
+
+def _operands(gen, rows, inner, cols, act_bits, weight_bits):
+    qmin, qmax = int_range(act_bits, False)
+    a = torch.randint(qmin, qmax + 1, (rows, inner), generator=gen)
+    za = torch.randint(qmin, qmax + 1, (rows,), generator=gen)
+    wmin, wmax = int_range(weight_bits, False)
+    w = torch.randint(wmin, wmax + 1, (cols, inner), generator=gen)
+    zw = torch.randint(wmin, wmax + 1, (cols,), generator=gen)
+    a[0], za[0], w[0], zw[0] = qmax, qmin, wmax, wmin  # the largest products first
+    return a, za, w, zw, qmin
+
+
+@pytest.mark.parametrize("act_bits, weight_bits", [(4, 4), (8, 4), (8, 8)])
+@pytest.mark.parametrize("rows, inner, cols", [(1, 7, 3), (40, 300, 24)])
+def test_int8_and_float_sums_are_exact(act_bits, weight_bits, rows, inner, cols):
+    gen = torch.Generator().manual_seed(rows + act_bits)
+    a, za, w, zw, qmin = _operands(gen, rows, inner, cols, act_bits, weight_bits)
+    weight = Int8Weight.from_codes(w, zw, weight_bits, 0)
+    offset = qmin + 2 ** (act_bits - 1)
+    expected = (a - za[:, None]) @ (w - zw[:, None]).t()  # int64
+    u, a_zero = (a - offset).to(torch.int8), (za - offset).to(torch.int32)
+    assert torch.equal(int8_sum(u, a_zero, weight).long(), expected)
+    assert torch.equal(float_sum(u, a_zero, weight, torch.float64).long(), expected)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)), ((3, 2), (1, 2), (2, 0), (2, 1)),
+    ((1, 1), (1, 1), (0, 0), (1, 1)), ((2, 3, 3), (1, 2, 2), (1, 1, 1), (1, 1, 1))])
+def test_im2col_patches_give_the_convolution(kernel, stride, padding, dilation):
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (2, 3, *(5,) * len(kernel)), generator=gen, dtype=torch.int8)
+    weight = torch.randint(-8, 8, (4, 3, *kernel), generator=gen)
+    fill = torch.tensor([0, 3], dtype=torch.int8)  # the padding is each sample's zero point
+    patches = im2col(codes, kernel, stride, padding, dilation, fill).long()
+    conv = F.conv2d if len(kernel) == 2 else F.conv3d
+    padded = F.pad(codes.double(), [p for p in reversed(padding) for _ in range(2)])
+    padded[1][F.pad(torch.ones(codes.shape[1:]), [p for p in reversed(padding) for _ in range(2)]) == 0] = 3
+    expected = conv(padded, weight.double(), stride=stride, dilation=dilation).round().long()
+    got = patches @ weight.movedim(1, -1).reshape(4, -1).t()
+    assert torch.equal(got.view(2, *expected.shape[2:], 4).movedim(-1, 1), expected)
+
+
+LAYER_CASES = [((4, 4), "temporal", False), ((4, 8), "temporal", False), ((8, 8), "temporal", True),
+               ((3, 3), "temporal", False), ((4, 8), "dynamic_per_token", False)]
+
+
+def _frozen(kind, bits, mode, symmetric):
+    torch.manual_seed(0)
+    layer, _ = _student_layer(MODULES[kind](), *bits, mode=mode, symmetric=symmetric)
+    return freeze_layer("layer", layer, TimestepContext()), _shape(layer.base_layer)
+
+
+def _run(layer, x, kernel, timesteps):
+    layer.set_kernel(kernel)
+    with torch.no_grad(), layer.act.context.use(timesteps):
+        return layer(x)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("bits, mode, symmetric", LAYER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_kernels_give_the_reference_output(kind, bits, mode, symmetric, dtype):
+    layer, shape = _frozen(kind, bits, mode, symmetric)
+    layer = layer.to(dtype)
+    x = (torch.randn(3, *shape, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    timesteps = torch.tensor([900, 120, 480])
+    expected = _run(layer, x, "reference", timesteps)
+    for kernel in ("int8", "float", "auto"):
+        got = _run(layer, x, kernel, timesteps)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()),
+                                   msg=f"kernel {kernel}")
+
+
+def test_fast_kernels_hold_one_copy_of_the_codes_and_save_them_packed():
+    layer, shape = _frozen("conv", (4, 8), "temporal", False)
+    packed = layer.weight_packed.clone()
+    _run(layer, torch.randn(2, *shape), "int8", torch.tensor([900]))
+    assert layer.int8 is not None and layer.weight_packed.numel() == 0
+    assert torch.equal(layer.state_dict()["weight_packed"], packed)
+    again = copy.deepcopy(layer)
+    again.load_state_dict(layer.state_dict())  # into a layer that holds int8 operands
+    assert again.int8 is None and torch.equal(again.weight_packed, packed)
+    layer.set_kernel("reference")
+    assert layer.int8 is None and torch.equal(layer.weight_packed, packed)
+
+
+def test_int8_kernel_runs_int_mm_and_float_kernel_does_not(monkeypatch):
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or int_mm(a, b))
+    for kind in ("linear", "conv"):
+        layer, shape = _frozen(kind, (4, 4), "temporal", False)
+        _run(layer, torch.randn(2, *shape), "float", torch.tensor([900]))
+        assert not calls
+        _run(layer, torch.randn(2, *shape), "int8", torch.tensor([900]))
+        assert len(calls) == 1
+        calls.clear()
+
+
+def test_auto_times_the_candidates_once_and_keeps_the_faster(monkeypatch):
+    monkeypatch.setattr(kernel_choice, "_CHOICES", {})
+    clock = itertools.count()
+    cost = {"int8": 5, "float": 2}
+    ran = []
+
+    def candidate(name):
+        def run():
+            ran.append(name)
+            for _ in range(cost[name] - 1):
+                next(clock)
+            return name
+        return run
+
+    timer = lambda: float(next(clock))  # noqa: E731  (a fake clock: each run advances it by its cost)
+    candidates = {name: candidate(name) for name in cost}
+    assert kernel_choice.pick("key", candidates, torch.device("cpu"), timer) == "float"
+    assert kernel_choice.choices() == {"key": "float"}
+    ran.clear()
+    assert kernel_choice.pick("key", candidates, torch.device("cpu"), timer) == "float"
+    assert ran == ["float"]  # remembered: no more timing
+
+
+def test_unknown_kernels_are_refused_with_the_choices(monkeypatch):
+    layer, _ = _frozen("linear", (4, 4), "temporal", False)
+    with pytest.raises(ValueError, match=r"Unknown qdiff kernel 'int4'; choose one of \('auto', 'int8'"):
+        layer.set_kernel("int4")
+    monkeypatch.setenv("QDIFF_KERNEL", "reference")
+    assert _frozen("linear", (4, 4), "temporal", False)[0].kernel == "reference"
+    monkeypatch.setenv("QDIFF_KERNEL", "fast")
+    with pytest.raises(ValueError, match="QDIFF_KERNEL='fast' is not a qdiff kernel"):
+        _frozen("linear", (4, 4), "temporal", False)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_exported_denoisers_of_every_family_match_their_reference_path(family, tmp_path):
+    _, _, _, loaded = _export(family, tmp_path / "export")
+    model = _denoiser(loaded)
+    outputs = {}
+    for kernel in ("reference", "int8", "auto"):
+        model.set_qdiff_kernel(kernel)
+        with torch.no_grad():
+            outputs[kernel] = [CALLS[FAMILIES[family].call](model, t, torch.Generator().manual_seed(4),
+                                                            torch.float32)
+                               for t in (torch.tensor(900.0), torch.tensor([20.0, 600.0]))]
+    assert all(isinstance(m, IntLayer) and m.kernel == "auto" for m in model.modules()
+               if isinstance(m, IntLayer))
+    for kernel in ("int8", "auto"):
+        for got, expected in zip(outputs[kernel], outputs["reference"]):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_torch_compile_gives_the_same_outputs():
+    """A padded convolution with the W4A8 correction and im2col; inductor compiles it whole."""
+    layer, shape = _frozen("conv", (4, 8), "temporal", False)
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2))
+    timesteps = torch.tensor([900, 120, 480])
+    expected = _run(layer, x, "reference", timesteps)
+    layer.set_kernel("int8")
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad(), layer.act.context.use(timesteps):
+        got = compiled(x)
+    assert torch.equal(got, expected)
