@@ -25,6 +25,7 @@ from qdiff.config import ConfigError, RunConfig, load_config, save_config
 from qdiff.distill.checkpoint import latest_checkpoint
 from qdiff.distill.loop import NonFiniteLossError, distill, mean_recent_loss
 from qdiff.export import export_pipeline
+from qdiff.families import family_for
 from qdiff.models.loading import load_pipeline
 
 logger = logging.getLogger("qdiff.finetune")
@@ -57,7 +58,10 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> P
     start = time.time()
     pipe = load_pipeline(cfg.model.path)
     pipe.set_progress_bar_config(disable=True)
-    student = distill(pipe, cfg, run_dir, resume=resume, accelerator=accelerator)
+    family = family_for(pipe, cfg.model)
+    family.cast_teacher(getattr(torch, cfg.model.dtype))
+    pipe.to(accelerator.device)
+    student = distill(family, cfg, run_dir, resume=resume, accelerator=accelerator)
     if accelerator.is_main_process:
         export_dir = _export(pipe, student, cfg, run_dir)
         logger.info("done in %.1f min: %d steps, mean loss of the last 50 %.4g%s",

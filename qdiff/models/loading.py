@@ -10,6 +10,7 @@ from diffusers import DiffusionPipeline
 
 import qdiff.export  # noqa: F401  (model_index.json of exports names its denoiser classes)
 from qdiff.models.class_ldm_pipeline import ClassConditionalLDMPipeline
+from qdiff.models.hub import hub_snapshot, looks_like_hub_id, missing_pipeline_files
 
 # Pipelines that qdiff defines; any other `_class_name` is one of diffusers' own.
 QDIFF_PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -36,18 +37,23 @@ def load_pipeline(path: str | Path, **kwargs: Any) -> DiffusionPipeline:
     """Load a pipeline folder (a qdiff teacher or export, or any diffusers pipeline).
 
     Keyword arguments go to `from_pretrained` (for example `torch_dtype`).
+    A name that is not a local path but looks like a hub id (`owner/name`) comes from the
+    hub cache, downloaded first when there is a network (`qdiff.models.hub`).
     """
     folder = Path(path)
-    if folder.is_dir():
-        return _pipeline_class(folder).from_pretrained(folder, **kwargs)
-    if folder.exists():
+    if folder.is_file():
         raise FileNotFoundError(f"'{path}' is a file; give the pipeline folder that holds "
                                 f"model_index.json (for example assets/tiny-ldm-digits).")
-    try:
-        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
-    except Exception as error:  # the hub client raises many types; all mean "not available"
-        raise FileNotFoundError(
-            f"No pipeline folder at '{path}', and it could not be loaded as a hub id "
-            f"({type(error).__name__}: {error}). Without a network, download the pipeline "
-            f"elsewhere and pass its local folder, or set HF_HUB_OFFLINE=1 with the model "
-            f"already in the hub cache.") from None
+    if not folder.exists():
+        if not looks_like_hub_id(str(path)):
+            raise FileNotFoundError(f"No pipeline folder at '{path}', and it could not be "
+                                    f"loaded as a hub id (those read owner/name). Give a local "
+                                    f"pipeline folder.")
+        folder = hub_snapshot(str(path))
+    pipeline_class = _pipeline_class(folder)
+    missing = missing_pipeline_files(folder)
+    if missing:
+        raise FileNotFoundError(f"The pipeline folder {folder} is incomplete; missing: "
+                                f"{', '.join(missing)}. Copy the whole folder that "
+                                f"`save_pretrained` or `huggingface-cli download` wrote.")
+    return pipeline_class.from_pretrained(folder, **kwargs)
