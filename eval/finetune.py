@@ -1,6 +1,7 @@
 """Data-free distillation against its starting point (calibrated PTQ), side by side in one run.
 
     python eval/finetune.py                      # W4A8, W4A4, W3A3 recipes of configs/
+    python eval/finetune.py --ablation           # and, at W4A4, the steps from EfficientDM's objective
 
 For each recipe (configs/tiny-ldm-<bits>.yaml): the calibrated PTQ student (where
 distillation starts) and the distilled student after `distill.steps` steps, both sampled
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,18 +37,46 @@ def _with_unet(pipe, unet):
     return type(pipe)(**{**pipe.components, "unet": unet})
 
 
-def run_recipe(pipe, recipe: str, settings, net, real, fp, overrides: list[str]) -> list[dict]:
-    cfg = load_config(CONFIGS / f"tiny-ldm-{recipe}.yaml",
-                      ["output_dir=runs/bench-finetune", "export.enabled=false", *overrides])
-    ptq, _ = evaluate_row(_with_unet(pipe, build_student(pipe, cfg).model), settings, net, real, fp)
+# From EfficientDM's objective to qdiff's, one change at a time (the recipe's W4A4 otherwise).
+ABLATION = {
+    "EfficientDM objective: noise MSE on the teacher's 50-step eta-1 path":
+        ["distill.loss=mse", "distill.walker=teacher", "distill.trajectory_steps=50",
+         "distill.eta=1.0"],
+    "+ the sampling path (20 steps, eta 0)": ["distill.loss=mse", "distill.walker=teacher"],
+    "+ x0 loss": ["distill.walker=teacher"],
+}
+
+
+def distilled_row(pipe, cfg, method: str, settings, net, real, fp, ptq: dict) -> dict:
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run, not a resumed one
     start = time.time()
     student = distill(pipe, cfg, cfg.run_dir)
     minutes = (time.time() - start) / 60
     tuned, _ = evaluate_row(_with_unet(pipe, student), settings, net, real, fp)
     closed = 1 - tuned["fid_to_fp"] / ptq["fid_to_fp"] if ptq["fid_to_fp"] > 0 else 0.0
-    return [{"method": "calibrated PTQ", "bits": recipe.upper(), **ptq},
-            {"method": f"qdiff ({cfg.distill.steps} steps)", "bits": recipe.upper(),
-             "distill_min": round(minutes, 1), "gap_closed": closed, **tuned}]
+    return {"method": method, "bits": f"W{cfg.quant.weight_bits}A{cfg.quant.act_bits}",
+            "distill_min": round(minutes, 1), "gap_closed": closed,
+            **tuned}
+
+
+def run_recipe(pipe, recipe: str, settings, net, real, fp, overrides: list[str],
+               ablation: bool) -> list[dict]:
+    def config(*extra: str):
+        return load_config(CONFIGS / f"tiny-ldm-{recipe}.yaml",
+                           ["output_dir=runs/bench-finetune", "export.enabled=false", *extra,
+                            *overrides])
+
+    cfg = config()
+    ptq, _ = evaluate_row(_with_unet(pipe, build_student(pipe, cfg).model), settings, net, real, fp)
+    rows = [{"method": "calibrated PTQ", "bits": recipe.upper(), **ptq}]
+    variants = ABLATION.items() if ablation and recipe == "w4a4" else []
+    for name, extra in variants:
+        rows.append(distilled_row(pipe, config(*extra, f"name=ablation-{len(rows)}"), name,
+                                  settings, net, real, fp, ptq))
+        print(rows[-1], flush=True)
+    rows.append(distilled_row(pipe, cfg, f"qdiff ({cfg.distill.steps} steps)", settings, net,
+                              real, fp, ptq))
+    return rows
 
 
 def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> None:
@@ -58,7 +88,10 @@ def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> 
              f"{settings.num_samples} samples per row, {settings.steps} DDIM steps, guidance "
              f"{settings.guidance}, the FP row's seeds for every row; digits feature network. "
              f"`FID to FP`: against the FP samples of the same seeds (noise floor in "
-             f"[eval-noise.md](eval-noise.md)); `gap closed`: 1 - FID to FP of qdiff / of PTQ.", "",
+             f"[eval-noise.md](eval-noise.md)); `gap closed`: 1 - FID to FP of qdiff / of PTQ. "
+             f"Rows between PTQ and qdiff (with `--ablation`) change EfficientDM's objective "
+             f"into qdiff's one step at a time; each starts from PTQ calibrated on its own "
+             f"trajectories.", "",
              "| method | bits | class accuracy | FID | sFID | FID to FP | gap closed | distill min |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -73,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", default="w4a8,w4a4,w3a3")
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--ablation", action="store_true",
+                        help="at W4A4, also distil with EfficientDM's objective, changed step by step")
     parser.add_argument("overrides", nargs="*", help="key=value for every recipe")
     args = parser.parse_args(argv)
     base = load_config(CONFIGS / "tiny-ldm-w4a4.yaml")
@@ -86,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"method": "FP (teacher)", "bits": "W32A32", **fp_row}]
     fp = reference_from_features("FP samples", fp_features)
     for recipe in args.bits.split(","):
-        rows += run_recipe(pipe, recipe, settings, net, real, fp, args.overrides)
-        print(rows[-2:], flush=True)
+        rows += run_recipe(pipe, recipe, settings, net, real, fp, args.overrides, args.ablation)
+        print(rows[-1], flush=True)
         write_report(rows, settings, "python " + " ".join(["eval/finetune.py", *sys.argv[1:]]))
 
 

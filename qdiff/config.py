@@ -58,11 +58,16 @@ class ModelConfig:
 
     path: str = "assets/tiny-ldm-digits"  # a local pipeline folder or a hub id
     family: str = "auto"  # denoiser family adapter; "auto" reads it from the pipeline
-    dtype: str = "float32"  # teacher compute dtype
+    dtype: str = "float32"  # the teacher denoiser's compute dtype (the student trains in float32)
+    prompts: Optional[str] = None  # text-to-image families: a file with one prompt per line
 
     def __post_init__(self) -> None:
         _check_choice("model.family", self.family, FAMILIES)
         _check_choice("model.dtype", self.dtype, DTYPES)
+        if self.family == "sd" and not self.prompts:
+            raise ConfigError("model.family='sd' distils from prompts: set model.prompts to a "
+                              "text file with one prompt per line, e.g. "
+                              "configs/prompts/coco-captions-sample.txt.")
 
 
 @dataclass
@@ -98,6 +103,7 @@ class QuantConfig:
     exclude: List[str] = field(default_factory=list)  # layers kept in full precision
     overrides: List[LayerOverride] = field(default_factory=list)
     packed_base_weight: bool = False  # hold the frozen base weight as integer codes
+    family_overrides: bool = False  # also keep the family's layers at 8 bit (after `overrides`)
     calibration_samples: int = 32  # teacher trajectories used to initialise the scales
 
     def __post_init__(self) -> None:
@@ -155,7 +161,9 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, then linear decay to 0 (as EfficientDM)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    loss: str = "mse"  # "mse" / "l1" of the noise predictions, or "update": MSE of the DDIM steps
+    loss: str = "x0"  # "x0": MSE of the implied images; "mse" / "l1" of the noise predictions;
+    # "update": MSE of the DDIM steps they imply (qdiff.distill.loop.distillation_loss)
+    walker: str = "student"  # who takes each trajectory step: "student" (its own path) or "teacher"
     checkpoint_every: int = 200
     sample_every: int = 200  # steps between PNG grids of teacher vs student
     log_every: int = 10
@@ -171,7 +179,14 @@ class DistillConfig:
         _check_range("distill.weight_decay", self.weight_decay, 0.0)
         _check_range("distill.warmup_steps", self.warmup_steps, 0)
         _check_range("distill.grad_clip", self.grad_clip, 0.0)
-        _check_choice("distill.loss", self.loss, ("mse", "l1", "update"))
+        _check_choice("distill.loss", self.loss, ("x0", "mse", "l1", "update"))
+        _check_choice("distill.walker", self.walker, ("student", "teacher"))
+        if self.walker == "student" and self.checkpoint_every % self.trajectory_steps:
+            raise ConfigError(
+                f"distill.checkpoint_every={self.checkpoint_every} must be a multiple of "
+                f"distill.trajectory_steps={self.trajectory_steps} when distill.walker='student': "
+                f"a resumed run cannot replay the student's path, so checkpoints fall between "
+                f"trajectories. Set checkpoint_every to a multiple, or distill.walker=teacher.")
 
 
 @dataclass

@@ -63,6 +63,10 @@ def test_command_line_overrides_win():
                                  "['temporal', 'dynamic_per_token']. Did you mean 'dynamic_per_token'?"),
     (["eval.metrics=[fid,FID2]"], "eval.metrics='FID2' is not allowed"),
     (["quant.weight_bits"], "Override 'quant.weight_bits' is not of the form key=value"),
+    (["distill.checkpoint_every=30"],
+     "distill.checkpoint_every=30 must be a multiple of distill.trajectory_steps=100 when "
+     "distill.walker='student'"),
+    (["distill.walker=pupil"], "distill.walker='pupil' is not allowed"),
 ])
 def test_bad_values_name_the_field_and_the_fix(overrides, message):
     with pytest.raises(ConfigError) as error:

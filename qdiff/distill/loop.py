@@ -32,7 +32,8 @@ from qdiff.distill.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, lr_factor,
                                  set_learning_rates)
 from qdiff.distill.samples import save_comparison_grid
-from qdiff.distill.trajectory import teacher_trajectory, trajectory_timesteps
+from qdiff.distill.trajectory import TrajectoryStep, TrajectoryWalk, trajectory_timesteps
+from qdiff.families import family_for
 from qdiff.quant import QuantizationReport, RankDecay, quantize_, set_timesteps
 
 logger = logging.getLogger("qdiff.distill")
@@ -52,31 +53,37 @@ def build_student(pipe, cfg: RunConfig, calibrated: bool = True) -> Student:
     """A quantized copy of the teacher's denoiser, its scales initialised by PTQ.
 
     With `calibrated=False` (resuming), the activation tables come from the checkpoint.
+    `pipe` is the teacher pipeline or its family adapter; the student trains in float32
+    whatever the teacher's dtype.
     """
-    model = copy.deepcopy(pipe.unet)
+    family = family_for(pipe, cfg.model)
+    model = copy.deepcopy(family.denoiser).float()
     torch.manual_seed(cfg.seed)  # LoRA A's random init: the same student for the same config
-    report = quantize_(model, cfg.quant, cfg.lora, cfg.aux)
+    report = quantize_(model, family.quant_config(cfg.quant), cfg.lora, cfg.aux)
     if calibrated:
-        calibrate(model, pipe, cfg.quant.calibration_samples, cfg.distill.trajectory_steps,
+        calibrate(model, family, cfg.quant.calibration_samples, cfg.distill.trajectory_steps,
                   cfg.distill.eta, cfg.distill.guidance_scale, seed=cfg.seed)
     else:  # size the tables now: the optimizer must hold the parameters the checkpoint fills
-        set_timesteps(model, trajectory_timesteps(pipe, cfg.distill.trajectory_steps))
+        set_timesteps(model, trajectory_timesteps(family, cfg.distill.trajectory_steps))
     freeze_all_but_quant_params(model)
     return Student(model, report)
 
 
-def distillation_loss(student_output: torch.Tensor, teacher_output: torch.Tensor,
-                      kind: str, update_scale: float = 1.0) -> torch.Tensor:
-    """MSE or L1 of the noise predictions; "update": MSE of the DDIM steps they imply.
+def distillation_loss(student_output: torch.Tensor, step: TrajectoryStep,
+                      kind: str) -> torch.Tensor:
+    """The distance between the student's and the teacher's guided noise predictions.
 
-    The noise-prediction error near t = 0 is large but hardly moves the sample; weighting
-    by (d x_prev / d eps)^2 gives every step the weight of its effect on the trajectory.
+    "mse" / "l1": of the noise predictions themselves. Their error is largest near t = 0,
+    where it hardly changes the image, and smallest at the noisy start, where it decides
+    the image -- so "x0" (MSE of the images the two predictions imply, i.e. weighted by
+    (d x0 / d eps)^2) and "update" (MSE of the DDIM steps they imply) weight every step by
+    its effect on the sample instead. eval/results/finetune.md compares them.
     """
+    teacher_output = step.teacher_output
     if kind == "l1":
         return F.l1_loss(student_output, teacher_output)
-    if kind == "update":
-        return F.mse_loss(student_output * update_scale, teacher_output * update_scale)
-    return F.mse_loss(student_output, teacher_output)
+    scale = {"mse": 1.0, "x0": step.x0_scale, "update": step.update_scale}[kind]
+    return F.mse_loss(student_output * scale, teacher_output * scale)
 
 
 class RunLog:
@@ -93,13 +100,14 @@ class RunLog:
                           + "\n")
 
 
-def _train_step(pipe, student: nn.Module, step, cfg: RunConfig, accelerator: Accelerator,
-                optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter]) -> float:
+def _train_step(family, student: nn.Module, step, cfg: RunConfig, accelerator: Accelerator,
+                optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter]
+                ) -> tuple[float, torch.Tensor]:
+    """One optimizer step on one denoising step; returns the loss and the student's answer."""
     guidance = cfg.distill.guidance_scale
-    student_output = pipe.guided_noise(step.model_input, step.timestep, step.context, guidance,
-                                       denoiser=student)
-    loss = distillation_loss(student_output, step.teacher_output, cfg.distill.loss,
-                             step.update_scale)
+    student_output = family.guided_noise(step.model_input, step.timestep, step.context, guidance,
+                                         denoiser=student)
+    loss = distillation_loss(student_output, step, cfg.distill.loss)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss.item()} at timestep {int(step.timestep)}")
     accelerator.backward(loss)
@@ -107,7 +115,7 @@ def _train_step(pipe, student: nn.Module, step, cfg: RunConfig, accelerator: Acc
         accelerator.clip_grad_norm_(trainable, cfg.distill.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(loss.detach(), reduction="mean").item()
+    return accelerator.reduce(loss.detach(), reduction="mean").item(), student_output.detach()
 
 
 def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[RankDecay]) -> int:
@@ -124,11 +132,15 @@ def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[R
 
 def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
             accelerator: Optional[Accelerator] = None) -> nn.Module:
-    """Train the student for `cfg.distill.steps` steps; returns it (unwrapped)."""
+    """Train the student for `cfg.distill.steps` steps; returns it (unwrapped).
+
+    `pipe` is the teacher pipeline or its family adapter (`qdiff.families`).
+    """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     resuming = resume and latest_checkpoint(run_dir) is not None
-    student = build_student(pipe, cfg, calibrated=not resuming)
+    family = family_for(pipe, cfg.model)
+    student = build_student(family, cfg, calibrated=not resuming)
     if main:
         logger.info("quantized layers:\n%s", student.report)
     model = student.model
@@ -147,22 +159,27 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     while step < total:
         index = step // per_trajectory
         labels, generators = trajectory_batch(cfg.seed, index, cfg.distill.batch_size,
-                                              pipe.class_embedder.null_class,
+                                              family.num_conditions,
                                               accelerator.process_index, accelerator.num_processes)
-        for point in teacher_trajectory(pipe, labels, per_trajectory, cfg.distill.eta,
-                                        cfg.distill.guidance_scale, generators):
+        walk = TrajectoryWalk(family, labels, per_trajectory, cfg.distill.eta,
+                              cfg.distill.guidance_scale, generators)
+        while not walk.done:
+            point = walk.point()
             if index * per_trajectory + point.index < step:
-                continue  # a resumed run replays the teacher up to where it stopped
+                walk.advance(point.teacher_output)  # a resumed run replays up to where it stopped
+                continue
             if decay is not None:
                 decay.step(step)
             set_learning_rates(optimizer, lr_factor(step, cfg.distill.warmup_steps, total))
             try:
-                loss = _train_step(pipe, model, point, cfg, accelerator, optimizer, trainable)
+                loss, student_output = _train_step(family, model, point, cfg, accelerator,
+                                                   optimizer, trainable)
             except NonFiniteLossError as error:
                 last = latest_checkpoint(run_dir)
                 raise NonFiniteLossError(
                     f"Stopped at step {step}: {error}. The last good checkpoint is {last}; "
                     f"resume with a lower distill.lr (or act_lr), or check the teacher.") from None
+            walk.advance(student_output if cfg.distill.walker == "student" else point.teacher_output)
             step += 1
             recent = (recent + [loss])[-50:]
             rank = decay.current_rank if decay is not None else 0
@@ -171,7 +188,7 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
             progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", rank=rank)
             if step % cfg.distill.log_every == 0 or step == total:
                 log.write({"step": step, "loss": loss, "lr": lr, "aux_rank": rank})
-            _periodic(step, cfg, run_dir, pipe, accelerator, model, optimizer, recent)
+            _periodic(step, cfg, run_dir, family, accelerator, model, optimizer, recent)
             if step >= total:
                 break
     progress.close()
@@ -180,7 +197,7 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     return accelerator.unwrap_model(model)
 
 
-def _periodic(step: int, cfg: RunConfig, run_dir: Path, pipe, accelerator: Accelerator,
+def _periodic(step: int, cfg: RunConfig, run_dir: Path, family, accelerator: Accelerator,
               model: nn.Module, optimizer, recent: list[float]) -> None:
     """Checkpoints and sample grids every N steps (and at the end), by the main process."""
     if not accelerator.is_main_process:
@@ -190,7 +207,7 @@ def _periodic(step: int, cfg: RunConfig, run_dir: Path, pipe, accelerator: Accel
         save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer,
                         {"loss_mean_last_50": sum(recent) / len(recent)})
     if step % cfg.distill.sample_every == 0 or done:
-        save_comparison_grid(pipe, accelerator.unwrap_model(model),
+        save_comparison_grid(family, accelerator.unwrap_model(model),
                              run_dir / "samples" / f"step-{step:07d}.png",
                              cfg.eval.steps, cfg.eval.guidance_scale, seed=cfg.eval.seed)
 
