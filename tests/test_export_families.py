@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import string
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,6 @@ from diffusers import (AutoencoderKL, CogVideoXTransformer3DModel, DDIMScheduler
                        DiTPipeline, DiTTransformer2DModel, LDMPipeline, StableDiffusionPipeline,
                        UNet2DConditionModel, UNet2DModel, VQModel, WanTransformer3DModel)
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 import qdiff
@@ -33,6 +31,7 @@ from qdiff.export import (IntLayer, QuantizedModelMixin, export_pipeline, layer_
 from qdiff.export.pipeline import denoiser_name
 from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
 from qdiff.quant import calibrating, iter_quant_layers, quantize_, set_timesteps
+from tiny_families import tiny_clip_text
 
 CALIBRATION_TIMESTEPS = torch.tensor([951.0, 651.0, 351.0, 51.0])
 
@@ -68,15 +67,8 @@ def _class_ldm():
 
 
 def _stable_diffusion():
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase:
-        vocab.update({char: len(vocab), f"{char}</w>": len(vocab) + 1})
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=8, projection_dim=16, pad_token_id=1,
-        bos_token_id=0, eos_token_id=1)).eval()
-    return StableDiffusionPipeline(vae=_vae(), text_encoder=text_encoder,
-                                   tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8),
+    text_encoder, tokenizer = tiny_clip_text()
+    return StableDiffusionPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet=_cond_unet(16), scheduler=DDIMScheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 

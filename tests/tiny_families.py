@@ -22,8 +22,8 @@ def tiny_vae() -> AutoencoderKL:
                          norm_num_groups=4, sample_size=8).eval()
 
 
-def tiny_stable_diffusion() -> StableDiffusionPipeline:
-    torch.manual_seed(0)
+def tiny_clip_text() -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """A one-layer CLIP text encoder (width 16) with a character-level tokenizer."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in string.ascii_lowercase:
         vocab.update({char: len(vocab), f"{char}</w>": len(vocab) + 1})
@@ -31,6 +31,12 @@ def tiny_stable_diffusion() -> StableDiffusionPipeline:
         vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=8, projection_dim=16, pad_token_id=1,
         bos_token_id=0, eos_token_id=1)).eval()
+    return text_encoder, CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8)
+
+
+def tiny_stable_diffusion() -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    text_encoder, tokenizer = tiny_clip_text()
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=4,
@@ -38,8 +44,8 @@ def tiny_stable_diffusion() -> StableDiffusionPipeline:
         norm_num_groups=4).eval()
     return StableDiffusionPipeline(
         vae=tiny_vae(), text_encoder=text_encoder, unet=unet, scheduler=DDIMScheduler(),
-        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
 
 
 def tiny_dit() -> DiTPipeline:
