@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from qdiff.quant.primitives import int_range
+from qdiff.quant.primitives import int_range, per_token_grid
 from qdiff.quant.temporal_act_quantizer import nearest_index
 from qdiff.quant.timestep_context import TimestepContext
 
@@ -110,18 +110,9 @@ class TokenActCodes(nn.Module):
 
     def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) of each token, shaped like `x` with a channel dim of size 1."""
-        ratio = self._ratio(x)
         tokens = x.movedim(self.channel_dim, -1)
-        high = tokens.amax(dim=-1, keepdim=True).clamp_min(0)
-        low = tokens.amin(dim=-1, keepdim=True).clamp_max(0)
-        if self.symmetric:
-            scale = ratio * torch.maximum(high, -low) / self.qmax
-            zero_point = torch.zeros_like(high)
-        else:
-            span = (high - low).clamp_min(1e-8)
-            scale = ratio * span / (self.qmax - self.qmin)
-            zero_point = torch.round(self.qmin - low * (self.qmax - self.qmin) / span)
-        scale = scale.clamp_min(1e-8)
+        scale, zero_point = per_token_grid(tokens, self._ratio(x), self.qmin, self.qmax,
+                                           self.symmetric)
         return scale.movedim(-1, self.channel_dim), zero_point.movedim(-1, self.channel_dim)
 
 

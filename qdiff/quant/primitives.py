@@ -64,6 +64,25 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return torch.clamp(torch.round(x / scale) + torch.round(zero_point), qmin, qmax)
 
 
+def per_token_grid(tokens: torch.Tensor, ratio: torch.Tensor, qmin: int, qmax: int,
+                   symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of each (..., C) token from its own range, clipped by `ratio`.
+
+    The one definition of the per-token grid: the training quantizer fake-quantizes on it
+    and the export computes integer codes on it, so the two agree to the last bit.
+    """
+    high = tokens.amax(dim=-1, keepdim=True).clamp_min(0)
+    low = tokens.amin(dim=-1, keepdim=True).clamp_max(0)
+    if symmetric:
+        scale = ratio * torch.maximum(high, -low) / qmax
+        zero_point = torch.zeros_like(high)
+    else:
+        span = (high - low).clamp_min(1e-8)
+        scale = ratio * span / (qmax - qmin)
+        zero_point = torch.round(qmin - low * (qmax - qmin) / span)
+    return scale.clamp_min(1e-8), zero_point
+
+
 def scale_from_range(low: torch.Tensor, high: torch.Tensor, qmin: int, qmax: int,
                      symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step size and zero point that map [low, high] onto the integer grid."""
