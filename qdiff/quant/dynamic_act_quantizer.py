@@ -13,14 +13,15 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .observer import SampleObserver
-from .primitives import DEFAULT_RATIOS, fake_quantize, grad_scale, int_range, lsq_gradient_factor
+from .observer import KeyedObservations, SampleObserver
+from .primitives import (DEFAULT_RATIOS, fake_quantize, grad_scale, int_range, lsq_gradient_factor,
+                         per_token_grid)
 from .timestep_context import TimestepContext
 
 MAX_TIMESTEP = 1000.0  # diffusers' denoisers take timesteps on a 0..1000 scale
 
 
-class DynamicActQuantizer(nn.Module):
+class DynamicActQuantizer(KeyedObservations, nn.Module):
     """Per-token fake-quantizer: scale = ratio[group(t)] * range(token) / levels.
 
     `channel_dim` is the feature dim that a token spans: -1 for (B, tokens, C) inputs of
@@ -61,22 +62,15 @@ class DynamicActQuantizer(nn.Module):
 
     def _quantize_tokens(self, tokens: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
         """Fake-quantize (..., C) tokens, each on its own grid, clipped by `ratio` (broadcast)."""
-        high = tokens.detach().amax(dim=-1, keepdim=True).clamp_min(0)
-        low = tokens.detach().amin(dim=-1, keepdim=True).clamp_max(0)
-        if self.symmetric:
-            scale = ratio * torch.maximum(high, -low) / self.qmax
-            zero_point = torch.zeros_like(high)
-        else:
-            span = (high - low).clamp_min(1e-8)
-            scale = ratio * span / (self.qmax - self.qmin)
-            zero_point = torch.round(self.qmin - low * (self.qmax - self.qmin) / span)
-        return fake_quantize(tokens, scale.clamp_min(1e-8), zero_point, self.qmin, self.qmax)
+        scale, zero_point = per_token_grid(tokens.detach(), ratio, self.qmin, self.qmax,
+                                           self.symmetric)
+        return fake_quantize(tokens, scale, zero_point, self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.group_of(x.shape[0])
         tokens = x.movedim(self.channel_dim, -1)
         if self.calibrating:
-            self._observe(tokens, groups)
+            self._observe_by_key(tokens, groups, row_width=tokens.shape[-1])
             return x
         ratio = self.clip_ratio
         if self.use_grad_scale:
@@ -85,19 +79,6 @@ class DynamicActQuantizer(nn.Module):
         ratio = ratio.view((-1,) + (1,) * (tokens.dim() - 1)).to(x.dtype)
         return self._quantize_tokens(tokens, ratio).movedim(-1, self.channel_dim)
 
-    def start_calibration(self) -> None:
-        self.calibrating = True
-        self._observers = {}
-
-    @property
-    def has_observations(self) -> bool:
-        return bool(self._observers)
-
-    @torch.no_grad()
-    def _observe(self, tokens: torch.Tensor, groups: torch.Tensor) -> None:
-        for group in groups.unique().tolist():
-            rows = tokens[(groups == group).to(tokens.device)].reshape(-1, tokens.shape[-1])
-            self._observers.setdefault(group, SampleObserver(self.sample_size)).add(rows)
 
     @torch.no_grad()
     def finish_calibration(self) -> None:

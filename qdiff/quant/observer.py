@@ -9,7 +9,7 @@ the search still spans the true range.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -58,3 +58,32 @@ class SampleObserver:
         if self.sample is None:
             raise RuntimeError("No calibration data was observed.")
         return torch.cat([self.sample, self.low[None], self.high[None]])
+
+
+class KeyedObservations:
+    """Calibration-mode bookkeeping shared by the activation quantizers: one SampleObserver
+    per key (a timestep value, or a timestep group), filled row by row.
+
+    The host sets `calibrating` and `sample_size`; `_observers` is emptied when it starts.
+    """
+
+    calibrating: bool
+    sample_size: int
+    _observers: Dict[Union[int, float], SampleObserver]
+
+    def start_calibration(self) -> None:
+        self.calibrating = True
+        self._observers = {}
+
+    @property
+    def has_observations(self) -> bool:
+        return bool(self._observers)
+
+    @torch.no_grad()
+    def _observe_by_key(self, x: torch.Tensor, keys: torch.Tensor, row_width: int) -> None:
+        """Add the samples of `x` (batch first) under their key; rows of `row_width` values
+        (-1: one value per row)."""
+        for key in keys.unique().tolist():
+            rows = x[(keys == key).to(x.device)]
+            rows = rows.reshape(-1) if row_width == -1 else rows.reshape(-1, row_width)
+            self._observers.setdefault(key, SampleObserver(self.sample_size)).add(rows)

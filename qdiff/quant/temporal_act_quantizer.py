@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .observer import SampleObserver
+from .observer import KeyedObservations, SampleObserver
 from .primitives import (fake_quantize, grad_scale, int_range, lp_search_init, lsq_gradient_factor,
                          scale_from_range)
 from .timestep_context import TimestepContext
@@ -25,7 +25,7 @@ def nearest_index(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     return (timesteps.to(table.device, table.dtype)[:, None] - table[None, :]).abs().argmin(dim=1)
 
 
-class TemporalActQuantizer(nn.Module):
+class TemporalActQuantizer(KeyedObservations, nn.Module):
     """Per-tensor activation fake-quantizer whose step size depends on the timestep.
 
     Lifecycle: `start_calibration()`, run the model over calibration trajectories
@@ -86,20 +86,6 @@ class TemporalActQuantizer(nn.Module):
             self.set_timesteps(incoming)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def start_calibration(self) -> None:
-        self.calibrating = True
-        self._observers = {}
-
-    @property
-    def has_observations(self) -> bool:
-        return bool(self._observers)
-
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor, timesteps: torch.Tensor) -> None:
-        for value in timesteps.unique().tolist():
-            rows = x[(timesteps == value).to(x.device)].reshape(-1)
-            observer = self._observers.setdefault(value, SampleObserver(self.sample_size))
-            observer.add(rows)
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
@@ -147,7 +133,8 @@ class TemporalActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         timesteps = self._timesteps_for(x)
         if self.calibrating:
-            self._observe(x, timesteps if timesteps is not None else torch.zeros(x.shape[0]))
+            keys = timesteps if timesteps is not None else torch.zeros(x.shape[0])
+            self._observe_by_key(x, keys, row_width=-1)
             return x
         if not self.timesteps.numel():
             raise RuntimeError("Activation quantizer is not calibrated: run calibration or "
