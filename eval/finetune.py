@@ -23,11 +23,9 @@ from pathlib import Path
 import qdiff
 from qdiff.config import load_config
 from qdiff.distill.loop import build_student, distill
-from qdiff.eval.evaluate import held_out_digits_reference, reference_from_features
-from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.sampling import SamplingSettings
 
-from ptq import evaluate_row  # noqa: E402  (eval/ is a folder of scripts)
+from ptq import evaluate_row, evaluate_teacher  # noqa: E402  (eval/ is a folder of scripts)
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -115,11 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     settings = SamplingSettings(args.num_samples, base.eval.steps, base.eval.guidance_scale,
                                 base.eval.seed, 250)
-    net, stats = load_feature_net("digits")
-    real = held_out_digits_reference(net, stats)
-    fp_row, fp_features = evaluate_row(pipe, settings, net, real, None)
-    rows = [{"method": "FP (teacher)", "bits": "W32A32", **fp_row}]
-    fp = reference_from_features("FP samples", fp_features)
+    net, real, fp, fp_row = evaluate_teacher(pipe, settings)
+    rows = [fp_row]
     for recipe in args.bits.split(","):
         rows += run_recipe(pipe, recipe, settings, net, real, fp, args.overrides, args.ablation)
         print(rows[-1], flush=True)

@@ -61,6 +61,16 @@ def evaluate_row(pipe, settings, net, real: Reference, fp: Reference | None) -> 
     return row, features
 
 
+def evaluate_teacher(pipe, settings) -> tuple[object, Reference, Reference, dict]:
+    """The digits network, the real held-out reference, the FP samples as a reference for
+    `FID to FP`, and the FP row: what every table of rows against the teacher starts with."""
+    net, stats = load_feature_net("digits")
+    real = held_out_digits_reference(net, stats)
+    fp_row, fp_features = evaluate_row(pipe, settings, net, real, None)
+    fp = reference_from_features("FP samples", fp_features)
+    return net, real, fp, {"method": "FP (teacher)", "bits": "W32A32", **fp_row}
+
+
 def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ptq.json").write_text(json.dumps({"settings": vars(settings), "rows": rows},
@@ -90,11 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe = qdiff.load_pipeline(base.model.path)
     settings = SamplingSettings(args.num_samples, args.steps, base.eval.guidance_scale,
                                 base.eval.seed, 250)
-    net, stats = load_feature_net("digits")
-    real = held_out_digits_reference(net, stats)
-    fp_row, fp_features = evaluate_row(pipe, settings, net, real, None)
-    rows = [{"method": "FP (teacher)", "bits": "W32A32", **fp_row}]
-    fp = reference_from_features("FP samples", fp_features)
+    net, real, fp, fp_row = evaluate_teacher(pipe, settings)
+    rows = [fp_row]
     for recipe in args.bits.split(","):
         for naive in (True, False):
             student = ptq_student(pipe, recipe, naive)

@@ -18,6 +18,7 @@ import torch
 import qdiff
 from qdiff.config import load_config
 from qdiff.distill.loop import build_student
+from qdiff.distill.trajectory import TrajectoryWalk
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.families import family_for
@@ -32,16 +33,17 @@ BLOCKS = {"all 20": range(20), "0-4 (noisiest)": range(5), "5-9": range(5, 10),
 
 @torch.no_grad()
 def sample(family, student, student_steps: range) -> torch.Tensor:
-    scheduler = family.trajectory_scheduler(STEPS)
+    """Deterministic DDIM from fixed noise; the student answers in `student_steps` only."""
     labels = torch.arange(SAMPLES) % 10
-    context = family.context(labels, GUIDANCE)
-    latents = family.prepare_latents(SAMPLES, torch.Generator().manual_seed(7))
-    for index, timestep in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(latents, timestep)
-        denoiser = student if index in student_steps else None
-        noise = family.guided_noise(model_input, timestep, context, GUIDANCE, denoiser=denoiser)
-        latents = scheduler.step(noise, timestep, latents, eta=0.0).prev_sample
-    return family.pipe.decode_latents(latents)
+    walk = TrajectoryWalk(family, labels, STEPS, 0.0, GUIDANCE, torch.Generator().manual_seed(7))
+    while not walk.done:
+        point = walk.point()
+        noise = point.teacher_output
+        if point.index in student_steps:
+            noise = family.guided_noise(point.model_input, point.timestep, point.context,
+                                        GUIDANCE, denoiser=student)
+        walk.advance(noise)
+    return family.decode(walk.latents)
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
-"""The distillation loop: the teacher walks its trajectories, the student learns each step.
+"""The distillation loop: trajectories from noise, the student learns each step of them.
 
 Read it top to bottom: build the student (quantize, calibrate), the optimizer and the
-Phi rank decay; then for every denoising step of every teacher trajectory, ask the
-student the same question (x_t, t, class) and move it towards the teacher's answer --
-one optimizer step per denoising step, as in EfficientDM. The run directory keeps the
+Phi rank decay; then for every denoising step of every trajectory, ask teacher and
+student the same question (x_t, t, condition) and move the student towards the
+teacher's answer -- one optimizer step per denoising step, as in EfficientDM. Whoever
+`distill.walker` names takes the step to the next x_t: the student by default, so it
+learns on the path it will sample. The run directory keeps the
 resolved config, a JSONL log, checkpoints and sample grids, so a stopped run resumes
 where it stopped and ends with the weights it would have had.
 """
