@@ -3,12 +3,13 @@
     python eval/finetune.py                      # W4A8, W4A4, W3A3 recipes of configs/
     python eval/finetune.py --ablation           # and, at W4A4, the steps from EfficientDM's objective
 
-For each recipe (configs/tiny-ldm-<bits>.yaml): the calibrated PTQ student (where
-distillation starts) and the distilled student after `distill.steps` steps, both sampled
+For each recipe (configs/tiny-ldm-<bits>.yaml): calibrated PTQ (Lp-searched weight ranges,
+activation step sizes per timestep), the PTQ student distillation starts from when the
+recipe sets other weight ranges, and the distilled student after `distill.steps` steps, sampled
 with the FP teacher's seeds and scored in the digits feature network's space: class
 accuracy, FID/sFID against the real held-out digits, and FID to the FP samples (same
-seeds), whose noise floor is in eval-noise.md. `gap closed` = how much of the PTQ
-student's FID-to-FP distillation removes. Writes eval/results/finetune.md and .json.
+seeds), whose noise floor is in eval-noise.md. `gap closed` = how much of calibrated
+PTQ's FID-to-FP distillation removes. Writes eval/results/finetune.md and .json.
 """
 
 from __future__ import annotations
@@ -36,13 +37,19 @@ def _with_unet(pipe, unet):
 
 
 # From EfficientDM's objective to qdiff's, one change at a time (the recipe's W4A4 otherwise).
+EFFICIENTDM_INIT = ["quant.weight_init=mse", "quant.lp_norm=2.4", "lora.rank=8"]
 ABLATION = {
     "EfficientDM objective: noise MSE on the teacher's 50-step eta-1 path":
         ["distill.loss=mse", "distill.walker=teacher", "distill.trajectory_steps=50",
-         "distill.eta=1.0"],
-    "+ the sampling path (20 steps, eta 0)": ["distill.loss=mse", "distill.walker=teacher"],
-    "+ x0 loss": ["distill.walker=teacher"],
+         "distill.eta=1.0", *EFFICIENTDM_INIT],
+    "+ the sampling path (20 steps, eta 0)":
+        ["distill.loss=mse", "distill.walker=teacher", *EFFICIENTDM_INIT],
+    "+ x0 loss": ["distill.walker=teacher", *EFFICIENTDM_INIT],
+    "+ student walker": EFFICIENTDM_INIT,
+    "+ min-max weight ranges": ["lora.rank=8"],
 }
+# The issue's baseline: weights by an Lp search of clipping ratios, activations per timestep.
+CALIBRATED_PTQ = ["quant.weight_init=mse", "quant.lp_norm=2.4"]
 
 
 def distilled_row(pipe, cfg, method: str, settings, net, real, fp, ptq: dict) -> dict:
@@ -65,8 +72,14 @@ def run_recipe(pipe, recipe: str, settings, net, real, fp, overrides: list[str],
                             *overrides])
 
     cfg = config()
-    ptq, _ = evaluate_row(_with_unet(pipe, build_student(pipe, cfg).model), settings, net, real, fp)
+    ptq, _ = evaluate_row(_with_unet(pipe, build_student(pipe, config(*CALIBRATED_PTQ)).model),
+                          settings, net, real, fp)
     rows = [{"method": "calibrated PTQ", "bits": recipe.upper(), **ptq}]
+    if cfg.quant.weight_init != "mse":  # distillation starts from another PTQ: show it too
+        start, _ = evaluate_row(_with_unet(pipe, build_student(pipe, cfg).model), settings, net,
+                                real, fp)
+        rows.append({"method": f"PTQ, {cfg.quant.weight_init} weight ranges (qdiff's start)",
+                     "bits": recipe.upper(), **start})
     variants = ABLATION.items() if ablation and recipe == "w4a4" else []
     for name, extra in variants:
         rows.append(distilled_row(pipe, config(*extra, f"name=ablation-{len(rows)}"), name,
@@ -86,7 +99,8 @@ def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> 
              f"{settings.num_samples} samples per row, {settings.steps} DDIM steps, guidance "
              f"{settings.guidance}, the FP row's seeds for every row; digits feature network. "
              f"`FID to FP`: against the FP samples of the same seeds (noise floor in "
-             f"[eval-noise.md](eval-noise.md)); `gap closed`: 1 - FID to FP of qdiff / of PTQ. "
+             f"[eval-noise.md](eval-noise.md)); `gap closed`: 1 - FID to FP of qdiff / of "
+             f"calibrated PTQ. "
              f"Rows between PTQ and qdiff (with `--ablation`) change EfficientDM's objective "
              f"into qdiff's one step at a time; each starts from PTQ calibrated on its own "
              f"trajectories.", "",
