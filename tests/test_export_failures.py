@@ -197,3 +197,16 @@ def test_export_over_an_existing_one_replaces_it(pipe, pristine, tmp_path):
     export_pipeline(pipe, _student(pipe), out, QUANT)
     assert not (out / "stale.txt").exists() and [p.name for p in tmp_path.iterdir()] == ["export"]
     assert isinstance(qdiff.load_pipeline(out).unet, QuantizedUNet2DConditionModel)
+
+
+def test_loaded_codes_do_not_depend_on_the_file(export):
+    """The model owns its tensors: a view of the file's memory map would keep every page
+    it touched resident (and change when the file does)."""
+    unet = _load_unet(export)
+    before = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    path = export / "unet" / WEIGHTS
+    with path.open("r+b") as handle:  # overwrite in place: same inode, same size
+        handle.seek(4096)
+        handle.write(b"\x00" * (path.stat().st_size - 4096))
+    after = unet.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)

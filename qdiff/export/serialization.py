@@ -6,6 +6,12 @@ config.json, and the reader checks, in order: the file exists, its header parses
 size is what the header promises (truncation), the checksum (any other change), then
 that every tensor the model needs is there with its shape and integer dtype. Each
 failure is an `ExportFormatError` that names the file and the problem.
+
+The tensors are read into memory the model owns, not left as views of safetensors'
+memory map: the mapping stays alive as long as any one of its tensors does (a bias is
+enough), and every page the layers ever touched stays resident with it, so the packed
+codes would go on costing their bytes after the fast kernels have unpacked and dropped
+them (see `int8_weight`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .format import WEIGHTS_FILE, ExportFormatError
 
@@ -73,7 +80,13 @@ def load_weights(folder: Path, sha256: str) -> dict[str, torch.Tensor]:
     if actual != sha256:
         raise ExportFormatError(f"{path}: checksum mismatch (SHA-256 {actual[:12]}..., config.json "
                                 f"records {str(sha256)[:12]}...); the file was modified after export.")
-    return load_file(str(path))
+    return _owned_copy(path)
+
+
+def _owned_copy(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, copied out of the memory map one at a time (see above)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key).clone() for key in handle.keys()}
 
 
 def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
