@@ -158,6 +158,8 @@ class DistillConfig:
     act_lr: float = 5e-4  # temporal activation step sizes (EfficientDM: 5e-4)
     weight_scale_lr: float = 1e-6  # weight step sizes (EfficientDM: 1e-6)
     aux_lr: float = 1e-4  # QVGen Phi factors
+    base_weight_lr: float = 0.0  # the weights W0 themselves: 0 keeps them frozen (qdiff);
+    # > 0 with lora.enabled=false is full QAT (LSQ on all weights), the baseline of eval/benchmark.py
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, then linear decay to 0 (as EfficientDM)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
@@ -174,7 +176,7 @@ class DistillConfig:
             _check_range(f"distill.{name}", getattr(self, name), 1)
         _check_range("distill.eta", self.eta, 0.0, 1.0)
         _check_range("distill.guidance_scale", self.guidance_scale, 0.0)
-        for name in ("lr", "act_lr", "weight_scale_lr", "aux_lr"):
+        for name in ("lr", "act_lr", "weight_scale_lr", "aux_lr", "base_weight_lr"):
             _check_range(f"distill.{name}", getattr(self, name), 0.0)
         _check_range("distill.weight_decay", self.weight_decay, 0.0)
         _check_range("distill.warmup_steps", self.warmup_steps, 0)
@@ -232,6 +234,13 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.distill.base_weight_lr > 0 and self.quant.packed_base_weight:
+            raise ConfigError(
+                f"distill.base_weight_lr={self.distill.base_weight_lr} trains the base weights, "
+                f"but quant.packed_base_weight=true holds them as frozen integer codes. Set "
+                f"quant.packed_base_weight=false for full QAT, or distill.base_weight_lr=0.")
 
     @property
     def run_dir(self) -> Path:

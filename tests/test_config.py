@@ -67,6 +67,8 @@ def test_command_line_overrides_win():
      "distill.checkpoint_every=30 must be a multiple of distill.trajectory_steps=100 when "
      "distill.walker='student'"),
     (["distill.walker=pupil"], "distill.walker='pupil' is not allowed"),
+    (["distill.base_weight_lr=1e-5", "quant.packed_base_weight=true"],
+     "Set quant.packed_base_weight=false for full QAT, or distill.base_weight_lr=0."),
 ])
 def test_bad_values_name_the_field_and_the_fix(overrides, message):
     with pytest.raises(ConfigError) as error:

@@ -50,16 +50,20 @@ def test_a_few_steps_lower_the_distillation_loss(teacher, tmp_path, loss, walker
     assert after < 0.9 * before
 
 
-@pytest.mark.parametrize("walker, checkpoint_every, crash_at, checkpoint", [
-    ("teacher", 3, 5, "step-0000003"),  # resumes mid-trajectory: replays the teacher's path
-    ("student", 4, 7, "step-0000004"),  # checkpoints fall between trajectories
+FULL_QAT = ("lora.enabled=false", "distill.base_weight_lr=1e-3")
+
+
+@pytest.mark.parametrize("walker, checkpoint_every, crash_at, checkpoint, method", [
+    ("teacher", 3, 5, "step-0000003", ()),  # resumes mid-trajectory: replays the teacher's path
+    ("student", 4, 7, "step-0000004", ()),  # checkpoints fall between trajectories
+    ("student", 4, 7, "step-0000004", FULL_QAT),  # the trained base weights are checkpointed
 ])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
         random_class_ldm_pipeline, tmp_path, monkeypatch, walker, checkpoint_every, crash_at,
-        checkpoint):
+        checkpoint, method):
     pipe = random_class_ldm_pipeline
     settings = ["distill.steps=10", f"distill.checkpoint_every={checkpoint_every}",
-                f"distill.walker={walker}"]
+                f"distill.walker={walker}", *method]
     steady = _config(tmp_path / "a", *settings)
     expected = _trainable_state(loop.distill(pipe, steady, steady.run_dir))
 
@@ -81,6 +85,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert resumed.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_full_qat_trains_every_base_weight_and_no_lora(random_class_ldm_pipeline, tmp_path):
+    pipe = random_class_ldm_pipeline
+    cfg = _config(tmp_path, "distill.steps=4", "distill.checkpoint_every=4", *FULL_QAT)
+    before = loop.build_student(pipe, cfg).model.state_dict()
+    student = loop.distill(pipe, cfg, cfg.run_dir)
+    weights = [key for key in before if key.endswith("base_layer.weight")]
+    assert weights and not any("lora" in key for key in before)
+    assert all(not torch.equal(before[key], student.state_dict()[key]) for key in weights)
+    assert set(weights) <= set(_trainable_state(student))  # so checkpoints carry them
 
 
 @pytest.mark.parametrize("walker", ["student", "teacher"])

@@ -3,7 +3,8 @@
 Groups: QALoRA per layer (learning rate proportional to the layer's mean weight step
 size: with Adam, scaling a gradient does nothing, scaling the rate does -- EfficientDM),
 temporal activation step sizes, weight step sizes, and QVGen's Phi. Everything else in
-the student stays frozen.
+the student stays frozen -- except, for full QAT (`distill.base_weight_lr` > 0), the base
+weights themselves, in one more group.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from qdiff.config import RunConfig
 from qdiff.quant import lora_param_groups, quant_parameters
 
 
-def freeze_all_but_quant_params(student: nn.Module) -> None:
+def freeze_all_but_quant_params(student: nn.Module, train_base_weights: bool = False) -> None:
     student.requires_grad_(False)
     params = quant_parameters(student)
-    for param in params.lora + params.act_scales + params.weight_scales + params.aux:
+    trainable = params.lora + params.act_scales + params.weight_scales + params.aux
+    for param in trainable + (params.base_weights if train_base_weights else []):
         param.requires_grad_(True)
 
 
@@ -30,6 +32,9 @@ def build_optimizer(student: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
         {"params": params.weight_scales, "lr": cfg.distill.weight_scale_lr, "name": "weight_scales"},
         {"params": params.aux, "lr": cfg.distill.aux_lr, "name": "aux"},
     ]
+    if cfg.distill.base_weight_lr > 0:
+        groups.append({"params": params.base_weights, "lr": cfg.distill.base_weight_lr,
+                       "name": "base_weights"})
     groups = [group for group in groups if group["params"]]
     for group in groups:
         group["base_lr"] = group["lr"]

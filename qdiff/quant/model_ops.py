@@ -85,6 +85,7 @@ class QuantParams:
     weight_scales: List[nn.Parameter] = field(default_factory=list)  # step sizes (+ LSQ+ zero points)
     act_scales: List[nn.Parameter] = field(default_factory=list)  # per-timestep steps / clip ratios
     aux: List[nn.Parameter] = field(default_factory=list)  # Phi factors (removed by rank decay)
+    base_weights: List[nn.Parameter] = field(default_factory=list)  # float W0 (full QAT trains them)
 
 
 def quant_parameters(model: nn.Module) -> QuantParams:
@@ -97,6 +98,8 @@ def quant_parameters(model: nn.Module) -> QuantParams:
         params.act_scales += list(layer.act_quantizer.parameters())
         if layer.aux is not None:
             params.aux += list(layer.aux.parameters())
+        if not layer.packed:
+            params.base_weights.append(layer.base_layer.weight)
     return params
 
 
