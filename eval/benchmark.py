@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import qdiff
@@ -223,11 +222,12 @@ def plot_training(rows: list[dict], path: Path) -> None:
     for ax, bit in zip(axes[0], bits):
         for r in (r for r in trained if r["bits"] == bit):
             log = [json.loads(line) for line in Path(r["log"]).read_text().splitlines()]
-            loss = torch.tensor([entry["loss"] for entry in log])
-            window = 9 if len(loss) >= 45 else 1  # a moving mean over ~5 trajectories' logged steps
-            smooth = F.avg_pool1d(loss[None, None], window, 1, window // 2,
-                                  count_include_pad=False)[0, 0]
-            ax.plot([entry["elapsed_s"] / 60 for entry in log], smooth, label=r["method"])
+            bins: dict[int, list[dict]] = {}
+            for entry in log:  # means over 100 steps: whole trajectories, so every t weighs alike
+                bins.setdefault((entry["step"] - 1) // 100, []).append(entry)
+            ax.plot([statistics.mean(e["elapsed_s"] for e in b) / 60 for b in bins.values()],
+                    [statistics.mean(e["loss"] for e in b) for b in bins.values()],
+                    marker=".", label=r["method"])
         ax.set(title=bit, xlabel="wall time (min)", ylabel="loss", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
