@@ -336,7 +336,33 @@ def report(results: dict, command: str, suffix: str) -> None:
             lines.append("| MB | " + " | ".join(f"{mem[v]['peak'] / 1e6:,.0f}" for v in variants) + " |")
             lines.append("| vs float32 | " + " | ".join(f"{mem[v]['peak'] / base:.3f}" for v in variants) + " |")
         lines += ["", f"Kernels \"auto\" picked: {case['kernels']}", ""]
+    lines.append(f"![median speed-up over float32 and bfloat16](speed{suffix}.png)")
     (RESULTS / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
+    plot(results, RESULTS / f"speed{suffix}.png")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Median teacher-time / low-bit-time per case and measure, with min-max whiskers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = results["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 3.5), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        labels, medians, errors = [], [], [[], []]
+        for measure, short in (("denoiser forward", "forward"), ("end-to-end sampling", "sampling")):
+            for key, r in case[measure]["ratios"].items():
+                labels.append(f"{short}\n{key.replace(' vs ', ' / ')}")
+                medians.append(r["median"])
+                errors[0].append(r["median"] - r["min"])
+                errors[1].append(r["max"] - r["median"])
+        ax.barh(labels, medians, xerr=errors, color="tab:blue")
+        ax.axvline(1.0, color="grey", linestyle=":")
+        ax.set(title=case["name"], xlabel="teacher time / low-bit time (> 1: faster)")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool) -> dict:
