@@ -48,6 +48,8 @@ from qdiff.eval.npz import from_uint8_nhwc
 from qdiff.eval.sampling import SamplingSettings, generate
 from qdiff.export import export_pipeline
 
+from speed import peak_bytes, reset_peak, rss_bytes  # noqa: E402  (eval/ is a folder of scripts)
+
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BIT_WIDTHS = ("w8a8", "w4a8", "w4a4", "w3a3")
@@ -68,23 +70,12 @@ QUICK = ["distill.steps=40", "quant.calibration_samples=4", "distill.checkpoint_
 
 # ---------------------------------------------------------------- memory of this process
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}: the memory column needs Linux.")
-
-
 def _settle() -> int:
     """Resident bytes after returning freed memory to the system, with the peak reset to it."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from VmRSS
-    return _status_kib("VmRSS") * 1024
-
-
-def _peak_above(base: int) -> int:
-    return _status_kib("VmHWM") * 1024 - base
+    reset_peak()
+    return rss_bytes()
 
 
 # ---------------------------------------------------------------- one row
@@ -98,7 +89,7 @@ def build(pipe, cfg, trained: bool) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
     student = distill(pipe, cfg, cfg.run_dir) if trained else build_student(pipe, cfg).model
     return student, {"train_s": time.perf_counter() - start if trained else 0.0,
-                     "peak_mb": _peak_above(base) / 1e6 if trained else 0.0,
+                     "peak_mb": (peak_bytes() - base) / 1e6 if trained else 0.0,
                      "trainable_params": trainable}
 
 
