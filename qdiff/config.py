@@ -25,7 +25,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 BITS_RANGE = (2, 8)
-FAMILIES = ("auto", "class-ldm", "sd", "dit", "wan", "cogvideox")
+FAMILIES = ("auto", "class-ldm", "sd", "dit", "class-wan", "wan", "cogvideox")
+PROMPT_FAMILIES = ("sd", "wan", "cogvideox")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,15 +60,24 @@ class ModelConfig:
     path: str = "assets/tiny-ldm-digits"  # a local pipeline folder or a hub id
     family: str = "auto"  # denoiser family adapter; "auto" reads it from the pipeline
     dtype: str = "float32"  # the teacher denoiser's compute dtype (the student trains in float32)
-    prompts: Optional[str] = None  # text-to-image families: a file with one prompt per line
+    prompts: Optional[str] = None  # text-conditioned families: a file with one prompt per line
+    # wan / cogvideox: [frames, height, width] of the trajectories' videos (pixels);
+    # None: the model's own (Wan 2.1 81 x 480 x 832, CogVideoX 49 x 480 x 720)
+    video_size: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
         _check_choice("model.family", self.family, FAMILIES)
         _check_choice("model.dtype", self.dtype, DTYPES)
-        if self.family == "sd" and not self.prompts:
-            raise ConfigError("model.family='sd' distils from prompts: set model.prompts to a "
-                              "text file with one prompt per line, e.g. "
-                              "configs/prompts/coco-captions-sample.txt.")
+        if self.family in PROMPT_FAMILIES and not self.prompts:
+            raise ConfigError(f"model.family='{self.family}' distils from prompts: set "
+                              f"model.prompts to a text file with one prompt per line, e.g. "
+                              f"configs/prompts/coco-captions-sample.txt.")
+        if self.video_size is not None:
+            if len(self.video_size) != 3:
+                raise ConfigError(f"model.video_size={self.video_size} must be [frames, height, "
+                                  f"width], e.g. [81, 480, 832].")
+            for name, value in zip(("frames", "height", "width"), self.video_size):
+                _check_range(f"model.video_size {name}", value, 1)
 
 
 @dataclass

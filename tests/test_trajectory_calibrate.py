@@ -86,7 +86,7 @@ def test_update_scale_is_how_far_a_noise_error_moves_the_ddim_step(random_class_
                                                                     steps):
     from diffusers import DDIMScheduler
 
-    from qdiff.distill.trajectory import ddim_update_scale
+    from qdiff.families.samplers import ddim_update_scale
 
     scheduler = DDIMScheduler.from_config(random_class_ldm_pipeline.scheduler.config)
     scheduler.set_timesteps(steps)

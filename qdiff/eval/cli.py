@@ -8,6 +8,11 @@
 `--reference teacher` samples the teacher with other seeds than the evaluated pipeline
 (for the teacher itself that gives the metric's noise floor); `real` is the held-out
 digits; a `.npz` is an ADM sample or reference batch; a folder is a pipeline.
+
+A class-conditional video pipeline (the embedded Wan teacher, or an export of it) gets
+every video metric instead (`qdiff.eval.video_eval`): per-frame class accuracy and FID,
+consecutive-frame similarity, and, against the teacher sampled with the *same* seeds, the
+per-frame FID to it and the error of the digit's motion.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc, load_reference_stats, load_samples
 from qdiff.eval.sampling import SamplingSettings, generate
+from qdiff.eval.video_eval import evaluate_video, is_video_pipeline
 from qdiff.models.loading import load_pipeline
 
 logger = logging.getLogger("qdiff.eval")
@@ -121,11 +127,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    metrics = check_metrics(",".join(args.metric or EvalConfig().metrics).split(","))
     pipeline = args.pipeline or latest_export()
     out = args.out or _default_out(pipeline)
     settings = SamplingSettings(args.num_samples, args.steps, args.guidance, args.seed,
                                 args.batch_size)
+    if is_video_pipeline(pipeline):  # every video metric, in the digits network's space
+        return evaluate_video(pipeline, teacher_of(pipeline), args.reference, settings, out)
+    metrics = check_metrics(",".join(args.metric or EvalConfig().metrics).split(","))
     net, shipped_stats = load_feature_net(args.features)
     start = time.time()
     images, labels = _samples_of(pipeline, settings, out.parent)

@@ -5,14 +5,21 @@
     noise = family.guided_noise(x_t, t, context, guidance, denoiser=student)
 
 One file per family: `class_ldm` (qdiff's class-conditional LDM), `stable_diffusion`,
-`dit`; `base` holds the interface, `registry` the lookup.
+`dit`, `class_wan` (qdiff's class-conditional Wan video pipeline), `wan`, `cogvideox`;
+`base` holds the interface, `prompts` the prompt conditions of the text-conditioned
+families, `samplers` the trajectory samplers, `registry` the lookup.
 """
 
 from .base import FamilyAdapter
 from .class_ldm import ClassLDMFamily
+from .class_wan import ClassWanFamily
+from .cogvideox import CogVideoXFamily
 from .dit import DiTFamily
+from .prompts import PromptFamily, read_prompts
 from .registry import FAMILY_ADAPTERS, family_for
-from .stable_diffusion import StableDiffusionFamily, read_prompts
+from .stable_diffusion import StableDiffusionFamily
+from .wan import WanFamily
 
-__all__ = ["FAMILY_ADAPTERS", "ClassLDMFamily", "DiTFamily", "FamilyAdapter",
-           "StableDiffusionFamily", "family_for", "read_prompts"]
+__all__ = ["FAMILY_ADAPTERS", "ClassLDMFamily", "ClassWanFamily", "CogVideoXFamily", "DiTFamily",
+           "FamilyAdapter", "PromptFamily", "StableDiffusionFamily", "WanFamily", "family_for",
+           "read_prompts"]

@@ -11,11 +11,12 @@ They ask its adapter for:
 - the guided noise prediction of *any* denoiser -- the teacher or a quantized student --
   at (x_t, t, context), cast to the denoiser's dtype on the way in and to float32 on the
   way out, so a bf16 teacher and a float32 student answer in the same units;
-- initial latents, the scheduler a trajectory walks, decoding (and so images for the
+- initial latents, the sampler a trajectory walks (`qdiff.families.samplers`: DDIM for
+  noise and v predictions, Euler for flow matching), decoding (and so images for the
   sample grids), and the layers the family keeps at 8 bit.
 
-A family is one file under `qdiff/families/`; video families (Wan, CogVideoX) add their
-own latents (B, C, F, H, W), text encoder and flow-matching scheduler by overriding the
+A family is one file under `qdiff/families/`; video families add their own latents
+(B, C, F, H, W), sampler and decoding (a video's frames side by side) by overriding the
 same methods.
 """
 
@@ -30,7 +31,9 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from qdiff.config import LayerOverride, QuantConfig
+from qdiff.config import LayerOverride, ModelConfig, QuantConfig
+
+from .samplers import DDIMSampler, TrajectorySampler
 
 Generator = Union[torch.Generator, list[torch.Generator], None]
 
@@ -54,6 +57,11 @@ class FamilyAdapter(ABC):
 
     def __init__(self, pipe: DiffusionPipeline) -> None:
         self.pipe = pipe
+
+    @classmethod
+    def from_model_config(cls, pipe: DiffusionPipeline, model_cfg: ModelConfig) -> "FamilyAdapter":
+        """The adapter of `pipe` with what `model_cfg` says about conditions (prompts, sizes)."""
+        return cls(pipe)
 
     @classmethod
     @abstractmethod
@@ -97,6 +105,10 @@ class FamilyAdapter(ABC):
         scheduler.set_timesteps(steps)
         return scheduler
 
+    def trajectory_sampler(self, steps: int) -> TrajectorySampler:
+        """A fresh `steps`-step walk: DDIM on `trajectory_scheduler` unless a family overrides."""
+        return DDIMSampler(self.trajectory_scheduler(steps))
+
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         config = self.denoiser.config
         return (batch_size, config.in_channels, config.sample_size, config.sample_size)
@@ -105,7 +117,8 @@ class FamilyAdapter(ABC):
         """Initial noise; a list of generators gives each sample its own stream."""
         latents = randn_tensor(self.latent_shape(batch_size), generator=generator,
                                device=self.pipe._execution_device, dtype=torch.float32)
-        return latents * self.pipe.scheduler.init_noise_sigma
+        # flow-matching schedulers start at unit noise and have no init_noise_sigma
+        return latents * getattr(self.pipe.scheduler, "init_noise_sigma", 1.0)
 
     def guided_noise(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                      guidance: float, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
@@ -139,16 +152,17 @@ class FamilyAdapter(ABC):
     @torch.no_grad()
     def sample_images(self, denoiser: nn.Module, conditions: torch.Tensor, guidance: float,
                       steps: int, generator: torch.Generator) -> torch.Tensor:
-        """Images (N, C, H, W) in [0, 1] of `conditions`, sampled with `denoiser` by
-        deterministic DDIM through this adapter -- so a bf16 teacher and a float32 student
-        sample alike, which a pipeline's own __call__ (one dtype for all) would not."""
-        scheduler = self.trajectory_scheduler(steps)
+        """Images (N, C, H, W) in [0, 1] of `conditions`, sampled with `denoiser` by this
+        family's deterministic sampler (eta 0) through the adapter -- so a bf16 teacher and a
+        float32 student sample alike, which a pipeline's own __call__ (one dtype for all)
+        would not."""
+        sampler = self.trajectory_sampler(steps)
         context = self.context(conditions, guidance)
         latents = self.prepare_latents(len(conditions), generator)
-        for timestep in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(latents, timestep)
-            noise = self.guided_noise(model_input, timestep, context, guidance, denoiser)
-            latents = scheduler.step(noise, timestep, latents, eta=0.0).prev_sample
+        for timestep in sampler.timesteps:
+            model_input = sampler.model_input(latents, timestep)
+            output = self.guided_noise(model_input, timestep, context, guidance, denoiser)
+            latents = sampler.step(output, timestep, latents, eta=0.0, generator=None)
         return self.decode(latents)
 
     def cast_teacher(self, dtype: torch.dtype) -> None:

@@ -10,20 +10,21 @@ from qdiff.config import ConfigError, ModelConfig
 
 from .base import FamilyAdapter
 from .class_ldm import ClassLDMFamily
+from .class_wan import ClassWanFamily
+from .cogvideox import CogVideoXFamily
 from .dit import DiTFamily
-from .stable_diffusion import StableDiffusionFamily, read_prompts
+from .stable_diffusion import StableDiffusionFamily
+from .wan import WanFamily
 
 # Detection order matters only if two could match; none of these do.
 FAMILY_ADAPTERS: dict[str, type[FamilyAdapter]] = {
-    family.name: family for family in (ClassLDMFamily, StableDiffusionFamily, DiTFamily)
+    family.name: family
+    for family in (ClassLDMFamily, StableDiffusionFamily, DiTFamily, ClassWanFamily, WanFamily,
+                   CogVideoXFamily)
 }
-PLANNED = ("wan", "cogvideox")  # video families: the same interface, 5-D latents (issue 7)
 
 
 def _family_class(pipe: DiffusionPipeline, name: str) -> type[FamilyAdapter]:
-    if name in PLANNED:
-        raise ConfigError(f"model.family='{name}': distillation of video families is not "
-                          f"implemented yet (export is); use one of {list(FAMILY_ADAPTERS)}.")
     if name == "auto":
         for family in FAMILY_ADAPTERS.values():
             if family.matches(pipe):
@@ -42,14 +43,10 @@ def family_for(pipe: Union[DiffusionPipeline, FamilyAdapter],
                model_cfg: Optional[ModelConfig] = None) -> FamilyAdapter:
     """The adapter for `pipe` (an adapter is returned as it is).
 
-    Without `model_cfg` the family is detected and a Stable Diffusion adapter has no
-    prompts (asking it for conditions then says how to give them).
+    Without `model_cfg` the family is detected, and a prompt family has no prompts (asking
+    it for conditions then says how to give them).
     """
     if isinstance(pipe, FamilyAdapter):
         return pipe
     model_cfg = model_cfg or ModelConfig()
-    family = _family_class(pipe, model_cfg.family)
-    if family is StableDiffusionFamily:
-        prompts = read_prompts(model_cfg.prompts) if model_cfg.prompts else None
-        return StableDiffusionFamily(pipe, prompts)
-    return family(pipe)
+    return _family_class(pipe, model_cfg.family).from_model_config(pipe, model_cfg)

@@ -2,6 +2,8 @@
 
 from qdiff.models.class_embedder import ClassEmbedder
 from qdiff.models.class_ldm_pipeline import ClassConditionalLDMPipeline
+from qdiff.models.class_video_pipeline import ClassConditionalVideoPipeline
 from qdiff.models.loading import load_pipeline
 
-__all__ = ["ClassEmbedder", "ClassConditionalLDMPipeline", "load_pipeline"]
+__all__ = ["ClassEmbedder", "ClassConditionalLDMPipeline", "ClassConditionalVideoPipeline",
+           "load_pipeline"]

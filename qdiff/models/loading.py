@@ -10,11 +10,13 @@ from diffusers import DiffusionPipeline
 
 import qdiff.export  # noqa: F401  (model_index.json of exports names its denoiser classes)
 from qdiff.models.class_ldm_pipeline import ClassConditionalLDMPipeline
+from qdiff.models.class_video_pipeline import ClassConditionalVideoPipeline
 from qdiff.models.hub import hub_snapshot, looks_like_hub_id, missing_pipeline_files
 
 # Pipelines that qdiff defines; any other `_class_name` is one of diffusers' own.
 QDIFF_PIPELINES: dict[str, type[DiffusionPipeline]] = {
-    ClassConditionalLDMPipeline.__name__: ClassConditionalLDMPipeline,
+    pipeline.__name__: pipeline
+    for pipeline in (ClassConditionalLDMPipeline, ClassConditionalVideoPipeline)
 }
 
 

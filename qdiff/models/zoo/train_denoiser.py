@@ -71,6 +71,18 @@ def _denoising_loss(model: nn.ModuleDict, scheduler: DDIMScheduler, latents: tor
     return F.mse_loss(prediction, noise)
 
 
+def ema_step(model: nn.Module, ema: AveragedModel, optimizer: torch.optim.Optimizer,
+             schedule: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor) -> None:
+    """One optimizer step on `loss` (gradient norm clipped to 1), then the learning-rate
+    schedule's step and the EMA's update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    ema.update_parameters(model)
+
+
 def train_class_ldm(vae: VQModel, steps: int = 6000, batch_size: int = 128, lr: float = 1e-3,
                     label_dropout: float = 0.1, ema_decay: float = 0.999, latent_copies: int = 16,
                     seed: int = 0) -> tuple[UNet2DConditionModel, ClassEmbedder]:
@@ -91,12 +103,7 @@ def train_class_ldm(vae: VQModel, steps: int = 6000, batch_size: int = 128, lr: 
         index = torch.randint(len(labels), (batch_size,), generator=generator)
         loss = _denoising_loss(model, scheduler, latents[index], labels[index], generator,
                                label_dropout)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.update_parameters(model)
+        ema_step(model, ema, optimizer, schedule, loss)
         progress.set_postfix(loss=f"{loss.item():.4f}")
     trained = ema.module.eval()
     return trained["unet"], trained["class_embedder"]
