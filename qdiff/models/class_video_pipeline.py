@@ -85,7 +85,7 @@ class ClassConditionalVideoPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, class_labels: Union[int, Sequence[int], torch.Tensor],
-                 guidance_scale: float = 3.0, num_inference_steps: int = 20,
+                 guidance_scale: float = 4.5, num_inference_steps: int = 20,
                  generator: Generator = None, latents: Optional[torch.Tensor] = None,
                  output_type: str = "np", return_dict: bool = True):
         """Videos of `class_labels` after `num_inference_steps` Euler steps.

@@ -34,7 +34,7 @@ logger = logging.getLogger("qdiff.zoo")
 
 TEACHER_DIR = "tiny-wan-digits"
 STRIP_PATH = Path(__file__).resolve().parents[3] / "eval" / "results" / "video-teacher.png"
-CHECK_GUIDANCE, CHECK_STEPS = 3.0, 20
+CHECK_GUIDANCE, CHECK_STEPS = 4.5, 20
 MIN_FRAME_ACCURACY = 0.9
 
 

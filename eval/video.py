@@ -1,0 +1,183 @@
+"""QVGen on the embedded video teacher: W4A4 with and without Phi, calibrated PTQ, W3A3.
+
+    python eval/video.py            # -> eval/results/video.md, .json, video-training.png, video-frames.png
+    python eval/video.py --quick    # smoke run: few videos and steps -> video-quick.*
+
+The teacher is assets/tiny-wan-digits (a class-conditional Wan transformer on moving
+digits, `python -m qdiff.models.zoo.video_digits`). Rows, each from configs/tiny-wan-<bits>.yaml:
+- calibrated PTQ: the recipe's quantizers after calibration, no training;
+- qdiff: QALoRA + per-token activations with learned clipping, no auxiliary modules;
+- qdiff + Phi: the recipe itself, QVGen's Phi decayed to rank 0 during the run
+  (same steps, trajectories and seeds as qdiff).
+Every row's *exported* pipeline (Phi gone, integer weights) samples the same seeds as the
+FP teacher, and is scored frame by frame in the digits feature network's space:
+class accuracy, per-frame FID against real held-out moving-digit frames and against the
+FP frames, and over time the feature similarity of consecutive frames and the error of
+the digit's motion (centre of mass) against the FP video of the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+import qdiff
+from qdiff.config import load_config
+from qdiff.distill.loop import build_student, distill
+from qdiff.eval.feature_nets import load_feature_net
+from qdiff.eval.sampling import SamplingSettings, balanced_labels
+from qdiff.eval.video_eval import real_frames_pool, sample_videos
+from qdiff.eval.video_metrics import video_metrics
+from qdiff.export import export_pipeline
+from qdiff.families.class_wan import frames_side_by_side
+
+RESULTS = Path(__file__).parent / "results"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# row name -> (recipe bits, trained?, overrides of the recipe)
+ROWS: dict[str, tuple[str, bool, list[str]]] = {
+    "W4A4 calibrated PTQ": ("w4a4", False, ["aux.enabled=false"]),
+    "W4A4 qdiff": ("w4a4", True, ["aux.enabled=false"]),
+    "W4A4 qdiff + Phi": ("w4a4", True, []),
+    "W3A3 calibrated PTQ": ("w3a3", False, ["aux.enabled=false"]),
+    "W3A3 qdiff": ("w3a3", True, ["aux.enabled=false"]),
+    "W3A3 qdiff + Phi": ("w3a3", True, []),
+}
+QUICK = ["distill.steps=40", "quant.calibration_samples=2", "distill.checkpoint_every=20",
+         "aux.phase_steps=4"]
+STRIP_CLASSES = (0, 3, 7)
+
+
+def run_row(pipe, name: str, workdir: Path, extra: list[str]) -> tuple[object, dict]:
+    """The exported pipeline of one row, and where its training log is."""
+    bits, trained, overrides = ROWS[name]
+    run = "video-" + name.lower().replace(" ", "-").replace("+", "plus")
+    cfg = load_config(CONFIGS / f"tiny-wan-{bits}.yaml",
+                      ["output_dir=runs", f"name={run}", "export.enabled=false",
+                       "distill.sample_every=100000", "distill.log_every=1", *overrides, *extra])
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run, not a resumed one
+    student = distill(pipe, cfg, cfg.run_dir) if trained else build_student(pipe, cfg).model
+    folder = export_pipeline(pipe, student, workdir / run, cfg.quant)  # refuses a Phi left over
+    exported = qdiff.load_pipeline(folder)
+    if any("aux" in key or "lora" in key for key in exported.transformer.state_dict()):
+        raise RuntimeError(f"the export of {name} carries Phi or LoRA tensors")
+    return exported, {"log": str(cfg.run_dir / "log.jsonl") if trained else None}
+
+
+def gap_closed(row: dict, ptq: dict, fp: dict, key: str) -> float:
+    """Share of calibrated PTQ's distance to FP that `row` closes on metric `key`."""
+    return (ptq[key] - row[key]) / (ptq[key] - fp[key])
+
+
+def write_table(rows: list[dict], cfg, num_videos: int, command: str, suffix: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"video{suffix}.json").write_text(json.dumps(
+        {"command": command, "num_videos": num_videos, "rows": rows}, indent=2) + "\n")
+    fp = rows[0]
+    lines = ["# QVGen on the embedded video teacher", "", f"Command: `{command}`", "",
+             f"{num_videos} videos per row ({num_videos * rows[0]['frames']} frames), "
+             f"{cfg.eval.steps} Euler steps, guidance {cfg.eval.guidance_scale}, the FP row's "
+             "seeds for every row; quantized rows sample their exported pipeline. Digits "
+             "feature network on every frame. `FID` against real held-out moving-digit "
+             "frames, `FID to FP` against the FP frames; `similarity`: cosine of consecutive "
+             "frames' features; `motion err`: pixels per frame between the digit's motion and "
+             "the FP video's of the same seed. `closed`: share of the same bits' PTQ "
+             "distance to FP that the row closes, per metric. `FP, other seeds`: the teacher "
+             "on other seeds, the noise floor of `FID to FP` (its motion error compares "
+             "different videos and means nothing).", "",
+             "| row | accuracy | FID | FID to FP | similarity | motion err | closed: FID to FP "
+             "| closed: similarity | closed: motion |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ptq = next((r for r in rows if r["name"] == row["name"][:4] + " calibrated PTQ"), None)
+        closed = [f"{gap_closed(row, ptq, fp, key):.0%}" if ptq and row is not ptq else ""
+                  for key in ("frame_fid", "consecutive_similarity", "motion_error")]
+        lines.append(f"| {row['name']} | {row['frame_accuracy']:.1%} | {row['frame_fid_real']:.2f} | "
+                     f"{max(row['frame_fid'], 0.0):.2f} | {row['consecutive_similarity']:.4f} | "
+                     f"{row['motion_error']:.3f} | " + " | ".join(closed) + " |")
+    lines += ["", f"![loss and Phi rank](video{suffix}-training.png)", "",
+              f"![frames: FP, PTQ, qdiff + Phi](video{suffix}-frames.png)"]
+    (RESULTS / f"video{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_training(rows: list[dict], path: Path, window: int) -> None:
+    """Loss (mean over the last `window` steps: one trajectory, whose steps differ by orders
+    of magnitude) and Phi rank against steps for the trained rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (loss_ax, rank_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for row in (r for r in rows if r.get("log")):
+        log = [json.loads(line) for line in Path(row["log"]).read_text().splitlines()]
+        steps = [entry["step"] for entry in log]
+        losses = torch.tensor([entry["loss"] for entry in log])
+        smoothed = [losses[max(0, i + 1 - window):i + 1].mean().item() for i in range(len(losses))]
+        loss_ax.plot(steps, smoothed, label=row["name"], lw=0.8)
+        rank_ax.plot(steps, [entry.get("aux_rank", 0) for entry in log], label=row["name"])
+    loss_ax.set(xlabel="step", ylabel="loss", yscale="log",
+                title=f"distillation loss (mean of {window} steps)")
+    rank_ax.set(xlabel="step", ylabel="Phi rank", title="auxiliary rank")
+    for ax in (loss_ax, rank_ax):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--num-videos", type=int, default=400)
+    parser.add_argument("--quick", action="store_true", help="20 videos, 40 training steps, W4A4")
+    args = parser.parse_args(argv)
+    names = [n for n in ROWS if n.startswith("W4A4")] if args.quick else args.rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows: {list(ROWS)}")
+    suffix, extra = ("-quick", QUICK) if args.quick else ("", [])
+    num_videos = 20 if args.quick else args.num_videos
+    cfg = load_config(CONFIGS / "tiny-wan-w4a4.yaml")
+    pipe = qdiff.load_pipeline(cfg.model.path)
+    net, _ = load_feature_net("digits")
+    real = real_frames_pool(net)
+    labels = balanced_labels(num_videos)
+    settings = SamplingSettings(num_videos, cfg.eval.steps, cfg.eval.guidance_scale, cfg.eval.seed,
+                                batch_size=50)
+    fp_videos = sample_videos(pipe, labels, settings)
+    command = "python " + " ".join(["eval/video.py", *(sys.argv[1:] if argv is None else argv)])
+
+    def scored(name: str, videos: torch.Tensor, extra_fields: dict) -> dict:
+        metrics = video_metrics(net, videos, labels, reference=fp_videos, real_pool=real)
+        row = {"name": name, "frames": videos.shape[1], **metrics, **extra_fields}
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        return row
+
+    rows = [scored("FP (teacher)", fp_videos, {})]
+    # The same teacher on other seeds: how far two FP samples lie apart (the noise floor)
+    floor = SamplingSettings(num_videos, cfg.eval.steps, cfg.eval.guidance_scale,
+                             cfg.eval.seed + 1, batch_size=50)
+    rows.append(scored("FP, other seeds", sample_videos(pipe, labels, floor), {}))
+    strips = {"FP (teacher)": fp_videos}
+    with tempfile.TemporaryDirectory(prefix="qdiff-video-") as tmp:
+        for name in names:
+            exported, fields = run_row(pipe, name, Path(tmp), extra)
+            videos = sample_videos(exported, labels, settings)
+            rows.append(scored(name, videos, fields))
+            strips[name] = videos
+            write_table(rows, cfg, num_videos, command, suffix)  # a crash keeps the rows so far
+    plot_training(rows, RESULTS / f"video{suffix}-training.png", cfg.distill.trajectory_steps)
+    shown = [n for n in ("FP (teacher)", "W4A4 calibrated PTQ", "W4A4 qdiff + Phi") if n in strips]
+    picks = torch.tensor([int((labels == c).nonzero()[0]) for c in STRIP_CLASSES])
+    strip = torch.cat([frames_side_by_side(strips[n][picks].transpose(1, 2)) for n in shown])
+    save_image(strip, RESULTS / f"video{suffix}-frames.png", nrow=1, padding=2, pad_value=0.5)
+    print((RESULTS / f"video{suffix}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
