@@ -19,7 +19,9 @@ the digit's motion (centre of mass) against the FP video of the same seed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -159,9 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         return row
 
     rows = [scored("FP (teacher)", fp_videos, {})]
-    # The same teacher on other seeds: how far two FP samples lie apart (the noise floor)
-    floor = SamplingSettings(num_videos, cfg.eval.steps, cfg.eval.guidance_scale,
-                             cfg.eval.seed + 1, batch_size=50)
+    # The same teacher on other seeds: how far two FP samples lie apart (the noise floor).
+    # Batch b draws from seed + b, so the floor starts after the FP row's last seed.
+    floor = dataclasses.replace(settings,
+                                seed=settings.seed + math.ceil(num_videos / settings.batch_size))
     rows.append(scored("FP, other seeds", sample_videos(pipe, labels, floor), {}))
     strips = {"FP (teacher)": fp_videos}
     with tempfile.TemporaryDirectory(prefix="qdiff-video-") as tmp:
