@@ -48,7 +48,7 @@ RECIPES = {"ldm4": ("ldm4-w4a4.yaml", lambda: convert(synthetic_checkpoint(), OP
            "dit": ("dit-xl2-w4a8.yaml", tiny_dit, 1e-3, []),
            # Video recipes without Phi: decayed within 16 steps it costs more than the steps
            # gain on a random teacher (tests/test_video_family.py checks the export drops it).
-           "class-wan": ("tiny-wan-w4a4.yaml", tiny_class_wan, 1e-2, ["aux.enabled=false"]),
+           "class-wan": ("tiny-wan-w4a4.yaml", tiny_class_wan, 3e-3, ["aux.enabled=false"]),
            "wan": ("wan2.1-t2v-1.3b-w4a4.yaml", tiny_wan, 1e-2, [*VIDEO, "aux.enabled=false"]),
            "cogvideox": ("cogvideox-2b-w4a4.yaml", tiny_cogvideox, 3e-3,
                          [*VIDEO, "aux.enabled=false"])}
@@ -122,7 +122,7 @@ def test_a_few_steps_lower_the_loss_of_the_exported_student(runs, name):
     cfg, family, before, exported = runs[name]
     assert family.denoiser.dtype == getattr(torch, cfg.model.dtype)  # the recipe's teacher dtype
     after = _trained_loss(family, exported.denoiser, cfg)
-    # measured: ldm4 0.928, sd 0.936, dit 0.947, class-wan 0.938, wan 0.868, cogvideox 0.958
+    # measured: ldm4 0.928, sd 0.936, dit 0.947, class-wan 0.813, wan 0.868, cogvideox 0.958
     assert after < 0.97 * before, (before, after)
 
 
