@@ -119,8 +119,10 @@ def plot_training(rows: list[dict], path: Path, window: int) -> None:
         log = [json.loads(line) for line in Path(row["log"]).read_text().splitlines()]
         steps = [entry["step"] for entry in log]
         losses = torch.tensor([entry["loss"] for entry in log])
-        smoothed = [losses[max(0, i + 1 - window):i + 1].mean().item() for i in range(len(losses))]
-        loss_ax.plot(steps, smoothed, label=row["name"], lw=0.8)
+        # from the first full window on: a partial one holds only the first trajectory's
+        # noisiest steps, whose loss differs from the rest's
+        smoothed = [losses[i + 1 - window:i + 1].mean().item() for i in range(window - 1, len(losses))]
+        loss_ax.plot(steps[window - 1:], smoothed, label=row["name"], lw=0.8)
         rank_ax.plot(steps, [entry.get("aux_rank", 0) for entry in log], label=row["name"])
     loss_ax.set(xlabel="step", ylabel="loss", yscale="log",
                 title=f"distillation loss (mean of {window} steps)")
