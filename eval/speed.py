@@ -18,7 +18,8 @@ all alike), after one untimed warm-up call each; ratios are per repeat, teacher 
 low-bit time (> 1: the low-bit pipeline is faster), reported as min / median / max.
 Peak memory: in a fresh process per variant, the denoiser is loaded and run once (the
 kernels' one-time preparation and measurement), then the peak resident memory of one
-more forward, above the process's resident memory before the model was loaded.
+more forward, above the process's resident memory before the model was loaded; once with
+glibc's default malloc and once with a fixed mmap threshold (see `ALLOCATORS`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import string
 import subprocess
@@ -282,11 +284,20 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from VmRSS
 
 
-def peak_memory(folder: Path, variant: str, threads: int, workdir: Path) -> dict:
-    """Resident and peak-forward bytes of the denoiser in `folder`, in a fresh process."""
+# glibc's malloc raises its mmap threshold each time a large block is freed, so later blocks
+# of that size come from the heap, where freed memory stays resident when fragmented. A fixed
+# threshold (the environment variable; any value turns the adjustment off) returns every block
+# of 1 MB or more to the system when it is freed: the peak is then the tensors' own.
+ALLOCATORS = {"glibc default": {}, "fixed mmap threshold": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+
+
+def peak_memory(folder: Path, variant: str, threads: int, workdir: Path, env: dict) -> dict:
+    """Resident and peak-forward bytes of the denoiser in `folder`, in a fresh process
+    whose environment adds `env`."""
     out = workdir / f"memory-{variant}.json"
     result = subprocess.run([sys.executable, "-c", PROBE, str(folder), variant, str(out), str(threads),
-                             str(Path(__file__).parent)], capture_output=True, text=True)
+                             str(Path(__file__).parent)], capture_output=True, text=True,
+                            env={**os.environ, **env})
     if result.returncode != 0:
         raise RuntimeError(f"memory probe of {variant} failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -297,7 +308,9 @@ def sd_memory(case: Case, workdir: Path, threads: int) -> dict:
     teacher = workdir / "sd-teacher-unet"
     case.pipes["float32"].unet.save_pretrained(teacher)
     folders.update({"float32": teacher, "bfloat16": teacher})
-    return {name: peak_memory(folders[name], name, threads, workdir) for name in (*TEACHERS, *BITS)}
+    return {allocator: {name: peak_memory(folders[name], name, threads, workdir, env)
+                        for name in (*TEACHERS, *BITS)}
+            for allocator, env in ALLOCATORS.items()}
 
 
 # ---------------------------------------------------------------- report
@@ -329,12 +342,19 @@ def report(results: dict, command: str, suffix: str) -> None:
                     for v in variants) + " |")
             lines.append("")
         if "memory" in case:
-            mem = case["memory"]
-            lines += ["", "| peak memory of one denoiser forward | float32 | bfloat16 | W4A8 | W4A4 |",
-                      "|---|---:|---:|---:|---:|"]
-            variants, base = (*TEACHERS, *BITS), mem["float32"]["peak"]
-            lines.append("| MB | " + " | ".join(f"{mem[v]['peak'] / 1e6:,.0f}" for v in variants) + " |")
-            lines.append("| vs float32 | " + " | ".join(f"{mem[v]['peak'] / base:.3f}" for v in variants) + " |")
+            variants = (*TEACHERS, *BITS)
+            lines += ["", "peak memory of one denoiser forward (every variant in a fresh process "
+                      "under the same allocator setting):", "",
+                      "| allocator | | " + " | ".join(variants) + " |", "|---|---|" + "---:|" * len(variants)]
+            for allocator, mem in case["memory"].items():
+                base = mem["float32"]["peak"]
+                lines.append(f"| {allocator} | MB | " + " | ".join(
+                    f"{mem[v]['peak'] / 1e6:,.0f}" for v in variants) + " |")
+                lines.append("| | vs float32 | " + " | ".join(
+                    f"{mem[v]['peak'] / base:.3f}" for v in variants) + " |")
+            lines += ["", "Fixed mmap threshold: `MALLOC_MMAP_THRESHOLD_=1048576`, so glibc returns "
+                      "every freed block of 1 MB or more; by default it keeps freed heap memory "
+                      "resident when fragmented (`ALLOCATORS` in eval/speed.py)."]
         lines += ["", f"Kernels \"auto\" picked: {case['kernels']}", ""]
     lines.append(f"![median speed-up over float32 and bfloat16](speed{suffix}.png)")
     (RESULTS / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
