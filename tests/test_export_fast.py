@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from qdiff.export import IntLayer
-from qdiff.export import kernel_choice
+from qdiff.export import kernel_choice, onednn_gemm
 from qdiff.export.freeze import freeze_layer
 from qdiff.export.im2col import im2col
 from qdiff.export.int8_gemm import float_sum, int8_sum
@@ -26,6 +26,8 @@ from test_export_families import CALLS, FAMILIES, _denoiser, _export
 from test_export_units import MODULES, _shape, _student_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_onednn = pytest.mark.skipif(not onednn_gemm.available(torch.device("cpu")),
+                                  reason="this PyTorch build has no oneDNN quantized linear")
 
 
 @pytest.mark.parametrize("bits, symmetric, centred", [(4, False, True), (3, True, True), (8, True, True),
@@ -65,6 +67,45 @@ def test_int8_and_float_sums_are_exact(act_bits, weight_bits, rows, inner, cols)
     u, a_zero = (a - offset).to(torch.int8), (za - offset).to(torch.int32)
     assert torch.equal(int8_sum(u, a_zero, weight).long(), expected)
     assert torch.equal(float_sum(u, a_zero, weight, torch.float64).long(), expected)
+
+
+@needs_onednn
+@pytest.mark.parametrize("act_bits, weight_bits", [(4, 4), (8, 4), (3, 3)])
+@pytest.mark.parametrize("rows, inner, cols", [(1, 7, 3), (40, 300, 24)])
+def test_onednn_sums_are_exact(act_bits, weight_bits, rows, inner, cols):
+    gen = torch.Generator().manual_seed(rows + act_bits)
+    a, za, w, _, qmin = _operands(gen, rows, inner, cols, act_bits, weight_bits)
+    za[:] = za[0]  # one zero point for every row (all samples at one timestep)
+    weight = Int8Weight.from_codes(w, torch.full((cols,), 2 ** (weight_bits - 1)), weight_bits, 0)
+    offset = qmin + 2 ** (act_bits - 1)
+    u, a_zero = (a - offset).to(torch.int8), (za - offset).to(torch.int32)
+    assert onednn_gemm.exact_for(weight, a_zero)
+    expected = int8_sum(u, a_zero, weight)
+    got = onednn_gemm.onednn_sum(onednn_gemm.shifted(u), a_zero, weight)
+    assert got.dtype == torch.float32 and torch.equal(got.long(), expected.long())
+    assert weight.plain is None and torch.equal(weight.matrix, (w - 2 ** (weight_bits - 1)).to(torch.int8))
+
+
+def test_onednn_is_refused_where_its_sum_could_differ():
+    """8-bit weights can saturate its int16 pair sums (CPUs without VNNI); rows with
+    different zero points do not fit its one scalar zero point."""
+    four_bit = Int8Weight(torch.randint(-8, 8, (3, 5), dtype=torch.int8), torch.zeros(3))
+    eight_bit = Int8Weight(torch.randint(-127, 128, (3, 5), dtype=torch.int8), torch.zeros(3))
+    assert onednn_gemm.exact_for(four_bit, None)
+    assert onednn_gemm.exact_for(four_bit, torch.tensor([2, 2, 2], dtype=torch.int32))
+    assert not onednn_gemm.exact_for(four_bit, torch.tensor([2, 2, 3], dtype=torch.int32))
+    assert not onednn_gemm.exact_for(eight_bit, None)
+
+
+def test_integer_kernel_is_measured_once_and_needs_onednn(monkeypatch):
+    monkeypatch.setattr(kernel_choice, "_INTEGER_KERNEL", {})
+    cpu = torch.device("cpu")
+    first = kernel_choice.integer_kernel(cpu)
+    assert first in ("int8", "onednn") and kernel_choice._INTEGER_KERNEL == {"cpu": first}
+    monkeypatch.setattr(onednn_gemm, "_BUILT", False)
+    assert kernel_choice.integer_kernel(cpu) == first  # remembered, not measured again
+    kernel_choice._INTEGER_KERNEL.clear()
+    assert kernel_choice.integer_kernel(cpu) == "int8"
 
 
 @pytest.mark.parametrize("kernel, stride, padding, dilation", [
@@ -109,7 +150,7 @@ def test_fast_kernels_give_the_reference_output(kind, bits, mode, symmetric, dty
     x = (torch.randn(3, *shape, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
     timesteps = torch.tensor([900, 120, 480])
     expected = _run(layer, x, "reference", timesteps)
-    for kernel in ("int8", "float", "auto"):
+    for kernel in ("int8", "onednn", "float", "auto"):
         got = _run(layer, x, kernel, timesteps)
         assert got.dtype == dtype
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()),
@@ -127,6 +168,25 @@ def test_fast_kernels_hold_one_copy_of_the_codes_and_save_them_packed():
     assert again.int8 is None and torch.equal(again.weight_packed, packed)
     layer.set_kernel("reference")
     assert layer.int8 is None and torch.equal(layer.weight_packed, packed)
+
+
+@needs_onednn
+def test_onednn_holds_only_its_packed_copy_and_gives_the_codes_back():
+    layer, shape = _frozen("conv", (4, 4), "temporal", False)
+    packed = layer.weight_packed.clone()
+    x = torch.randn(2, *shape)
+    expected = _run(layer, x, "reference", torch.tensor([900]))
+    assert torch.equal(_run(layer, x, "onednn", torch.tensor([900])), expected)
+    assert layer.int8.plain is None and layer.int8.onednn is not None
+    assert torch.equal(layer.state_dict()["weight_packed"], packed)
+    copied = copy.deepcopy(layer)  # oneDNN's copy has no storage: the copy holds the plain matrix
+    assert copied.int8.onednn is None and torch.equal(_run(copied, x, "onednn", torch.tensor([900])), expected)
+    layer.double()  # device and dtype moves act on the plain matrix
+    assert layer.int8.onednn is None and layer.int8.plain is not None
+    layer.float()
+    assert torch.equal(_run(layer, x, "onednn", torch.tensor([900])), expected)
+    layer.set_kernel("int8")
+    assert layer.int8.onednn is None and torch.equal(_run(layer, x, "int8", torch.tensor([900])), expected)
 
 
 def test_int8_kernel_runs_int_mm_and_float_kernel_does_not(monkeypatch):
@@ -181,7 +241,7 @@ def test_exported_denoisers_of_every_family_match_their_reference_path(family, t
     _, _, _, loaded = _export(family, tmp_path / "export")
     model = _denoiser(loaded)
     outputs = {}
-    for kernel in ("reference", "int8", "auto"):
+    for kernel in ("reference", "int8", "onednn", "auto"):
         model.set_qdiff_kernel(kernel)
         with torch.no_grad():
             outputs[kernel] = [CALLS[FAMILIES[family].call](model, t, torch.Generator().manual_seed(4),
@@ -189,7 +249,7 @@ def test_exported_denoisers_of_every_family_match_their_reference_path(family, t
                                for t in (torch.tensor(900.0), torch.tensor([20.0, 600.0]))]
     assert all(isinstance(m, IntLayer) and m.kernel == "auto" for m in model.modules()
                if isinstance(m, IntLayer))
-    for kernel in ("int8", "auto"):
+    for kernel in ("int8", "onednn", "auto"):
         for got, expected in zip(outputs[kernel], outputs["reference"]):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 

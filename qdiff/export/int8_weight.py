@@ -6,7 +6,8 @@ an (N, K) int8 matrix (N output channels; K in the order of the kernel's input r
 for a convolution kernel offsets outer, input channels inner, as `im2col` lays out its
 patches). int8 is 0.25x the float32 weight; the layer then drops its packed bytes and
 packs them again only when a state dict is asked for (see `IntLayer`), so one copy is
-held at a time.
+held at a time. Where the layer runs oneDNN's quantized linear (`onednn_gemm`), that copy
+is oneDNN's prepacked one instead, and the plain matrix is decoded from it on demand.
 
 Centring: a b-bit code minus its channel's zero point lies in [-(2**b - 1), 2**b - 1],
 which int8 holds for b <= 7 (and for 8-bit channels whose zero point is central); the
@@ -17,9 +18,12 @@ enters the correction of `int8_gemm`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
+from . import onednn_gemm
 from .int_ops import int8_offset
 
 _INT8_MIN, _INT8_MAX = -128, 127
@@ -42,17 +46,56 @@ class Int8Weight(nn.Module):
     `col_term = sum_k matrix[n, k] - K * zero_shift[n]` is the weight's factor in the
     activation zero-point correction; `max_abs` bounds |w - zw| (for exact float sums).
     Buffers are not persistent: the state dict holds the packed codes, not these.
+    The matrix is held plain (`plain`) or, once `onednn_packed` was asked for, as
+    oneDNN's prepacked copy only; `matrix` then decodes it for the call.
     """
 
     def __init__(self, matrix: torch.Tensor, zero_shift: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("matrix", matrix.contiguous(), persistent=False)
+        self.register_buffer("plain", matrix.contiguous(), persistent=False)
         self.register_buffer("zero_shift", zero_shift.to(torch.int32), persistent=False)
         inner = matrix.shape[1]
         col_term = matrix.sum(dim=1, dtype=torch.int32) - inner * self.zero_shift
         self.register_buffer("col_term", col_term, persistent=False)
+        self.shape = tuple(matrix.shape)
         self.centred = not bool(zero_shift.any())
         self.max_abs = int((matrix.int() - self.zero_shift[:, None]).abs().max())
+        self.onednn: Optional[torch.Tensor] = None
+        self._unit_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The (N, K) int8 matrix (a decoded temporary while oneDNN's copy is what is held)."""
+        return self.plain if self.plain is not None else onednn_gemm.unpack(self.onednn)
+
+    def onednn_packed(self) -> torch.Tensor:
+        """oneDNN's prepacked copy, made on first use; the plain matrix is then dropped."""
+        if self.onednn is None:
+            self.onednn = onednn_gemm.prepack(self.plain)
+            self.plain = None
+        return self.onednn
+
+    def unit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel scale 1.0 and zero point 0: oneDNN then returns the bare integer sums."""
+        if self._unit_scales is None:
+            self._unit_scales = (torch.ones(self.shape[0]), torch.zeros(self.shape[0], dtype=torch.long))
+        return self._unit_scales
+
+    def hold_plain(self) -> None:
+        """Hold the plain matrix again (for `_int_mm`, the float sum, or a device move)."""
+        if self.onednn is not None:
+            self.plain, self.onednn = self.matrix.contiguous(), None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self.onednn is not None:  # oneDNN's copy has no storage to copy: copies get the plain matrix
+            state["_buffers"] = {**state["_buffers"], "plain": self.matrix.contiguous()}
+            state["onednn"] = None
+        return state
+
+    def _apply(self, fn, recurse: bool = True):
+        self.hold_plain()  # moves and casts act on the plain matrix (oneDNN's copy is CPU-only)
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, zero_point: torch.Tensor, bits: int, qmin: int) -> "Int8Weight":
@@ -71,4 +114,4 @@ class Int8Weight(nn.Module):
         return from_rows((self.matrix.int() + shift).to(torch.int16), weight_shape)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.matrix.shape)}, centred={self.centred}"
+        return f"{self.shape}, centred={self.centred}, onednn={self.onednn is not None}"

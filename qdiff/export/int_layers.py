@@ -7,7 +7,7 @@ compute it, chosen by the layer's `kernel` (see `kernel_choice`):
 
 - "reference": the weights stay packed and are unpacked inside `forward` only, so no
   float (or unpacked) copy of them lives between calls; slow, and the yardstick;
-- the fast kernels ("auto", "int8", "float"; `fast_path`): on the first call the packed
+- the fast kernels ("auto", "int8", "onednn", "float"; `fast_path`): on the first call the packed
   codes become an int8 matrix (`Int8Weight`) and the packed bytes are dropped, so the
   layer holds one copy of its codes either way; `state_dict()` packs them again.
 
@@ -73,7 +73,9 @@ class IntLayer(nn.Module):
             self.weight_packed = self._packed_codes()
             self.int8 = None
         elif kernel != "reference":
-            self.int8_weight()
+            weight = self.int8_weight()
+            if kernel in ("int8", "float"):  # these read the plain matrix; "onednn" packs on first use
+                weight.hold_plain()
 
     @torch.no_grad()
     def int8_weight(self) -> Int8Weight:

@@ -136,7 +136,7 @@ class QuantizedModelMixin:
         return model.to(torch_dtype) if torch_dtype is not None else model
 
     def set_qdiff_kernel(self, kernel: str) -> "QuantizedModelMixin":
-        """Run the integer layers on `kernel`: "auto" (default), "int8", "float" or "reference".
+        """Run the integer layers on `kernel`: "auto" (default), "int8", "onednn", "float" or "reference".
 
         Like diffusers' `set_attention_backend`: `pipe.unet.set_qdiff_kernel("int8")`. All
         kernels give the same numbers; see `qdiff.export.kernel_choice`. Returns the model.
