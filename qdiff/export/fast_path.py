@@ -65,12 +65,13 @@ def _candidates(layer: "IntLayer", sums: dict[str, Callable], usable: dict[str, 
 
 
 def _usable(layer: "IntLayer", device: torch.device, weight: "Int8Weight",
-            a_zero: Optional[torch.Tensor], int8_ok: bool) -> dict[str, bool]:
+            zero: Optional[torch.Tensor], int8_ok: bool) -> dict[str, bool]:
     """Where each integer kernel gives the exact sum (see `int8_gemm`, `onednn_gemm`); oneDNN's
-    is checked only where the layer may run it."""
+    is checked only where the layer may run it. `zero`: the residual zero points (one per
+    sample, not expanded to rows) or None."""
     wants_onednn = layer.kernel == "onednn" or (layer.kernel == "auto" and integer_kernel(device) == "onednn")
     return {"int8": int8_ok, "onednn": wants_onednn and int8_ok and onednn_gemm.available(device)
-            and onednn_gemm.exact_for(weight, a_zero)}
+            and onednn_gemm.exact_for(weight, zero)}
 
 
 def _integer_sum(name: str, a: torch.Tensor, a_zero: Optional[torch.Tensor],
@@ -93,7 +94,7 @@ def linear_forward(layer: "IntLinear", x: torch.Tensor) -> torch.Tensor:
     rows_shape = x.shape[:-1] + (1,)
     a, a_zero = acts.codes.reshape(-1, inner), _rows_zero(acts, rows_shape)
     float_dtype = exact_float_dtype(inner, _act_levels(layer), weight, x.device)
-    usable = _usable(layer, x.device, weight, a_zero, int8_fits(inner, _act_levels(layer), weight))
+    usable = _usable(layer, x.device, weight, acts.zero, int8_fits(inner, _act_levels(layer), weight))
     sums = {name: (lambda name=name: _integer_sum(name, a, a_zero, weight).to(dtype)) for name in usable}
     sums["float"] = lambda: float_sum(a, a_zero, weight, float_dtype).to(dtype)
     candidates = _candidates(layer, sums, usable, x.device)

@@ -87,7 +87,8 @@ def _measure_integer_kernel(device: torch.device) -> str:
     weight = Int8Weight(torch.randint(-8, 8, _PROBE_SHAPE[1:][::-1], generator=gen, dtype=torch.int8),
                         torch.zeros(_PROBE_SHAPE[2], dtype=torch.int32))
     int8 = _seconds(lambda: int8_mm(a, weight.plain), device, time.perf_counter, float("inf"))
-    onednn = _seconds(lambda: onednn_gemm.onednn_sum(a, None, weight), device, time.perf_counter, int8)
+    u = onednn_gemm.shifted(a)  # the uint8 operand the layers pass
+    onednn = _seconds(lambda: onednn_gemm.onednn_sum(u, None, weight), device, time.perf_counter, int8)
     return "onednn" if onednn < int8 else "int8"
 
 

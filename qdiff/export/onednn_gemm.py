@@ -43,7 +43,8 @@ def available(device: torch.device) -> bool:
 
 
 def exact_for(weight: "Int8Weight", a_zero: Optional[torch.Tensor]) -> bool:
-    """Whether the oneDNN sum equals `int8_sum` for this weight and these row zero points."""
+    """Whether the oneDNN sum equals `int8_sum` for this weight and these activation zero
+    points (any shape: per row or per sample)."""
     if not weight.centred or 2 * _U8_MAX * weight.max_abs > _INT16_MAX:
         return False
     return a_zero is None or bool(a_zero.min() == a_zero.max())
