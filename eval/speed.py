@@ -2,6 +2,7 @@
 
     python eval/speed.py              # -> eval/results/speed.md, speed.json, speed.png
     python eval/speed.py --quick      # small sizes, few repeats: checks that it runs (own files)
+    python eval/speed.py --no-bf16-sampling   # CPUs without bfloat16 instructions (see --help)
 
 Two models, each run side by side in one process: the embedded teacher
 (assets/tiny-ldm-digits) and a Stable-Diffusion-1.5-sized `UNet2DConditionModel`
@@ -223,11 +224,15 @@ def low_bit(times: dict) -> list[str]:
     return [name for name in times if name not in TEACHERS]
 
 
+def teachers(times: dict) -> list[str]:
+    return [name for name in TEACHERS if name in times]
+
+
 def ratios(times: dict[str, list[float]]) -> dict:
     """teacher / low-bit per repeat, min / median / max, for every (low-bit, teacher) pair."""
     out = {}
     for low in low_bit(times):
-        for teacher in TEACHERS:
+        for teacher in teachers(times):
             r = [t / s for t, s in zip(times[teacher], times[low])]
             out[f"{low} vs {teacher}"] = {"min": min(r), "median": statistics.median(r), "max": max(r)}
     return out
@@ -336,10 +341,12 @@ def report(results: dict, command: str, suffix: str) -> None:
                       "|---|" + "---:|" * len(variants),
                       "| seconds (median) | " + " | ".join(
                           f"{statistics.median(m['seconds'][v]):.3f}" for v in variants) + " |"]
-            for teacher in TEACHERS:
+            for teacher in teachers(m["seconds"]):
                 lines.append(f"| {teacher} time / this | " + " | ".join(
                     _ratio_cell(m["ratios"][f"{v} vs {teacher}"]) if v in low_bit(m["seconds"]) else ""
                     for v in variants) + " |")
+            if "bfloat16" not in m["seconds"]:
+                lines += ["", "(bfloat16 not timed: `--no-bf16-sampling`)"]
             lines.append("")
         if "memory" in case:
             variants = (*TEACHERS, *BITS)
@@ -385,9 +392,11 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool) -> dict:
+def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool,
+                 bf16_sampling: bool) -> dict:
     choices_before = len(choices())
-    sampling = interleaved(case.pipes, case.sample, sample_repeats)
+    sampled = {name: pipe for name, pipe in case.pipes.items() if bf16_sampling or name != "bfloat16"}
+    sampling = interleaved(sampled, case.sample, sample_repeats)
     picked = list(choices().values())[choices_before:]
     if compiled:
         add_compiled(case)
@@ -396,6 +405,13 @@ def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool) 
             "denoiser forward": {"seconds": forward, "ratios": ratios(forward)},
             "end-to-end sampling": {"seconds": sampling, "ratios": ratios(sampling)},
             "kernels": {k: picked.count(k) for k in sorted(set(picked))}}
+
+
+def _check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("eval/speed.py plots its results with matplotlib: pip install -e \".[bench]\"")
 
 
 def _cpu_model() -> str:
@@ -413,7 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="digits,sd")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile'd low-bit denoisers (minutes of compilation)")
+    parser.add_argument("--no-bf16-sampling", dest="bf16_sampling", action="store_false",
+                        help="time the bfloat16 teacher's denoiser forward only, not its sampling "
+                             "(on a CPU without bfloat16 instructions it is many times slower than "
+                             "float32: an hour of sampling)")
     args = parser.parse_args(argv)
+    _check_plotting()  # before the measurements, not after an hour of them
     torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()
     repeats = args.repeats or (3 if args.quick else 7)
@@ -425,11 +446,12 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         if "digits" in args.models:
             case = digits_case(workdir, steps=20, calibration_samples=2)
-            results["cases"].append(measure_case(case, repeats, max(2, repeats // 2), args.compile))
+            results["cases"].append(measure_case(case, repeats, max(2, repeats // 2), args.compile,
+                                                 args.bf16_sampling))
             del case
         if "sd" in args.models:
             case = sd_case(workdir, args.quick, steps=4 if args.quick else 10)
-            measured = measure_case(case, repeats, max(2, repeats // 2), args.compile)
+            measured = measure_case(case, repeats, max(2, repeats // 2), args.compile, args.bf16_sampling)
             measured["memory"] = sd_memory(case, workdir, args.threads)
             results["cases"].append(measured)
     command = "python eval/speed.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))

@@ -189,6 +189,19 @@ def test_onednn_holds_only_its_packed_copy_and_gives_the_codes_back():
     assert layer.int8.onednn is None and torch.equal(_run(layer, x, "int8", torch.tensor([900])), expected)
 
 
+@needs_onednn
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_onednn_forward_never_decodes_its_packed_copy(kind, monkeypatch):
+    layer, shape = _frozen(kind, (4, 4), "temporal", False)
+    x = torch.randn(2, *shape)
+    expected = _run(layer, x, "onednn", torch.tensor([900]))  # packs on first use
+    decoded = []
+    unpack = onednn_gemm.unpack
+    monkeypatch.setattr(onednn_gemm, "unpack", lambda packed: decoded.append(1) or unpack(packed))
+    assert torch.equal(_run(layer, x, "onednn", torch.tensor([900])), expected)
+    assert not decoded  # decoding costs about a millisecond per layer and call (SD-sized)
+
+
 def test_int8_kernel_runs_int_mm_and_float_kernel_does_not(monkeypatch):
     calls = []
     int_mm = torch._int_mm

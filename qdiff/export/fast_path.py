@@ -140,7 +140,7 @@ def conv_forward(layer: "_IntConv", x: torch.Tensor) -> torch.Tensor:
         return layer.reference_forward(x)
     weight, dtype = layer.int8_weight(), _out_dtype(x)
     acts = int8_acts(layer.act, x, layer.centred_acts())
-    inner = weight.matrix.shape[1]
+    inner = weight.shape[1]
     float_dtype = exact_float_dtype(inner, _act_levels(layer), weight, x.device)
     int8_ok = (layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
                and int8_fits(inner, _act_levels(layer), weight))
