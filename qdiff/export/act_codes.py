@@ -8,18 +8,22 @@ return the codes instead of multiplying them back, and hold frozen tables (buffe
 rather than trainable parameters. The step size is
 selected exactly as the student selects it: by the timestep value that the denoiser
 root's pre-hook recorded in the shared `TimestepContext`, nearest table entry.
+
+Per call a layer's own work is small, so the lookup is kept off the hot path: the
+context finds the nearest entry once per call for all layers that share a table, and
+where all samples share it (one timestep per batch, as samplers call) each layer reuses
+its entry's (scale, zero point) tensors, made once per entry, dtype and device.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Hashable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from qdiff.quant.primitives import int_range, per_token_grid
-from qdiff.quant.temporal_act_quantizer import nearest_index
-from qdiff.quant.timestep_context import TimestepContext
+from qdiff.quant.timestep_context import TimestepContext, nearest_index
 
 
 class ActCodes(NamedTuple):
@@ -54,6 +58,7 @@ class TimestepActCodes(nn.Module):
         self.register_buffer("timesteps", torch.zeros(table_size))
         self.register_buffer("scale", torch.ones(table_size))
         self.register_buffer("zero_point", torch.zeros(table_size))
+        self._forget_entries()
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, timesteps={self.timesteps.numel()}"
@@ -63,7 +68,41 @@ class TimestepActCodes(nn.Module):
         return ActCodes(_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
 
     def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero_point) of each sample, shaped (B, 1, ...) like `x`, in `x`'s dtype."""
+        """(scale, zero_point) of each sample, shaped (B, 1, ...) like `x`, in `x`'s dtype
+        (possibly views of tensors this module reuses: do not modify them)."""
+        index = None if torch.compiler.is_compiling() else self._shared_index(x.shape[0])
+        if index is None:
+            return self._lookup(x)
+        scale, zero_point = self._entry(index, x)
+        rows = (x.shape[0],) + (1,) * (x.dim() - 1)
+        return scale.expand(rows), zero_point.expand(rows)
+
+    def _shared_index(self, rows: int) -> Optional[int]:
+        """The table entry of every row, when they all share one (else None)."""
+        if self.context.timesteps is None:
+            return 0 if self.timesteps.numel() == 1 else None  # None: `_lookup` says what is missing
+        index = self.context.nearest(self.timesteps, self._table_key())
+        if len(set(index)) > 1 or rows % len(index):  # per-sample entries, or a batch `_lookup` checks
+            return None
+        return index[0]
+
+    def _table_key(self) -> Hashable:
+        if self._key is None:
+            self._key = tuple(self.timesteps.tolist())
+        return self._key
+
+    def _entry(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table entry `index` as (1, ...) tensors in `x`'s dtype, device and inference mode."""
+        key = (index, x.dim(), x.dtype, x.device, torch.is_inference_mode_enabled())
+        entry = self._entries.get(key)
+        if entry is None:
+            shape = (1,) * x.dim()
+            entry = self._entries[key] = (self.scale[index].view(shape).to(x.device, x.dtype),
+                                          self.zero_point[index].view(shape).to(x.device, x.dtype))
+        return entry
+
+    def _lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lookup itself, per row (any batch; and what `torch.compile` traces)."""
         timesteps = self.context.per_sample(x.shape[0])
         if timesteps is None:
             if self.timesteps.numel() != 1:
@@ -74,6 +113,18 @@ class TimestepActCodes(nn.Module):
             index = nearest_index(self.timesteps, timesteps)
         shape = (-1,) + (1,) * (x.dim() - 1)
         return self.scale[index].view(shape).to(x.dtype), self.zero_point[index].view(shape).to(x.dtype)
+
+    def _forget_entries(self) -> None:
+        self._key: Optional[Hashable] = None
+        self._entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _load_from_state_dict(self, *args) -> None:
+        self._forget_entries()
+        super()._load_from_state_dict(*args)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._forget_entries()
+        return super()._apply(fn, recurse)
 
 
 class TokenActCodes(nn.Module):

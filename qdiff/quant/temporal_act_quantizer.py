@@ -17,12 +17,7 @@ from torch import nn
 from .observer import KeyedObservations, SampleObserver
 from .primitives import (fake_quantize, grad_scale, int_range, lp_search_init, lsq_gradient_factor,
                          scale_from_range)
-from .timestep_context import TimestepContext
-
-
-def nearest_index(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest table entry for each timestep."""
-    return (timesteps.to(table.device, table.dtype)[:, None] - table[None, :]).abs().argmin(dim=1)
+from .timestep_context import TimestepContext, nearest_index
 
 
 class TemporalActQuantizer(KeyedObservations, nn.Module):

@@ -5,13 +5,17 @@ timestep the denoiser was actually called with. A forward pre-hook on the denois
 stores it here; every quantized layer of that model holds a reference to the same
 context. The value stays set after the forward, so activation recomputation (gradient
 checkpointing) in the backward pass sees the same timestep.
+
+The layers of one model usually share one table of timesteps, so the context also
+remembers, for the current call, the nearest table entry per table content (`nearest`):
+a model of a few hundred small layers then pays one lookup per call, not one per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Hashable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -33,6 +37,11 @@ def _as_per_sample(timestep: TimestepLike) -> torch.Tensor:
     return t.reshape(-1).float()
 
 
+def nearest_index(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table entry for each timestep."""
+    return (timesteps.to(table.device, table.dtype)[:, None] - table[None, :]).abs().argmin(dim=1)
+
+
 class TimestepContext:
     """Holds the timestep(s) of the current denoiser call (a scalar or one per sample)."""
 
@@ -40,9 +49,12 @@ class TimestepContext:
         self.timesteps: Optional[torch.Tensor] = None
         self._arg_index = 1
         self._handle: Optional[Any] = None
+        self._nearest: dict[Hashable, tuple[int, ...]] = {}
+        self._nearest_of: Optional[torch.Tensor] = None  # the `timesteps` those lookups are for
 
     def set(self, timestep: Optional[TimestepLike]) -> None:
-        self.timesteps = None if timestep is None else _as_per_sample(timestep)
+        # A copy: `nearest` remembers lookups for this tensor, which the caller may change in place.
+        self.timesteps = None if timestep is None else _as_per_sample(timestep).clone()
 
     @contextlib.contextmanager
     def use(self, timestep: TimestepLike) -> Iterator[None]:
@@ -71,6 +83,19 @@ class TimestepContext:
             return t[:1].expand(batch_size)
         raise ValueError(f"Activation batch of {batch_size} rows cannot be matched to "
                          f"{t.numel()} per-sample timesteps.")
+
+    def nearest(self, table: torch.Tensor, key: Hashable) -> Optional[tuple[int, ...]]:
+        """The index of `table`'s nearest entry for each timestep (one per sample, or one),
+        or None when none is set; looked up once per timestep value set and table content
+        `key` (the caller's: equal tables, equal keys)."""
+        if self.timesteps is None:
+            return None
+        if self._nearest_of is not self.timesteps:  # a new call (`set`, or `use` restoring)
+            self._nearest, self._nearest_of = {}, self.timesteps
+        index = self._nearest.get(key)
+        if index is None:
+            index = self._nearest[key] = tuple(nearest_index(table, self.timesteps).tolist())
+        return index
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook for the denoiser root: record its `timestep` argument."""
