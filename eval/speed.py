@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch._inductor.config
 from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -240,6 +241,7 @@ def ratios(times: dict[str, list[float]]) -> dict:
 
 def add_compiled(case: Case) -> None:
     """Low-bit variants whose denoiser is `torch.compile`d (after "auto" measured its kernels)."""
+    torch._inductor.config.freezing = True  # the onednn kernel's prepacked weights must be constants
     for name in BITS:
         pipe = copy.copy(case.pipes[name])
         pipe.unet = torch.compile(pipe.unet)

@@ -267,6 +267,29 @@ def test_exported_denoisers_of_every_family_match_their_reference_path(family, t
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
+@needs_onednn
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_torch_compile_of_onednn_needs_freezing_and_then_gives_the_same_outputs(kind):
+    """Without freezing inductor cannot lower oneDNN's kernel (its weight must be a constant):
+    the error says how to compile, not inductor's assertion."""
+    layer, shape = _frozen(kind, (4, 4), "temporal", False)
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2))
+    timesteps = torch.tensor([900, 900, 900])  # one activation zero point: oneDNN runs
+    expected = _run(layer, x, "reference", timesteps)
+    layer.set_kernel("onednn")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), layer.act.context.use(timesteps):
+            with pytest.raises(RuntimeError, match=r"freezing = True"):
+                torch.compile(layer)(x)
+            torch._dynamo.reset()
+            with torch._inductor.config.patch(freezing=True):
+                got = torch.compile(layer, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, expected)
+
+
 def test_torch_compile_gives_the_same_outputs():
     """A padded convolution with the W4A8 correction and im2col; inductor compiles it whole."""
     layer, shape = _frozen("conv", (4, 8), "temporal", False)

@@ -18,6 +18,10 @@ so it computes exactly what `int8_gemm.int8_sum` does, as long as
 
 The output is float32: exact for sums below 2**24, and rounded like the int32 sums of
 `int8_sum` are when the layer converts them (round to nearest even), above.
+
+Under `torch.compile`, inductor lowers the kernel only when the prepacked weight is a
+graph constant, i.e. with its freezing on; without it the compile fails deep inside
+inductor, so `onednn_sum` refuses such a trace first, with the fix.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch._inductor.config
 
 if TYPE_CHECKING:
     from .int8_weight import Int8Weight
@@ -65,9 +70,20 @@ def shifted(a: torch.Tensor) -> torch.Tensor:
     return a.view(torch.uint8) ^ SHIFT
 
 
+@torch.compiler.disable  # runs eagerly, so the error reaches the caller instead of a graph break
+def _refuse_unfrozen_compile() -> None:
+    raise RuntimeError(
+        "torch.compile of qdiff's oneDNN kernel needs inductor's freezing, which makes the prepacked "
+        "weights graph constants: set `torch._inductor.config.freezing = True` before the first "
+        "compiled call (which must run under torch.no_grad() or torch.inference_mode(), as pipelines "
+        "do), or compile another kernel: `pipe.unet.set_qdiff_kernel(\"int8\")`.")
+
+
 def onednn_sum(u: torch.Tensor, a_zero: Optional[torch.Tensor], weight: "Int8Weight") -> torch.Tensor:
     """sum_k (a - za')(w' - zw') as (M, N) float32, for `u = shifted(a)` (M, K) uint8 and
     `a_zero` (M,) the rows' residual zero point (equal: see `exact_for`) or None."""
+    if torch.compiler.is_compiling() and not torch._inductor.config.freezing:
+        _refuse_unfrozen_compile()
     zero = SHIFT if a_zero is None else SHIFT + int(a_zero[0])
     ones, zeros = weight.unit_scales()
     return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero, weight.onednn_packed(), ones, zeros, None,
