@@ -271,23 +271,30 @@ def test_exported_denoisers_of_every_family_match_their_reference_path(family, t
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_torch_compile_of_onednn_needs_freezing_and_then_gives_the_same_outputs(kind):
     """Without freezing inductor cannot lower oneDNN's kernel (its weight must be a constant):
-    the error says how to compile, not inductor's assertion."""
+    the error says how to compile, not inductor's assertion. With freezing, a new timestep
+    is an input of the compiled graph, not a frozen constant: no recompile."""
     layer, shape = _frozen(kind, (4, 4), "temporal", False)
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2))
-    timesteps = torch.tensor([900, 900, 900])  # one activation zero point: oneDNN runs
-    expected = _run(layer, x, "reference", timesteps)
-    layer.set_kernel("onednn")
+    steps = [torch.tensor([t] * 3) for t in (900, 500, 100)]  # one activation zero point each: oneDNN runs
+    expected = [_run(layer, x, "reference", t) for t in steps]
+    assert torch.equal(_run(layer, x, "onednn", steps[0]), expected[0])  # eager first: packs the weight
     torch._dynamo.reset()
     try:
-        with torch.no_grad(), layer.act.context.use(timesteps):
-            with pytest.raises(RuntimeError, match=r"freezing = True"):
+        with torch.no_grad():
+            with layer.act.context.use(steps[0]), pytest.raises(RuntimeError, match=r"freezing = True"):
                 torch.compile(layer)(x)
             torch._dynamo.reset()
             with torch._inductor.config.patch(freezing=True):
-                got = torch.compile(layer, fullgraph=True)(x)
+                compiled = torch.compile(layer, fullgraph=True)
+                with layer.act.context.use(steps[0]):
+                    got = [compiled(x)]
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    for t in steps[1:]:
+                        with layer.act.context.use(t):
+                            got.append(compiled(x))
     finally:
         torch._dynamo.reset()
-    assert torch.equal(got, expected)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected)) and len(got) == 3
 
 
 def test_torch_compile_gives_the_same_outputs():

@@ -6,6 +6,11 @@ stores it here; every quantized layer of that model holds a reference to the sam
 context. The value stays set after the forward, so activation recomputation (gradient
 checkpointing) in the backward pass sees the same timestep.
 
+The timestep itself lives outside the model, in a module-level registry keyed per
+context: `torch.compile` with inductor's freezing (which the onednn kernel needs) treats
+every tensor reachable from a module as a constant, so a timestep held on the context
+would be frozen into the graph, and each new one would recompile it.
+
 The layers of one model usually share one table of timesteps, so the context also
 remembers, for the current call, the nearest table entry per table content (`nearest`):
 a model of a few hundred small layers then pays one lookup per call, not one per layer.
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
+import weakref
 from typing import Any, Hashable, Iterator, Optional, Union
 
 import torch
@@ -42,15 +49,41 @@ def nearest_index(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     return (timesteps.to(table.device, table.dtype)[:, None] - table[None, :]).abs().argmin(dim=1)
 
 
+_TIMESTEPS: dict[int, Optional[torch.Tensor]] = {}  # context key -> its current timesteps
+_KEYS = itertools.count()
+
+
 class TimestepContext:
     """Holds the timestep(s) of the current denoiser call (a scalar or one per sample)."""
 
     def __init__(self) -> None:
-        self.timesteps: Optional[torch.Tensor] = None
+        self._key = next(_KEYS)
+        _TIMESTEPS[self._key] = None
+        weakref.finalize(self, _TIMESTEPS.pop, self._key, None)
         self._arg_index = 1
         self._handle: Optional[Any] = None
         self._nearest: dict[Hashable, tuple[int, ...]] = {}
         self._nearest_of: Optional[torch.Tensor] = None  # the `timesteps` those lookups are for
+
+    @property
+    def timesteps(self) -> Optional[torch.Tensor]:
+        return _TIMESTEPS[self._key]
+
+    @timesteps.setter
+    def timesteps(self, value: Optional[torch.Tensor]) -> None:
+        _TIMESTEPS[self._key] = value
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy of a model) get their own registry entry, starting at this timestep."""
+        state = {**self.__dict__, "timesteps": self.timesteps}
+        del state["_key"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        timesteps = state.pop("timesteps")
+        self.__init__()
+        self.__dict__.update(state)
+        self.timesteps = timesteps
 
     def set(self, timestep: Optional[TimestepLike]) -> None:
         # A copy: `nearest` remembers lookups for this tensor, which the caller may change in place.
