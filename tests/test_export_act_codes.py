@@ -11,7 +11,8 @@ import torch
 from qdiff.export.act_codes import TimestepActCodes
 from qdiff.quant import TimestepContext
 
-timestep_context = importlib.import_module("qdiff.quant.timestep_context")  # the package exports a same-named function
+# `qdiff.quant` exports a function of the same name, so the module is fetched by its path.
+timestep_context = importlib.import_module("qdiff.quant.timestep_context")
 
 TABLE = [999.0, 700.0, 400.0, 100.0]
 
@@ -48,7 +49,8 @@ def test_a_one_entry_table_needs_no_timestep_and_a_longer_one_says_what_is_missi
     context = TimestepContext()
     single = _module(context, table=[500.0])
     scale, zero_point = single.grid(torch.randn(2, 3))
-    assert torch.equal(scale, single.scale.expand(2, 1)) and torch.equal(zero_point, single.zero_point.expand(2, 1))
+    assert torch.equal(scale, single.scale.expand(2, 1))
+    assert torch.equal(zero_point, single.zero_point.expand(2, 1))
     with pytest.raises(RuntimeError, match="No timestep is set"):
         _module(context).grid(torch.randn(2, 3))
 
