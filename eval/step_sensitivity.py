@@ -86,12 +86,17 @@ def distilled_student(family, run_dir: Path) -> tuple[torch.nn.Module, Path]:
     return student, checkpoint
 
 
+def feature_distance(net, images: torch.Tensor, teacher_features: torch.Tensor) -> float:
+    """Mean per-sample squared distance of the digits network's pooled features."""
+    return float(((extract_features(net, images).pool - teacher_features) ** 2).sum(1).mean())
+
+
 def distances(family, student, net, teacher_images, teacher_features) -> dict[str, tuple]:
     """Per block: (feature distance, pixel MSE) of the samples to the teacher's."""
     found = {}
     for name, block in BLOCKS.items():
         images = sample(family, student, block)
-        feature = float(((extract_features(net, images).pool - teacher_features) ** 2).sum(1).mean())
+        feature = feature_distance(net, images, teacher_features)
         found[name] = (feature, float(((images - teacher_images) ** 2).mean()))
         print(name, found[name], flush=True)
     return found
@@ -120,7 +125,7 @@ def late_step_rows(family, cfg, net, teacher_images, teacher_features) -> list[s
                                     overrides=overrides + list(cfg.quant.overrides))
         student = build_student(family, dataclasses.replace(cfg, quant=quant)).model
         images = sample(family, student, LATE)
-        feature = float(((extract_features(net, images).pool - teacher_features) ** 2).sum(1).mean())
+        feature = feature_distance(net, images, teacher_features)
         lines.append(f"| {name} | {feature:.3f} |")
         print(lines[-1], flush=True)
     return lines
