@@ -38,7 +38,7 @@ import qdiff
 from qdiff.calibrate import calibrate
 from qdiff.config import load_config
 from qdiff.distill.trajectory import teacher_trajectory
-from qdiff.export import IntLayer, export_pipeline, layer_mismatch, on_grid_reference
+from qdiff.export import IntLayer, SplitIntLayer, export_pipeline, layer_mismatch, on_grid_reference
 from qdiff.quant import iter_quant_layers, quantize_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,16 @@ def size_breakdown(unet_dir: Path) -> dict[str, int]:
     return parts
 
 
+def int_layer_inputs(model, name: str, x: torch.Tensor) -> list:
+    """(integer layer name, its input) for the student layer `name` fed `x`: one pair per
+    input slice where the export splits the layer (`SplitIntLayer`)."""
+    layer = model.get_submodule(name)
+    if not isinstance(layer, SplitIntLayer):
+        return [(name, x)]
+    slices = torch.split(x, list(layer.spec.act_split), dim=layer.channel_dim)
+    return [(f"{name}.parts.{index}", piece) for index, piece in enumerate(slices)]
+
+
 @torch.no_grad()
 def code_flips(student, model, model_input, timestep, context) -> tuple[int, int]:
     """(activation codes that differ, all codes) between student and export, each on its own inputs.
@@ -106,11 +116,12 @@ def code_flips(student, model, model_input, timestep, context) -> tuple[int, int
 
     def compare(name):
         def hook(layer, args):
-            act = model.get_submodule(name).act
-            with act.context.use(layer.context.timesteps):
-                codes = act(args[0]).codes
-            counts[0] += int((codes != exported[name]).sum())
-            counts[1] += codes.numel()
+            for int_name, x in int_layer_inputs(model, name, args[0]):
+                act = model.get_submodule(int_name).act
+                with act.context.use(layer.context.timesteps):
+                    codes = act(x).codes
+                counts[0] += int((codes != exported[int_name]).sum())
+                counts[1] += codes.numel()
         return hook
     handles = [layer.register_forward_pre_hook(compare(name)) for name, layer in iter_quant_layers(student)]
     student(model_input, timestep, encoder_hidden_states=context)

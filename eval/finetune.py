@@ -2,14 +2,17 @@
 
     python eval/finetune.py                      # W4A8, W4A4, W3A3 recipes of configs/
     python eval/finetune.py --ablation           # and, at W4A4, the steps from EfficientDM's objective
+    python eval/finetune.py --bits w4a4 --report finetune-no-split name=w4a4-no-split \
+        quant.split_concat_inputs=false        # the W4A4 recipe without split inputs
 
 For each recipe (configs/tiny-ldm-<bits>.yaml): calibrated PTQ (Lp-searched weight ranges,
-activation step sizes per timestep), the PTQ student distillation starts from when the
-recipe sets other weight ranges, and the distilled student after `distill.steps` steps, sampled
+activation step sizes per tensor and timestep), the PTQ student distillation starts from
+when the recipe sets other weight ranges or splits concatenated inputs, and the distilled student after `distill.steps` steps, sampled
 with the FP teacher's seeds and scored in the digits feature network's space: class
 accuracy, FID/sFID against the real held-out digits, and FID to the FP samples (same
 seeds), whose noise floor is in eval-noise.md. `gap closed` = how much of calibrated
-PTQ's FID-to-FP distillation removes. Writes eval/results/finetune.md and .json.
+PTQ's FID-to-FP distillation removes. Writes eval/results/finetune.md and .json (or
+--report's name).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def _with_unet(pipe, unet):
 
 
 # From EfficientDM's objective to qdiff's, one change at a time (the recipe's W4A4 otherwise).
-EFFICIENTDM_INIT = ["quant.weight_init=mse", "quant.lp_norm=2.4", "lora.rank=8"]
+EFFICIENTDM_INIT = ["quant.weight_init=mse", "quant.lp_norm=2.4", "lora.rank=8",
+                    "quant.split_concat_inputs=false"]
 ABLATION = {
     "EfficientDM objective: noise MSE on the teacher's 50-step eta-1 path":
         ["distill.loss=mse", "distill.walker=teacher", "distill.trajectory_steps=50",
@@ -46,10 +50,19 @@ ABLATION = {
         ["distill.loss=mse", "distill.walker=teacher", *EFFICIENTDM_INIT],
     "+ x0 loss": ["distill.walker=teacher", *EFFICIENTDM_INIT],
     "+ student walker": EFFICIENTDM_INIT,
-    "+ min-max weight ranges": ["lora.rank=8"],
+    "+ min-max weight ranges": ["lora.rank=8", "quant.split_concat_inputs=false"],
+    "+ split concatenated inputs": ["lora.rank=8"],
 }
-# The issue's baseline: weights by an Lp search of clipping ratios, activations per timestep.
-CALIBRATED_PTQ = ["quant.weight_init=mse", "quant.lp_norm=2.4"]
+# The issue's baseline: weights by an Lp search of clipping ratios, activations per tensor
+# and timestep (one step size for a concatenated input too).
+CALIBRATED_PTQ = ["quant.weight_init=mse", "quant.lp_norm=2.4", "quant.split_concat_inputs=false"]
+
+
+def start_label(cfg) -> str:
+    """How the PTQ student distillation starts from differs from calibrated PTQ ('' if not)."""
+    changes = [f"{cfg.quant.weight_init} weight ranges" if cfg.quant.weight_init != "mse" else "",
+               "split concatenated inputs" if cfg.quant.split_concat_inputs else ""]
+    return ", ".join(change for change in changes if change)
 
 
 def distilled_row(pipe, cfg, method: str, settings, net, real, fp, ptq: dict) -> dict:
@@ -75,11 +88,11 @@ def run_recipe(pipe, recipe: str, settings, net, real, fp, overrides: list[str],
     ptq, _ = evaluate_row(_with_unet(pipe, build_student(pipe, config(*CALIBRATED_PTQ)).model),
                           settings, net, real, fp)
     rows = [{"method": "calibrated PTQ", "bits": recipe.upper(), **ptq}]
-    if cfg.quant.weight_init != "mse":  # distillation starts from another PTQ: show it too
+    if start_label(cfg):  # distillation starts from another PTQ: show it too
         start, _ = evaluate_row(_with_unet(pipe, build_student(pipe, cfg).model), settings, net,
                                 real, fp)
-        rows.append({"method": f"PTQ, {cfg.quant.weight_init} weight ranges (qdiff's start)",
-                     "bits": recipe.upper(), **start})
+        rows.append({"method": f"PTQ, {start_label(cfg)} (qdiff's start)", "bits": recipe.upper(),
+                     **start})
     variants = ABLATION.items() if ablation and recipe == "w4a4" else []
     for name, extra in variants:
         rows.append(distilled_row(pipe, config(*extra, f"name=ablation-{len(rows)}"), name,
@@ -90,9 +103,9 @@ def run_recipe(pipe, recipe: str, settings, net, real, fp, overrides: list[str],
     return rows
 
 
-def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> None:
+def write_report(rows: list[dict], settings: SamplingSettings, command: str, report: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "finetune.json").write_text(json.dumps({"settings": vars(settings), "rows": rows},
+    (RESULTS / f"{report}.json").write_text(json.dumps({"settings": vars(settings), "rows": rows},
                                                       indent=2) + "\n")
     lines = ["# Distillation vs calibrated PTQ on the embedded teacher", "",
              f"Command: `{command}`", "",
@@ -111,7 +124,7 @@ def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> 
         lines.append(f"| {row['method']} | {row['bits']} | {row['accuracy']:.2%} | {row['fid']:.3f} "
                      f"| {row['sfid']:.3f} | {row['fid_to_fp']:.3f} | {closed} | "
                      f"{row.get('distill_min', '')} |")
-    (RESULTS / "finetune.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{report}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--ablation", action="store_true",
                         help="at W4A4, also distil with EfficientDM's objective, changed step by step")
+    parser.add_argument("--report", default="finetune",
+                        help="write eval/results/REPORT.md and .json (a variant need not replace the table)")
     parser.add_argument("overrides", nargs="*", help="key=value for every recipe")
     args = parser.parse_args(argv)
     base = load_config(CONFIGS / "tiny-ldm-w4a4.yaml")
@@ -132,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in args.bits.split(","):
         rows += run_recipe(pipe, recipe, settings, net, real, fp, args.overrides, args.ablation)
         print(rows[-1], flush=True)
-        write_report(rows, settings, "python " + " ".join(["eval/finetune.py", *sys.argv[1:]]))
+        write_report(rows, settings, "python " + " ".join(["eval/finetune.py", *sys.argv[1:]]),
+                     args.report)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,9 @@ class QuantConfig:
     overrides: List[LayerOverride] = field(default_factory=list)
     packed_base_weight: bool = False  # hold the frozen base weight as integer codes
     family_overrides: bool = False  # also keep the family's layers at 8 bit (after `overrides`)
+    # UNets: quantize each part of a concatenated input (decoder features, skip) with its
+    # own step sizes (Q-Diffusion's shortcut splitting; qdiff.quant.concat_inputs)
+    split_concat_inputs: bool = False
     calibration_samples: int = 32  # teacher trajectories used to initialise the scales
 
     def __post_init__(self) -> None:

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 
 import qdiff
 from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
-from qdiff.export import ExportFormatError, QuantizedUNet2DConditionModel, export_pipeline
+from qdiff.export import FORMAT_VERSION, ExportFormatError, QuantizedUNet2DConditionModel, export_pipeline
 from qdiff.export.serialization import sha256_file
 from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
 from qdiff.quant import calibrating, quantize_, set_timesteps
 
-QUANT = QuantConfig(weight_bits=4, act_bits=4)
+QUANT = QuantConfig(weight_bits=4, act_bits=4, split_concat_inputs=True)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -138,8 +138,8 @@ def test_codes_of_the_wrong_dtype_are_refused(export):
 
 
 def test_unknown_format_version_is_refused(export):
-    _edit_config(export, lambda q: q.update(format_version=2))
-    with pytest.raises(ExportFormatError, match=r"config.json: export format version 2 .* newer qdiff"):
+    _edit_config(export, lambda q: q.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ExportFormatError, match=rf"config.json: export format version {FORMAT_VERSION + 1} .* newer qdiff"):
         _load_unet(export)
 
 

@@ -26,9 +26,10 @@ from transformers.utils import logging as transformers_logging
 
 import qdiff
 from qdiff.config import LoRAConfig, QuantConfig
-from qdiff.export import (IntLayer, QuantizedModelMixin, export_pipeline, layer_mismatch,
+from qdiff.export import (FORMAT_VERSION, IntLayer, QuantizedModelMixin, export_pipeline, layer_mismatch,
                           on_grid_reference, quantized_class_for)
 from qdiff.export.pipeline import denoiser_name
+from qdiff.quant.concat_inputs import concat_input_splits
 from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
 from qdiff.quant import calibrating, iter_quant_layers, quantize_, set_timesteps
 from tiny_families import tiny_clip_text
@@ -137,12 +138,14 @@ class Family:
 FAMILIES = {
     "class-ldm-w4a4": Family(_class_ldm, "unet-cond", QuantConfig(weight_bits=4, act_bits=4),
                              {"class_labels": [1, 7], "guidance_scale": 2.0}),
-    "sd-w4a8": Family(_stable_diffusion, "unet-cond", QuantConfig(weight_bits=4, act_bits=8),
+    "sd-w4a8": Family(_stable_diffusion, "unet-cond", QuantConfig(weight_bits=4, act_bits=8,
+                                                                   split_concat_inputs=True),
                       {"prompt": ["a cat", "dog"], "height": 8, "width": 8, "guidance_scale": 3.0}),
     "dit-w4a8-per-token": Family(_dit, "dit", QuantConfig(weight_bits=4, act_bits=8,
                                                           act_mode="dynamic_per_token"),
                                  {"class_labels": [1, 3], "guidance_scale": 3.0}),
-    "ldm-w3a3": Family(_ldm, "unet", QuantConfig(weight_bits=3, act_bits=3), {"batch_size": 2},
+    "ldm-w3a3": Family(_ldm, "unet", QuantConfig(weight_bits=3, act_bits=3, split_concat_inputs=True),
+                       {"batch_size": 2},
                        float64_pipeline=False),
     "wan-w4a4-per-token": Family(_wan, "wan", QuantConfig(weight_bits=4, act_bits=4,
                                                           act_mode="dynamic_per_token")),
@@ -207,13 +210,16 @@ def test_export_loads_as_the_teachers_class_with_an_integer_denoiser(exported):
         assert index[name] == ["qdiff.export.models", type(denoiser).__name__]
         folder = folder / name
     qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert qconfig["quant_method"] == "qdiff" and qconfig["format_version"] == 1
+    assert qconfig["quant_method"] == "qdiff" and qconfig["format_version"] == FORMAT_VERSION
     bits = {(spec["weight_bits"], spec["act_bits"]) for spec in qconfig["layers"].values()}
     assert bits == {(family.quant.weight_bits, family.quant.act_bits)}
     granularity = {"temporal": "per_tensor_per_timestep", "dynamic_per_token": "per_token"}
     assert qconfig["act_granularity"] == granularity[family.quant.act_mode]
     int_layers = [m for m in denoiser.modules() if isinstance(m, IntLayer)]
-    assert len(int_layers) == len(qconfig["layers"]) == len(dict(iter_quant_layers(student)))
+    assert len(qconfig["layers"]) == len(dict(iter_quant_layers(student)))
+    splits = {name: tuple(spec["act_split"]) for name, spec in qconfig["layers"].items() if spec["act_split"]}
+    assert splits == (concat_input_splits(student) if family.quant.split_concat_inputs else {})
+    assert len(int_layers) == len(qconfig["layers"]) + sum(len(split) - 1 for split in splits.values())
     for layer in int_layers:  # no float copy of a weight: packed codes only
         assert layer.weight_packed.dtype == torch.uint8
         assert not any(t.is_floating_point() and tuple(t.shape) == layer.weight_shape

@@ -66,6 +66,8 @@ def test_recipe_bits_are_recorded_per_layer(w4a4):
     assert layers["conv_in"]["weight_bits"] == layers["conv_out"]["act_bits"] == 8
     assert layers["time_embedding.linear_1"]["weight_bits"] == 8
     assert layers["down_blocks.1.attentions.0.proj_in"]["weight_bits"] == 4
+    assert layers["up_blocks.1.resnets.2.conv_shortcut"]["act_split"] == [64, 32]  # decoder, skip
+    assert layers["up_blocks.1.resnets.2.conv1"]["act_split"] == []
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@
 
 Layout: `packing` (dense bit-packing), `format` (the `quantization_config` block),
 `act_codes` (timestep-indexed activation codes), `int_ops` (exact integer sums),
-`int_layers` (integer Linear / Conv), the fast kernels (`kernel_choice`: which one runs;
+`int_layers` (integer Linear / Conv), `split_layer` (a layer whose input has
+several activation tables, as a sum of integer layers), the fast kernels (`kernel_choice`: which one runs;
 `fast_path`: the layers' fast forward; `int8_weight`, `int8_acts`, `int8_gemm`, `im2col`:
 int8 operands and exact sums on `torch._int_mm`), `freeze` (student layer -> integer layer),
 `serialization` (safetensors + integrity checks), `models` (the denoiser classes
@@ -21,12 +22,13 @@ from .models import (QUANTIZED_CLASSES, QuantizedCogVideoXTransformer3DModel, Qu
                      QuantizedModelMixin, QuantizedUNet2DConditionModel, QuantizedUNet2DModel,
                      QuantizedWanTransformer3DModel, quantized_class_for)
 from .pipeline import export_pipeline
+from .split_layer import SplitIntLayer
 from .verify import layer_mismatch, on_grid_reference
 
 __all__ = [
     "FORMAT_VERSION", "QUANT_METHOD", "QUANTIZED_CLASSES", "ExportFormatError", "IntConv2d",
     "IntConv3d", "IntLayer", "IntLinear", "KERNELS", "LayerSpec", "QuantizedCogVideoXTransformer3DModel",
     "QuantizedDiTTransformer2DModel", "QuantizedModelMixin", "QuantizedUNet2DConditionModel",
-    "QuantizedUNet2DModel", "QuantizedWanTransformer3DModel", "export_pipeline",
+    "QuantizedUNet2DModel", "QuantizedWanTransformer3DModel", "SplitIntLayer", "export_pipeline",
     "layer_mismatch", "on_grid_reference", "quantized_class_for",
 ]

@@ -1,14 +1,19 @@
 """The export format: the `quantization_config` that the denoiser's config.json carries.
 
     "quantization_config": {
-      "quant_method": "qdiff", "format_version": 1,
+      "quant_method": "qdiff", "format_version": 2,
       "weight_granularity": "per_output_channel", "weight_packing": "dense_le",
       "weights_file": "diffusion_pytorch_model.safetensors", "weights_sha256": "...",
       "recipe": {...the QuantConfig the student was built from...},
       "layers": {"conv_in": {"type": "Conv2d", "weight_bits": 8, "weight_symmetric": false,
                              "act_bits": 8, "act_symmetric": false,
                              "act_granularity": "per_tensor_per_timestep",
-                             "act_table_size": 50, "weight_shape": [32, 3, 3, 3]}, ...}}
+                             "act_table_size": 50, "weight_shape": [32, 3, 3, 3],
+                             "act_split": []}, ...}}
+
+`act_split` lists the input-channel widths of a layer whose input is quantized in
+slices, each with its own activation table (`SplitIntLayer`); empty for one table.
+Version 2 added it; version 1 files (no `act_split`) still load.
 
 Config files are data: this module only reads and checks JSON-shaped dicts, and every
 problem is an `ExportFormatError` that names the file and what is wrong with it.
@@ -16,12 +21,13 @@ problem is an `ExportFormatError` that names the file and what is wrong with it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 QUANT_METHOD = "qdiff"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 ACT_GRANULARITIES = ("per_tensor_per_timestep", "per_token")
 LAYER_TYPES = ("Linear", "Conv2d", "Conv3d")
@@ -43,17 +49,26 @@ class LayerSpec:
     act_granularity: str
     act_table_size: int  # timestep entries (per-tensor tables) or timestep groups (per token)
     weight_shape: tuple[int, ...]
+    act_split: tuple[int, ...] = ()  # input-channel widths of the slices, each with its own table
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "weight_shape": list(self.weight_shape)}
+        return {**asdict(self), "weight_shape": list(self.weight_shape),
+                "act_split": list(self.act_split)}
+
+    def part(self, width: int) -> "LayerSpec":
+        """The spec of one input slice of `width` channels (a plain layer, one table)."""
+        shape = (self.weight_shape[0], width) + self.weight_shape[2:]
+        return replace(self, weight_shape=shape, act_split=())
 
     @classmethod
     def from_json(cls, name: str, data: Any, source: Path) -> "LayerSpec":
         keys = [f.name for f in fields(cls)]
+        if isinstance(data, Mapping) and "act_split" not in data:  # format version 1
+            data = {**data, "act_split": []}
         if not isinstance(data, Mapping) or sorted(data) != sorted(keys):
             raise ExportFormatError(f"{source}: layer '{name}' must have exactly the keys {keys}, "
                                     f"got {sorted(data) if isinstance(data, Mapping) else data!r}.")
-        shape = data["weight_shape"]
+        shape, split = data["weight_shape"], data["act_split"]
         problems = [
             data["type"] not in LAYER_TYPES and f"type {data['type']!r} is not one of {LAYER_TYPES}",
             data["act_granularity"] not in ACT_GRANULARITIES
@@ -65,11 +80,14 @@ class LayerSpec:
             and "weight_shape must be a list of positive integers",
             not all(isinstance(data[key], bool) for key in ("weight_symmetric", "act_symmetric"))
             and "weight_symmetric and act_symmetric must be true or false",
+            split != [] and not (isinstance(split, list) and len(split) >= 2 and all(_is_int(w, 1) for w in split)
+                           and isinstance(shape, list) and len(shape) > 1 and sum(split) == shape[1])
+            and "act_split must be empty or two or more positive widths that add up to weight_shape[1]",
         ]
         problems = [p for p in problems if p]
         if problems:
             raise ExportFormatError(f"{source}: layer '{name}': {'; '.join(problems)}.")
-        return cls(**{**data, "weight_shape": tuple(shape)})
+        return cls(**{**data, "weight_shape": tuple(shape), "act_split": tuple(split)})
 
 
 def _is_int(value: Any, low: int, high: float = float("inf")) -> bool:
@@ -102,12 +120,12 @@ def check_quantization_config(config: Any, source: Path) -> dict[str, LayerSpec]
         raise ExportFormatError(f"{source}: quant_method is '{config.get('quant_method')}', "
                                 f"expected '{QUANT_METHOD}'.")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = isinstance(version, int) and version > FORMAT_VERSION
         hint = ("it was written by a newer qdiff; upgrade qdiff to load it" if newer
                 else "re-export the model with this qdiff")
         raise ExportFormatError(f"{source}: export format version {version!r} is not known to this "
-                                f"qdiff (it reads version {FORMAT_VERSION}); {hint}.")
+                                f"qdiff (it reads versions {list(READABLE_VERSIONS)}); {hint}.")
     missing = [key for key in ("weights_file", "weights_sha256", "layers") if key not in config]
     if missing:
         raise ExportFormatError(f"{source}: quantization_config lacks {missing}; the export is damaged.")

@@ -9,15 +9,19 @@ export a checkpoint and go on training.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Union
 
 import torch
 
-from qdiff.quant import DynamicActQuantizer, QuantLayer, TemporalActQuantizer, TimestepContext
+from qdiff.quant import (DynamicActQuantizer, QuantLayer, SplitActQuantizer, TemporalActQuantizer,
+                         TimestepContext)
 
 from .act_codes import ActCodesModule, TimestepActCodes, TokenActCodes
 from .format import LayerSpec
 from .int_layers import INT_LAYERS, IntLayer
+from .split_layer import SplitIntLayer
+
+ExportLayer = Union[IntLayer, SplitIntLayer]
 
 
 def check_no_aux(layers: Iterable[tuple[str, QuantLayer]]) -> None:
@@ -32,7 +36,9 @@ def check_no_aux(layers: Iterable[tuple[str, QuantLayer]]) -> None:
 
 
 def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
-    quantizer = layer.act_quantizer
+    quantizer, act_split = layer.act_quantizer, ()
+    if isinstance(quantizer, SplitActQuantizer):  # the slices' quantizers are alike
+        quantizer, act_split = quantizer.parts[0], quantizer.widths
     if isinstance(quantizer, TemporalActQuantizer):
         granularity, table_size = TimestepActCodes.granularity, quantizer.timesteps.numel()
         if quantizer.calibrating or table_size == 0:
@@ -45,7 +51,16 @@ def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
     return LayerSpec(type=layer.base_type.__name__, weight_bits=layer.weight_bits,
                      weight_symmetric=layer.weight_quantizer.symmetric, act_bits=layer.act_bits,
                      act_symmetric=quantizer.symmetric, act_granularity=granularity,
-                     act_table_size=table_size, weight_shape=tuple(layer.weight_shape))
+                     act_table_size=table_size, weight_shape=tuple(layer.weight_shape),
+                     act_split=act_split)
+
+
+def empty_int_layer(module: torch.nn.Module, spec: LayerSpec, context: TimestepContext) -> ExportLayer:
+    """The (not yet loaded) integer layer that replaces the float `module` as `spec` says."""
+    if spec.act_split:
+        acts = [act_codes_module(spec.part(width), context) for width in spec.act_split]
+        return SplitIntLayer.like(module, spec, acts)
+    return INT_LAYERS[spec.type].like(module, spec, act_codes_module(spec, context))
 
 
 def act_codes_module(spec: LayerSpec, context: TimestepContext) -> ActCodesModule:
@@ -86,12 +101,21 @@ def weight_codes(name: str, layer: QuantLayer) -> tuple[torch.Tensor, torch.Tens
     return codes, scale.reshape(-1), zero_point.reshape(-1)
 
 
-def freeze_layer(name: str, layer: QuantLayer, context: TimestepContext) -> IntLayer:
+def _act_modules(layer: ExportLayer) -> list[ActCodesModule]:
+    return [part.act for part in layer.parts] if isinstance(layer, SplitIntLayer) else [layer.act]
+
+
+def _act_quantizers(layer: QuantLayer) -> list[torch.nn.Module]:
+    quantizer = layer.act_quantizer
+    return list(quantizer.parts) if isinstance(quantizer, SplitActQuantizer) else [quantizer]
+
+
+def freeze_layer(name: str, layer: QuantLayer, context: TimestepContext) -> ExportLayer:
     """The integer layer that computes what `layer` (Phi-free) computes."""
     check_no_aux([(name, layer)])
     spec = layer_spec(name, layer)
-    act = act_codes_module(spec, context).to(layer.weight_quantizer.scale.device)
-    _copy_act_tables(layer.act_quantizer, act)
-    int_layer = INT_LAYERS[spec.type].like(layer.base_layer, spec, act)
+    int_layer = empty_int_layer(layer.base_layer, spec, context).to(layer.weight_quantizer.scale.device)
+    for source, target in zip(_act_quantizers(layer), _act_modules(int_layer)):
+        _copy_act_tables(source, target)
     int_layer.set_weight(*weight_codes(name, layer))
     return int_layer

@@ -29,7 +29,7 @@ from torch import nn
 from qdiff.quant import TimestepContext, iter_quant_layers, timestep_context
 
 from .format import ExportFormatError, LayerSpec, check_quantization_config, quantization_config
-from .freeze import act_codes_module, check_no_aux, freeze_layer
+from .freeze import check_no_aux, empty_int_layer, freeze_layer
 from .int_layers import INT_LAYERS, IntLayer
 from .kernel_choice import check_kernel
 from .serialization import check_state, load_weights, save_weights
@@ -61,7 +61,7 @@ def _install_int_layers(model: nn.Module, specs: Mapping[str, LayerSpec],
         if type(module) is not int_cls.float_type:
             raise ExportFormatError(f"{source}: layer '{name}' is a {type(module).__name__} in "
                                     f"the model, but the export stores a {spec.type}.")
-        model.set_submodule(name, int_cls.like(module, spec, act_codes_module(spec, context)))
+        model.set_submodule(name, empty_int_layer(module, spec, context))
 
 
 def _adopt_float_state(model: nn.Module, student: nn.Module, frozen: Mapping[str, nn.Module]) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from qdiff.quant import QuantLayer, iter_quant_layers
+from qdiff.quant import QuantLayer, iter_quant_layers, timestep_context
 
 
 @torch.no_grad()
@@ -50,12 +50,13 @@ def layer_mismatch(student: nn.Module, model: nn.Module,
     input is handed, at the same timestep, to the integer layer of the same name.
     """
     errors: dict[str, float] = {}
+    context = timestep_context(model)
 
     def compare(name: str) -> Callable:
         int_layer = model.get_submodule(name)
 
         def hook(layer: QuantLayer, args: tuple, output: torch.Tensor) -> None:
-            with int_layer.act.context.use(layer.context.timesteps):
+            with context.use(layer.context.timesteps):
                 exported = int_layer(args[0])
             error = float((exported - output).abs().max() / output.abs().max().clamp_min(1e-30))
             errors[name] = max(errors.get(name, 0.0), error)

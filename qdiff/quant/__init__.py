@@ -18,6 +18,7 @@ from .primitives import (fake_quantize, grad_scale, init_scale, int_range, lp_se
 from .quantize import quantize_, timestep_context
 from .rank_decay import RankDecay
 from .report import QuantizationReport, ReportRow
+from .split_act_quantizer import SplitActQuantizer
 from .temporal_act_quantizer import TemporalActQuantizer
 from .timestep_context import TimestepContext
 from .weight_quantizer import LSQWeightQuantizer
@@ -25,7 +26,7 @@ from .weight_quantizer import LSQWeightQuantizer
 __all__ = [
     "AuxBranch", "DynamicActQuantizer", "LSQWeightQuantizer", "QUANT_LAYERS", "QuantConv2d",
     "QuantConv3d", "QuantLayer", "QuantLinear", "QuantParams", "QuantizationReport", "RankDecay",
-    "ReportRow", "TemporalActQuantizer", "TimestepContext", "calibrating", "fake_quantize",
+    "ReportRow", "SplitActQuantizer", "TemporalActQuantizer", "TimestepContext", "calibrating", "fake_quantize",
     "finish_calibration", "grad_scale", "init_scale", "int_range", "iter_quant_layers",
     "lora_param_groups", "lp_search_init", "mean_weight_steps", "merge_lora", "minmax_init",
     "pack_codes", "quant_parameters", "quantize_", "quantize_codes", "round_ste", "set_timesteps",

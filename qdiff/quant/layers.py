@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -24,11 +24,12 @@ from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
 from .aux_branch import AuxBranch
 from .dynamic_act_quantizer import DynamicActQuantizer
 from .packing import pack_codes, unpack_codes
+from .split_act_quantizer import SplitActQuantizer
 from .temporal_act_quantizer import TemporalActQuantizer
 from .timestep_context import TimestepContext
 from .weight_quantizer import LSQWeightQuantizer
 
-ActQuantizer = Union[TemporalActQuantizer, DynamicActQuantizer]
+ActQuantizer = Union[TemporalActQuantizer, DynamicActQuantizer, SplitActQuantizer]
 
 
 class QuantLayer(nn.Module):
@@ -80,6 +81,21 @@ class QuantLayer(nn.Module):
         return TemporalActQuantizer(bits, self.context, cfg.act_symmetric, cfg.learn_zero_point,
                                     cfg.lsq_grad_scale, cfg.lp_norm, init_method=cfg.act_init,
                                     per_timestep=cfg.act_per_timestep)
+
+    def split_input(self, widths: Sequence[int], cfg: QuantConfig) -> None:
+        """Quantize the input in channel slices of `widths` (e.g. a concatenation's parts),
+        each slice with its own activation quantizer; see `SplitActQuantizer`."""
+        if getattr(self.base_layer, "groups", 1) != 1:
+            raise ValueError(f"Cannot split the input of the grouped {self.base_layer}: a grouped "
+                             f"layer does not sum over all its input channels; leave it unsplit.")
+        in_channels = self.weight_shape[1]
+        if sum(widths) != in_channels:
+            raise ValueError(f"Cannot split the input of {self.base_layer} into channel slices "
+                             f"{list(widths)}: they add up to {sum(widths)}, not its {in_channels} "
+                             f"input channels.")
+        device = self.weight_quantizer.scale.device
+        parts = [self._make_act_quantizer(self.act_bits, cfg).to(device) for _ in widths]
+        self.act_quantizer = SplitActQuantizer(parts, widths, self.channel_dim)
 
     def _init_lora(self, weight: torch.Tensor, cfg: Optional[LoRAConfig]) -> None:
         """A (rank, in/groups, *kernel) kaiming-uniform, B (out, rank) zero: B @ A = 0 at start."""

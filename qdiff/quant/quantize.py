@@ -9,6 +9,7 @@ from torch import nn
 
 from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
 
+from .concat_inputs import concat_input_splits
 from .layers import QUANT_LAYERS, QuantLayer
 from .report import QuantizationReport, ReportRow
 from .timestep_context import TimestepContext
@@ -60,6 +61,17 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
             and not any(name.startswith(prefix + ".") for prefix in wrapped)]
 
 
+def _input_splits(model: nn.Module, cfg: QuantConfig) -> dict[str, tuple[int, int]]:
+    if not cfg.split_concat_inputs:
+        return {}
+    splits = concat_input_splits(model)
+    if not splits:
+        raise ValueError(f"quant.split_concat_inputs is true, but this {type(model).__name__} "
+                         f"feeds no layer a concatenated input (UNet up blocks do); set "
+                         f"quant.split_concat_inputs=false for it.")
+    return splits
+
+
 def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAConfig] = None,
               aux_cfg: Optional[AuxConfig] = None) -> QuantizationReport:
     """Replace every selected `nn.Linear` / `nn.Conv2d` / `nn.Conv3d` of `model` in place.
@@ -68,9 +80,12 @@ def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAC
     diffusers' `_keep_in_fp32_modules` also stay float. `quant_cfg.overrides` set bits per
     pattern, first match wins. A forward pre-hook on `model` feeds its `timestep` argument
     to every activation quantizer. Weight scales (and Phi) are initialised here from the
-    weights; activation scales need calibration (see `model_ops.calibrating`).
+    weights; activation scales need calibration (see `model_ops.calibrating`). With
+    `quant_cfg.split_concat_inputs`, layers whose input is a concatenation quantize each
+    part with its own step sizes (`concat_inputs`).
     """
     context = timestep_context(model)
+    splits = _input_splits(model, quant_cfg)
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     rows = []
     for name, module in _candidates(model):
@@ -83,6 +98,9 @@ def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAC
         weight_bits, act_bits, note = _bits_for(name, quant_cfg)
         layer = QUANT_LAYERS[type(module)].from_module(
             module, weight_bits, act_bits, quant_cfg, lora_cfg, aux_cfg, context)
+        if name in splits:
+            layer.split_input(splits[name], quant_cfg)
+            note = ", ".join(filter(None, [note, "input split " + "+".join(map(str, splits[name]))]))
         layer.train(module.training)
         model.set_submodule(name, layer)
         rows.append(ReportRow(name, kind, weight_bits, act_bits, params, note))
