@@ -43,7 +43,7 @@ METRICS = ("accuracy", "fid", "sfid")
 def ptq_student(pipe, recipe: str, naive: bool):
     """A PTQ copy of the teacher's UNet for `configs/tiny-ldm-<recipe>.yaml`."""
     config = load_config(CONFIGS / f"tiny-ldm-{recipe}.yaml")
-    quant = config.quant
+    quant = replace(config.quant, split_concat_inputs=False)  # the baselines: one table per tensor
     if naive:
         quant = replace(quant, weight_init="minmax", act_init="minmax", act_per_timestep=False)
     student = copy.deepcopy(pipe.unet)

@@ -205,3 +205,21 @@ def test_integer_layers_are_the_parts_so_kernels_switch_for_all_of_them():
     keys = set(int_layer.state_dict())
     assert {"parts.0.bias", "parts.0.act.scale", "parts.1.act.scale", "parts.1.weight_packed"} <= keys
     assert "parts.1.bias" not in keys
+
+
+def test_a_split_layer_with_a_slice_uncalibrated_or_tabled_apart_is_refused():
+    layer, _ = _split_layer(nn.Conv2d(12, 8, 1), (6, 6))
+    layer.act_quantizer.parts[1].set_timesteps([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"'up.shortcut': its input slices have activation tables of "
+                                         r"different kinds or sizes .*calibrate them together"):
+        freeze_layer("up.shortcut", layer, TimestepContext())
+    cfg = QuantConfig()
+    fresh = QuantConv2d.from_module(nn.Conv2d(12, 8, 1), 4, 4, cfg)
+    fresh.split_input((6, 6), cfg)
+    first = fresh.act_quantizer.parts[0]
+    first.start_calibration()
+    with fresh.context.use(10):
+        first(torch.randn(2, 6, 3, 3))
+    first.finish_calibration()
+    with pytest.raises(ValueError, match="'up.shortcut': its activation step sizes are not calibrated"):
+        freeze_layer("up.shortcut", fresh, TimestepContext())

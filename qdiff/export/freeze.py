@@ -35,19 +35,26 @@ def check_no_aux(layers: Iterable[tuple[str, QuantLayer]]) -> None:
             f"its end, which deletes it, before exporting.")
 
 
-def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
-    quantizer, act_split = layer.act_quantizer, ()
-    if isinstance(quantizer, SplitActQuantizer):  # the slices' quantizers are alike
-        quantizer, act_split = quantizer.parts[0], quantizer.widths
+def _act_table(name: str, quantizer: torch.nn.Module) -> tuple[str, int]:
+    """(granularity, table size) of one activation quantizer, checked to be exportable."""
     if isinstance(quantizer, TemporalActQuantizer):
-        granularity, table_size = TimestepActCodes.granularity, quantizer.timesteps.numel()
-        if quantizer.calibrating or table_size == 0:
+        if quantizer.calibrating or quantizer.timesteps.numel() == 0:
             raise ValueError(f"Cannot export layer '{name}': its activation step sizes are not "
                              f"calibrated (run qdiff.calibrate.calibrate, or finish calibration).")
-    elif isinstance(quantizer, DynamicActQuantizer):
-        granularity, table_size = TokenActCodes.granularity, quantizer.clip_ratio.numel()
-    else:
-        raise TypeError(f"Layer '{name}': unknown activation quantizer {type(quantizer).__name__}.")
+        return TimestepActCodes.granularity, quantizer.timesteps.numel()
+    if isinstance(quantizer, DynamicActQuantizer):
+        return TokenActCodes.granularity, quantizer.clip_ratio.numel()
+    raise TypeError(f"Layer '{name}': unknown activation quantizer {type(quantizer).__name__}.")
+
+
+def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
+    tables = {_act_table(name, quantizer) for quantizer in _act_quantizers(layer)}
+    if len(tables) > 1:  # one spec describes every slice's table
+        raise ValueError(f"Cannot export layer '{name}': its input slices have activation tables "
+                         f"of different kinds or sizes {sorted(tables)}; calibrate them together.")
+    (granularity, table_size), = tables
+    quantizer = layer.act_quantizer
+    act_split = quantizer.widths if isinstance(quantizer, SplitActQuantizer) else ()
     return LayerSpec(type=layer.base_type.__name__, weight_bits=layer.weight_bits,
                      weight_symmetric=layer.weight_quantizer.symmetric, act_bits=layer.act_bits,
                      act_symmetric=quantizer.symmetric, act_granularity=granularity,
