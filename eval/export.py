@@ -93,8 +93,7 @@ def int_layer_inputs(model, name: str, x: torch.Tensor) -> list:
     layer = model.get_submodule(name)
     if not isinstance(layer, SplitIntLayer):
         return [(name, x)]
-    slices = torch.split(x, list(layer.spec.act_split), dim=layer.channel_dim)
-    return [(f"{name}.parts.{index}", piece) for index, piece in enumerate(slices)]
+    return [(f"{name}.parts.{index}", piece) for index, piece in enumerate(layer.slices(x))]
 
 
 @torch.no_grad()

@@ -45,8 +45,12 @@ class SplitIntLayer(nn.Module):
         for part, columns in zip(self.parts, torch.split(codes, list(self.spec.act_split), dim=1)):
             part.set_weight(columns.contiguous(), scale, zero_point)
 
+    def slices(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`x` cut along its channels into the parts' inputs."""
+        return torch.split(x, list(self.spec.act_split), dim=self.channel_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        slices = torch.split(x, list(self.spec.act_split), dim=self.channel_dim)
+        slices = self.slices(x)
         y = self.parts[0](slices[0])
         for part, piece in zip(self.parts[1:], slices[1:]):
             y = y + part(piece)
