@@ -88,12 +88,14 @@ def _tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build_sd(quick: bool) -> StableDiffusionPipeline:
-    """SD-1.5's UNet / VAE / CLIP-L shapes with random weights (seeded)."""
+def build_sd(quick: bool, width: float = 1.0) -> StableDiffusionPipeline:
+    """SD-1.5's UNet / VAE / CLIP-L shapes with random weights (seeded); `width` scales the
+    UNet's channels (a multiple of 32 each, for its group norms)."""
     s = _sd_sizes(quick)
     torch.manual_seed(0)
+    channels = tuple(max(32, round(c * width / 32) * 32) for c in s["channels"])
     unet = UNet2DConditionModel(sample_size=s["latent"], in_channels=4, out_channels=4,
-                                block_out_channels=s["channels"], attention_head_dim=s["heads"],
+                                block_out_channels=channels, attention_head_dim=s["heads"],
                                 cross_attention_dim=s["context"], layers_per_block=2)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s["vae"],
                         down_block_types=("DownEncoderBlock2D",) * 4, layers_per_block=2,

@@ -1,0 +1,153 @@
+"""What fine-tuning costs at Stable Diffusion's size: full QAT against qdiff, per training step.
+
+    python eval/train_cost.py            # SD-1.5's layout at half its UNet width (~15 min on 2 cores)
+    python eval/train_cost.py --quick    # at a tenth of the width (smoke run)
+
+On the embedded teacher (2.5 M parameters) qdiff is not cheaper than full QAT
+(benchmark.md): LoRA at rank 32 is nearly full rank for 32..64-channel layers, and the
+activations, not the weights, fill the memory. Its saving is a property of large layers.
+This measures it where it exists: configs/sd15-w4a4.yaml's distillation, a few steps on
+the SD-1.5-shaped pipeline of eval/speed.py (random weights, 256 x 256 images) with the
+UNet at half width (`--width`, 220 M parameters: full QAT of the 860 M-parameter UNet
+does not fit beside its teacher in this machine's 24 GB, it reached 23.9 GB while still
+growing), once per method, each in a fresh process so that one method's freed memory
+cannot hide another's peak. Quality is not measured: the weights are random.
+
+- full QAT: LSQ on all weights, the base weights themselves trained (no LoRA);
+- qdiff, float W0: QALoRA + temporal LSQ with the frozen base weight held in float32;
+- qdiff (the recipe): the same with W0 held as packed 4-bit codes.
+
+The teacher runs in float32 (the recipe's bfloat16 has no arithmetic on this CPU: 40x
+slower, eval/results/speed.md); one trajectory of `--steps` DDIM steps, batch 1 with
+classifier-free guidance, calibration on one trajectory, min-max weight ranges (the
+recipe's Lp search takes minutes per student at this size and trains nothing). Columns: peak resident memory of
+the fine-tuning above the process with the teacher loaded, median seconds per training
+step (the first excluded: allocation and kernel warm-up), trainable parameters.
+Writes eval/results/train-cost.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import qdiff
+from qdiff.config import load_config
+from qdiff.distill.loop import distill
+
+from benchmark import _settle  # noqa: E402  (eval/ is a folder of scripts)
+from speed import build_sd, peak_bytes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+CONFIG = ROOT / "configs" / "sd15-w4a4.yaml"
+METHODS: dict[str, list[str]] = {
+    "full QAT": ["lora.enabled=false", "distill.base_weight_lr=1e-5", "quant.packed_base_weight=false"],
+    "qdiff, float W0": ["quant.packed_base_weight=false"],
+    "qdiff (the recipe: W0 as packed 4-bit codes)": [],
+}
+
+
+def run_config(pipe_dir: Path, run_dir: Path, steps: int, overrides: list[str]):
+    return load_config(CONFIG, [
+        f"model.path={pipe_dir}", "model.dtype=float32", f"output_dir={run_dir.parent}",
+        f"name={run_dir.name}", f"distill.steps={steps}", f"distill.trajectory_steps={steps}",
+        "distill.batch_size=1", "quant.calibration_samples=1", "distill.log_every=1",
+        "quant.weight_init=minmax",  # the recipe's Lp search takes minutes per student here
+        f"distill.checkpoint_every={steps}", "distill.sample_every=100000", "export.enabled=false",
+        "eval.steps=2",  # the end-of-run sample grid: not what is measured
+        *overrides])
+
+
+def measure(pipe_dir: Path, run_dir: Path, steps: int, method: str) -> dict:
+    """One method's costs, in this process (the child of `main`)."""
+    pipe = qdiff.load_pipeline(pipe_dir)
+    cfg = run_config(pipe_dir, run_dir, steps, METHODS[method])
+    base = _settle()
+    start = time.perf_counter()
+    student = distill(pipe, cfg, run_dir)
+    total = time.perf_counter() - start
+    peak = peak_bytes() - base
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    elapsed = [json.loads(line)["elapsed_s"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)]
+    per_step = [after - before for before, after in zip(elapsed, elapsed[1:])]
+    return {"method": method, "peak_mb": peak / 1e6, "step_s": statistics.median(per_step),
+            "total_s": total, "trainable_params": trainable}
+
+
+def in_fresh_process(pipe_dir: Path, workdir: Path, steps: int, method: str, threads: int) -> dict:
+    out = workdir / f"{len(list(workdir.glob('*.json')))}.json"
+    command = [sys.executable, __file__, "--child", method, "--pipe", str(pipe_dir),
+               "--workdir", str(workdir), "--steps", str(steps), "--threads", str(threads),
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)  # the recipe's prompt file
+    if result.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def report(rows: list[dict], describe: str, command: str, suffix: str) -> None:
+    qat = rows[0]
+    lines = ["# Fine-tuning cost at Stable Diffusion's size: full QAT against qdiff", "",
+             f"Command: `{command}`", "", describe, "",
+             "| method | peak MB | vs full QAT | s / step | vs full QAT | trainable |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['peak_mb']:,.0f} | {r['peak_mb'] / qat['peak_mb']:.2f}x | "
+                     f"{r['step_s']:.1f} | {r['step_s'] / qat['step_s']:.2f}x | "
+                     f"{r['trainable_params'] / 1e6:.1f} M |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"train-cost{suffix}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"train-cost{suffix}.json").write_text(json.dumps(
+        {"command": command, "describe": describe, "rows": rows}, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of SD's width")
+    parser.add_argument("--width", type=float, default=0.5, help="the UNet's width over SD-1.5's")
+    parser.add_argument("--steps", type=int, default=6, help="training steps per method")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--pipe", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        row = measure(args.pipe, args.workdir / f"run-{len(list(args.workdir.glob('run-*')))}",
+                      args.steps, args.child)
+        args.out.write_text(json.dumps(row))
+        return
+    with tempfile.TemporaryDirectory(prefix="qdiff-train-cost-") as tmp:
+        workdir = Path(tmp)
+        pipe = build_sd(args.quick, args.width)
+        unet_params = sum(p.numel() for p in pipe.unet.parameters())
+        pipe.save_pretrained(workdir / "sd")
+        del pipe
+        rows = []
+        for method in METHODS:
+            rows.append(in_fresh_process(workdir / "sd", workdir, args.steps, method, args.threads))
+            print(rows[-1], flush=True)
+    describe = (f"SD-1.5-shaped pipeline, UNet at {args.width:g}x{' a tenth of' if args.quick else ''} "
+                f"SD-1.5's width ({unet_params / 1e6:.0f} M parameters, random weights), configs/sd15-w4a4.yaml "
+                f"with the teacher in float32, one trajectory of {args.steps} steps, batch 1 with "
+                f"guidance, min-max weight ranges; {args.threads} thread(s), torch {torch.__version__}. `peak MB`: peak "
+                f"resident memory of the fine-tuning (student build, calibration, training) above "
+                f"the process with the teacher loaded; `s / step`: median over the steps after the first.")
+    command = "python eval/train_cost.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    report(rows, describe, command, "-quick" if args.quick else "")
+    print((RESULTS / f"train-cost{'-quick' if args.quick else ''}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
