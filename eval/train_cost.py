@@ -1,6 +1,6 @@
 """What fine-tuning costs at Stable Diffusion's size: full QAT against qdiff, per training step.
 
-    python eval/train_cost.py            # SD-1.5's layout at half its UNet width (~15 min on 2 cores)
+    python eval/train_cost.py            # SD-1.5's layout at half its UNet width (~25 min on 2 cores)
     python eval/train_cost.py --quick    # at a tenth of the width (smoke run)
 
 On the embedded teacher (2.5 M parameters) qdiff is not cheaper than full QAT
@@ -20,9 +20,11 @@ cannot hide another's peak. Quality is not measured: the weights are random.
 The teacher runs in float32 (the recipe's bfloat16 has no arithmetic on this CPU: 40x
 slower, eval/results/speed.md); one trajectory of `--steps` DDIM steps, batch 1 with
 classifier-free guidance, calibration on one trajectory, min-max weight ranges (the
-recipe's Lp search takes minutes per student at this size and trains nothing). Columns: peak resident memory of
-the fine-tuning above the process with the teacher loaded, median seconds per training
-step (the first excluded: allocation and kernel warm-up), trainable parameters.
+recipe's Lp search takes minutes per student at this size and trains nothing). Columns:
+peak resident memory of the fine-tuning above the process with the teacher loaded,
+median seconds per training step (the first excluded: allocation and kernel warm-up),
+trainable parameters; the JSON also has each child's whole time (student build and
+calibration included, which at this size take most of it).
 Writes eval/results/train-cost.md and .json.
 """
 
