@@ -79,17 +79,17 @@ def measure(pipe_dir: Path, run_dir: Path, steps: int, method: str) -> dict:
     total = time.perf_counter() - start
     peak = peak_bytes() - base
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    elapsed = [json.loads(line)["elapsed_s"] for line in (run_dir / "log.jsonl").read_text().splitlines()
-               if "loss" in json.loads(line)]
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    elapsed = [record["elapsed_s"] for record in records if "loss" in record]
     per_step = [after - before for before, after in zip(elapsed, elapsed[1:])]
     return {"method": method, "peak_mb": peak / 1e6, "step_s": statistics.median(per_step),
             "total_s": total, "trainable_params": trainable}
 
 
-def in_fresh_process(pipe_dir: Path, workdir: Path, steps: int, method: str, threads: int) -> dict:
-    out = workdir / f"{len(list(workdir.glob('*.json')))}.json"
+def in_fresh_process(pipe_dir: Path, run_dir: Path, steps: int, method: str, threads: int) -> dict:
+    out = run_dir.with_suffix(".json")
     command = [sys.executable, __file__, "--child", method, "--pipe", str(pipe_dir),
-               "--workdir", str(workdir), "--steps", str(steps), "--threads", str(threads),
+               "--run-dir", str(run_dir), "--steps", str(steps), "--threads", str(threads),
                "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)  # the recipe's prompt file
     if result.returncode != 0:
@@ -121,14 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--pipe", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
-        row = measure(args.pipe, args.workdir / f"run-{len(list(args.workdir.glob('run-*')))}",
-                      args.steps, args.child)
-        args.out.write_text(json.dumps(row))
+        args.out.write_text(json.dumps(measure(args.pipe, args.run_dir, args.steps, args.child)))
         return
     with tempfile.TemporaryDirectory(prefix="qdiff-train-cost-") as tmp:
         workdir = Path(tmp)
@@ -137,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         pipe.save_pretrained(workdir / "sd")
         del pipe
         rows = []
-        for method in METHODS:
-            rows.append(in_fresh_process(workdir / "sd", workdir, args.steps, method, args.threads))
+        for index, method in enumerate(METHODS):
+            rows.append(in_fresh_process(workdir / "sd", workdir / f"run-{index}", args.steps, method,
+                                         args.threads))
             print(rows[-1], flush=True)
     describe = (f"SD-1.5-shaped pipeline, UNet at {args.width:g}x{' a tenth of' if args.quick else ''} "
                 f"SD-1.5's width ({unet_params / 1e6:.0f} M parameters, random weights), configs/sd15-w4a4.yaml "
@@ -147,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"resident memory of the fine-tuning (student build, calibration, training) above "
                 f"the process with the teacher loaded; `s / step`: median over the steps after the first.")
     command = "python eval/train_cost.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    report(rows, describe, command, "-quick" if args.quick else "")
-    print((RESULTS / f"train-cost{'-quick' if args.quick else ''}.md").read_text())
+    suffix = "-quick" if args.quick else ""
+    report(rows, describe, command, suffix)
+    print((RESULTS / f"train-cost{suffix}.md").read_text())
 
 
 if __name__ == "__main__":
