@@ -173,16 +173,28 @@ def _autograd_chain(x, scale, zero_point, qmin, qmax):
     return (round_ste(torch.clamp(x / scale + zp, qmin, qmax)) - zp) * scale
 
 
+def _fake_quantize_leaves(scale_shape: tuple, on_grid: bool, gen: torch.Generator) -> list:
+    """x, scale, zero point; `on_grid`: x exactly on the grid, end codes included (a packed W0)."""
+    scale = 2.0 ** -torch.randint(2, 6, scale_shape, generator=gen).float()
+    zero_point = torch.randint(0, 15, scale_shape, generator=gen).float()
+    if on_grid:
+        codes = torch.randint(0, 16, (16, 24), generator=gen).float()
+        codes[0, :2] = torch.tensor([0.0, 15.0])
+        return [(codes - zero_point) * scale, scale, zero_point]
+    return [torch.randn(16, 24, generator=gen) * 2, scale * 1.3, zero_point]
+
+
+@pytest.mark.parametrize("on_grid", [False, True])
 @pytest.mark.parametrize("scale_shape", [(), (16, 1)])
-def test_fake_quantize_gradients_are_autograds_bit_for_bit(scale_shape):
+def test_fake_quantize_gradients_are_autograds_bit_for_bit(scale_shape, on_grid):
+    """Also at the grid's end codes, which LSQ (and torch.clamp's backward) count as clipped."""
     gen = torch.Generator().manual_seed(3)
-    leaves = [torch.randn(16, 24, generator=gen) * 2, torch.rand(scale_shape, generator=gen) * 0.3 + 0.05,
-              torch.randint(0, 15, scale_shape, generator=gen).float()]
+    leaves = _fake_quantize_leaves(scale_shape, on_grid, gen)
     upstream = torch.randn(16, 24, generator=gen)
     grads = []
     for function in (fake_quantize, _autograd_chain):
         inputs = [leaf.clone().requires_grad_(True) for leaf in leaves]
-        out = function(inputs[0] * 1.5, inputs[1], inputs[2], 0, 15)
+        out = function(inputs[0] * 1.0, inputs[1], inputs[2], 0, 15)
         out.backward(upstream)
         grads.append([out.detach()] + [leaf.grad for leaf in inputs])
     for ours, reference in zip(*grads):

@@ -1,9 +1,10 @@
 """Fake-quantization building blocks shared by every quantizer.
 
-Everything here is written with straight-through-estimator (STE) ops, so that plain
-autograd yields the LSQ / LSQ+ gradients (Esser et al. 2020; Bhalgat et al. 2020)
-without custom `autograd.Function`s: the forward is exact integer-grid rounding, the
-backward treats `round` as identity.
+The forward is exact integer-grid rounding; the backward treats `round` as identity
+(straight-through estimator, STE) and gives the LSQ / LSQ+ gradients (Esser et al. 2020;
+Bhalgat et al. 2020). `round_ste` and `grad_scale` do it with plain autograd;
+`fake_quantize` is one `autograd.Function` so that it keeps only its inputs for the
+backward pass.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """`(clamp(round(x/s) + zp, qmin, qmax) - zp) * s` with STE rounding.
 
     Clamping *before* rounding gives the same values (the bounds are integers) but makes
-    "inside the range" depend on the unrounded `x/s + zp`, as LSQ defines it. Autograd
-    then gives, for the step size, `round(x/s) - x/s` inside and `qmin - zp` / `qmax - zp`
-    below / above (LSQ); for the zero point `0` inside and `-s` outside (LSQ+); for `x`,
-    1 inside and 0 outside (STE). The zero point is rounded (STE) so the grid stays integer.
+    "inside the range" depend on the unrounded `x/s + zp`, as LSQ defines it. The gradients
+    are, for the step size, `round(x/s) - x/s` inside and `qmin - zp` / `qmax - zp` at or
+    beyond the bounds (LSQ); for the zero point `0` inside and `-s` outside (LSQ+); for `x`,
+    1 inside and 0 outside (STE). "Inside" is strict, qmin < x/s + zp < qmax, as in LSQ and
+    in torch.clamp's backward: a weight exactly on the grid's end code (every packed W0 has
+    some) counts as clipped. The zero point is rounded (STE) so the grid stays integer.
     """
     return _FakeQuantize.apply(x, scale, round_ste(zero_point), qmin, qmax)
 
@@ -79,7 +82,7 @@ class _FakeQuantize(torch.autograd.Function):
         x, scale, zp = ctx.saved_tensors
         v = x / scale + zp
         grad_codes = grad * scale  # through `* s`
-        grad_v = torch.where((v >= ctx.qmin) & (v <= ctx.qmax), grad_codes, 0)  # round (STE), clamp
+        grad_v = torch.where((v > ctx.qmin) & (v < ctx.qmax), grad_codes, 0)  # round (STE), clamp
         grad_x = grad_v / scale if ctx.needs_input_grad[0] else None
         grad_scale = grad_zp = None
         if ctx.needs_input_grad[1]:  # from `* s`, then from `x / s`
