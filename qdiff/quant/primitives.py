@@ -79,18 +79,23 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        # The chain's backward formulas, each tensor computed once and reused in place (the
+        # pass is memory-bound). Sums of negated terms are written as differences: negation
+        # is exact, so the bits are the same.
         x, scale, zp = ctx.saved_tensors
-        v = x / scale + zp
+        x_over_s = x / scale
+        v = x_over_s + zp
         grad_codes = grad * scale  # through `* s`
-        grad_v = torch.where((v > ctx.qmin) & (v < ctx.qmax), grad_codes, 0)  # round (STE), clamp
+        inside = (v > ctx.qmin).logical_and_(v < ctx.qmax)
+        grad_v = torch.where(inside, grad_codes, 0)  # round (STE), clamp
         grad_x = grad_v / scale if ctx.needs_input_grad[0] else None
         grad_scale = grad_zp = None
         if ctx.needs_input_grad[1]:  # from `* s`, then from `x / s`
-            codes = torch.clamp(v, ctx.qmin, ctx.qmax).round_()
-            grad_scale = ((grad * (codes - zp)).sum_to_size(scale.shape)
-                          + (-grad_v * (x / scale / scale)).sum_to_size(scale.shape))
+            from_mul = v.clamp_(ctx.qmin, ctx.qmax).round_().sub_(zp).mul_(grad)
+            from_div = x_over_s.div_(scale).mul_(grad_v)
+            grad_scale = from_mul.sum_to_size(scale.shape) - from_div.sum_to_size(scale.shape)
         if ctx.needs_input_grad[2]:  # from `+ zp`, then from `- zp`
-            grad_zp = grad_v.sum_to_size(zp.shape) + (-grad_codes).sum_to_size(zp.shape)
+            grad_zp = grad_v.sum_to_size(zp.shape) - grad_codes.sum_to_size(zp.shape)
         return grad_x, grad_scale, grad_zp, None, None
 
 
