@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
-from qdiff.config import load_config
+from qdiff.config import ConfigError, load_config
 from qdiff.distill import loop
 from qdiff.distill.checkpoint import _trainable_state, list_checkpoints
 from qdiff.distill.trajectory import teacher_trajectory
@@ -180,3 +180,36 @@ def test_two_processes_train_the_same_student_as_one_with_the_whole_batch(
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
         moved += "lora_B" in key and one[key].abs().sum().item() > 0
     assert moved > 0  # training happened
+
+
+def test_gradient_checkpointing_keeps_the_gradients_and_keeps_less(random_class_ldm_pipeline, tmp_path):
+    """Recomputed blocks: the same gradients, a fraction of the tensors kept by the forward."""
+    pipe, cfg = random_class_ldm_pipeline, _config(tmp_path)
+    point = next(iter(teacher_trajectory(pipe, torch.arange(4), 4, 1.0, 2.0,
+                                         torch.Generator().manual_seed(0))))
+    kept, grads = [], []
+    for checkpointing in (False, True):
+        student = loop.build_student(pipe, cfg).model
+        if checkpointing:
+            loop.enable_gradient_checkpointing(student)
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
+                                                      lambda t: t):
+            output = pipe.guided_noise(point.model_input, point.timestep, point.context, 2.0,
+                                       denoiser=student)
+        loop.distillation_loss(output, point, "x0").backward()
+        kept.append(sum(sizes))
+        grads.append({n: p.grad for n, p in student.named_parameters() if p.grad is not None})
+    assert kept[1] < 0.5 * kept[0], kept
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_the_run_switches_gradient_checkpointing_on_and_refuses_a_model_without_it(
+        random_class_ldm_pipeline, tmp_path):
+    cfg = _config(tmp_path, "distill.steps=2", "distill.gradient_checkpointing=true")
+    student = loop.distill(random_class_ldm_pipeline, cfg, cfg.run_dir)
+    assert any(getattr(module, "gradient_checkpointing", False) for module in student.modules())
+    with pytest.raises(ConfigError, match="gradient_checkpointing=false"):
+        loop.enable_gradient_checkpointing(torch.nn.Linear(2, 2))

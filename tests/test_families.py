@@ -247,3 +247,21 @@ def test_a_hub_id_without_network_or_cache_names_the_missing_files(tmp_path):
                  "unet/*.safetensors"):
         assert name in missing
     assert "unet/config.json" not in missing and "scheduler" not in missing
+
+
+@pytest.mark.parametrize("build", [tiny_stable_diffusion, tiny_class_wan], ids=["sd", "class-wan"])
+def test_sampling_in_batches_bounds_the_batch_and_keeps_the_images(build, tmp_path):
+    """The sample grid samples at the training batch (its 20 images at once outgrew a
+    training step); the noise is drawn for all images first, so batching changes nothing."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    family = family_for(build(), ModelConfig(prompts=str(prompts)))
+    family.pipe.set_progress_bar_config(disable=True)
+    conditions = torch.tensor([0, 1, 2])
+    whole = family.sample_images(family.denoiser, conditions, 3.0, 3, torch.Generator().manual_seed(0))
+    batches, decode = [], family.decode
+    family.decode = lambda latents: batches.append(len(latents)) or decode(latents)
+    batched = family.sample_images(family.denoiser, conditions, 3.0, 3,
+                                   torch.Generator().manual_seed(0), batch_size=2)
+    assert batches == [2, 1]
+    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-5)

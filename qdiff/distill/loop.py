@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qdiff.calibrate import calibrate
-from qdiff.config import RunConfig
+from qdiff.config import ConfigError, RunConfig
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, lr_factor,
@@ -69,6 +69,19 @@ def build_student(pipe, cfg: RunConfig, calibrated: bool = True) -> Student:
         set_timesteps(model, trajectory_timesteps(family, cfg.distill.trajectory_steps))
     freeze_all_but_quant_params(model, cfg.distill.base_weight_lr > 0)
     return Student(model, report)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Keep only each block's inputs for the backward pass and recompute the rest there.
+
+    Most of a training step's memory is what the fake-quantized layers keep for the backward
+    pass, which LoRA does not shrink; this trades it for one more forward pass."""
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"distill.gradient_checkpointing=true, but {type(model).__name__} cannot recompute "
+            f"its blocks (it is not a diffusers model that supports gradient checkpointing). "
+            f"Set distill.gradient_checkpointing=false.")
+    model.enable_gradient_checkpointing()
 
 
 def distillation_loss(student_output: torch.Tensor, step: TrajectoryStep,
@@ -146,6 +159,8 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     if main:
         logger.info("quantized layers:\n%s", student.report)
     model = student.model
+    if cfg.distill.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = build_optimizer(model, cfg)
     total, per_trajectory = cfg.distill.steps, cfg.distill.trajectory_steps
     decay = RankDecay(model, cfg.aux, total, optimizer) if cfg.aux.enabled else None
@@ -211,7 +226,8 @@ def _periodic(step: int, cfg: RunConfig, run_dir: Path, family, accelerator: Acc
     if step % cfg.distill.sample_every == 0 or done:
         save_comparison_grid(family, accelerator.unwrap_model(model),
                              run_dir / "samples" / f"step-{step:07d}.png",
-                             cfg.eval.steps, cfg.eval.guidance_scale, seed=cfg.eval.seed)
+                             cfg.eval.steps, cfg.eval.guidance_scale, seed=cfg.eval.seed,
+                             batch_size=cfg.distill.batch_size)
 
 
 def mean_recent_loss(run_dir: Path, last: int = 50) -> float:

@@ -151,14 +151,23 @@ class FamilyAdapter(ABC):
 
     @torch.no_grad()
     def sample_images(self, denoiser: nn.Module, conditions: torch.Tensor, guidance: float,
-                      steps: int, generator: torch.Generator) -> torch.Tensor:
+                      steps: int, generator: torch.Generator,
+                      batch_size: Optional[int] = None) -> torch.Tensor:
         """Images (N, C, H, W) in [0, 1] of `conditions`, sampled with `denoiser` by this
         family's deterministic sampler (eta 0) through the adapter -- so a bf16 teacher and a
         float32 student sample alike, which a pipeline's own __call__ (one dtype for all)
-        would not."""
-        sampler = self.trajectory_sampler(steps)
-        context = self.context(conditions, guidance)
+        would not. `batch_size` bounds the samples that go through the denoiser and the
+        decoder at once; the noise is drawn for all of them first, so the images are the same."""
         latents = self.prepare_latents(len(conditions), generator)
+        size = batch_size or len(conditions)
+        return torch.cat([self._sample_batch(denoiser, conditions[start:start + size],
+                                             latents[start:start + size], guidance, steps)
+                          for start in range(0, len(conditions), size)])
+
+    def _sample_batch(self, denoiser: nn.Module, conditions: torch.Tensor, latents: torch.Tensor,
+                      guidance: float, steps: int) -> torch.Tensor:
+        sampler = self.trajectory_sampler(steps)  # fresh: a scheduler counts its steps
+        context = self.context(conditions, guidance)
         for timestep in sampler.timesteps:
             model_input = sampler.model_input(latents, timestep)
             output = self.guided_noise(model_input, timestep, context, guidance, denoiser)
