@@ -1,6 +1,6 @@
 """What fine-tuning costs at Stable Diffusion's size: full QAT against qdiff, per training step.
 
-    python eval/train_cost.py            # SD-1.5's layout at half its UNet width (~25 min on 2 cores)
+    python eval/train_cost.py            # SD-1.5's layout at half its UNet width (~30 min on 2 cores)
     python eval/train_cost.py --quick    # at a tenth of the width (smoke run)
 
 On the embedded teacher (2.5 M parameters) qdiff is not cheaper than full QAT
@@ -15,7 +15,10 @@ cannot hide another's peak. Quality is not measured: the weights are random.
 
 - full QAT: LSQ on all weights, the base weights themselves trained (no LoRA);
 - qdiff, float W0: QALoRA + temporal LSQ with the frozen base weight held in float32;
-- qdiff (the recipe): the same with W0 held as packed 4-bit codes.
+- qdiff, packed W0: the same with W0 held as packed 4-bit codes (the recipe's);
+- gradient checkpointing (`distill.gradient_checkpointing=true`): each block's activations
+  recomputed in the backward pass instead of kept. The ratio columns compare each row with
+  full QAT at the same setting.
 
 The teacher runs in float32 (the recipe's bfloat16 has no arithmetic on this CPU: 40x
 slower, eval/results/speed.md); one trajectory of `--steps` DDIM steps, batch 1 with
@@ -51,10 +54,14 @@ from speed import build_sd, peak_bytes  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 CONFIG = ROOT / "configs" / "sd15-w4a4.yaml"
+FULL_QAT = ["lora.enabled=false", "distill.base_weight_lr=1e-5", "quant.packed_base_weight=false"]
+CHECKPOINTING = ["distill.gradient_checkpointing=true"]
 METHODS: dict[str, list[str]] = {
-    "full QAT": ["lora.enabled=false", "distill.base_weight_lr=1e-5", "quant.packed_base_weight=false"],
+    "full QAT": FULL_QAT,
+    "full QAT, gradient checkpointing": FULL_QAT + CHECKPOINTING,
     "qdiff, float W0": ["quant.packed_base_weight=false"],
-    "qdiff (the recipe: W0 as packed 4-bit codes)": [],
+    "qdiff, float W0, gradient checkpointing": ["quant.packed_base_weight=false"] + CHECKPOINTING,
+    "qdiff, packed W0 (the recipe), gradient checkpointing": CHECKPOINTING,
 }
 
 
@@ -65,7 +72,7 @@ def run_config(pipe_dir: Path, run_dir: Path, steps: int, overrides: list[str]):
         "distill.batch_size=1", "quant.calibration_samples=1", "distill.log_every=1",
         "quant.weight_init=minmax",  # the recipe's Lp search takes minutes per student here
         f"distill.checkpoint_every={steps}", "distill.sample_every=100000", "export.enabled=false",
-        "eval.steps=2",  # the end-of-run sample grid: not what is measured
+        "eval.steps=1",  # the end-of-run sample grid: not what is measured
         *overrides])
 
 
@@ -98,12 +105,16 @@ def in_fresh_process(pipe_dir: Path, run_dir: Path, steps: int, method: str, thr
 
 
 def report(rows: list[dict], describe: str, command: str, suffix: str) -> None:
-    qat = rows[0]
+    def checkpointed(row: dict) -> bool:
+        return row["method"].endswith("gradient checkpointing")
+
+    full_qat = {checkpointed(r): r for r in rows if r["method"].startswith("full QAT")}
     lines = ["# Fine-tuning cost at Stable Diffusion's size: full QAT against qdiff", "",
              f"Command: `{command}`", "", describe, "",
              "| method | peak MB | vs full QAT | s / step | vs full QAT | trainable |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        qat = full_qat[checkpointed(r)]
         lines.append(f"| {r['method']} | {r['peak_mb']:,.0f} | {r['peak_mb'] / qat['peak_mb']:.2f}x | "
                      f"{r['step_s']:.1f} | {r['step_s'] / qat['step_s']:.2f}x | "
                      f"{r['trainable_params'] / 1e6:.1f} M |")
@@ -143,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"SD-1.5's width ({unet_params / 1e6:.0f} M parameters, random weights), configs/sd15-w4a4.yaml "
                 f"with the teacher in float32, one trajectory of {args.steps} steps, batch 1 with "
                 f"guidance, min-max weight ranges; {args.threads} thread(s), torch {torch.__version__}. `peak MB`: peak "
-                f"resident memory of the fine-tuning (student build, calibration, training) above "
-                f"the process with the teacher loaded; `s / step`: median over the steps after the first.")
+                f"resident memory of the fine-tuning (student build, calibration, training, the last "
+                f"checkpoint and sample grid) above the process with the teacher loaded; `s / step`: "
+                f"median over the steps after the first; ratios against full QAT with the same "
+                f"gradient checkpointing setting.")
     command = "python eval/train_cost.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     suffix = "-quick" if args.quick else ""
     report(rows, describe, command, suffix)
