@@ -18,7 +18,8 @@ from qdiff.distill.checkpoint import _trainable_state, list_checkpoints
 from qdiff.distill.trajectory import teacher_trajectory
 
 TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
-        "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "export.enabled=false"]
+        "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "export.enabled=false",
+        "eval.steps=2"]  # the end-of-run sample grid, drawn at the training batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
