@@ -54,13 +54,14 @@ from speed import build_sd, peak_bytes  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 CONFIG = ROOT / "configs" / "sd15-w4a4.yaml"
-FULL_QAT = ["lora.enabled=false", "distill.base_weight_lr=1e-5", "quant.packed_base_weight=false"]
+FLOAT_W0 = ["quant.packed_base_weight=false"]
+FULL_QAT = ["lora.enabled=false", "distill.base_weight_lr=1e-5", *FLOAT_W0]
 CHECKPOINTING = ["distill.gradient_checkpointing=true"]
 METHODS: dict[str, list[str]] = {
     "full QAT": FULL_QAT,
     "full QAT, gradient checkpointing": FULL_QAT + CHECKPOINTING,
-    "qdiff, float W0": ["quant.packed_base_weight=false"],
-    "qdiff, float W0, gradient checkpointing": ["quant.packed_base_weight=false"] + CHECKPOINTING,
+    "qdiff, float W0": FLOAT_W0,
+    "qdiff, float W0, gradient checkpointing": FLOAT_W0 + CHECKPOINTING,
     "qdiff, packed W0 (the recipe), gradient checkpointing": CHECKPOINTING,
 }
 
@@ -106,9 +107,9 @@ def in_fresh_process(pipe_dir: Path, run_dir: Path, steps: int, method: str, thr
 
 def report(rows: list[dict], describe: str, command: str, suffix: str) -> None:
     def checkpointed(row: dict) -> bool:
-        return row["method"].endswith("gradient checkpointing")
+        return CHECKPOINTING[0] in METHODS[row["method"]]
 
-    full_qat = {checkpointed(r): r for r in rows if r["method"].startswith("full QAT")}
+    full_qat = {checkpointed(r): r for r in rows if FULL_QAT[0] in METHODS[r["method"]]}
     lines = ["# Fine-tuning cost at Stable Diffusion's size: full QAT against qdiff", "",
              f"Command: `{command}`", "", describe, "",
              "| method | peak MB | vs full QAT | s / step | vs full QAT | trainable |",

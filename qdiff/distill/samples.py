@@ -19,7 +19,7 @@ def save_comparison_grid(pipe, student: nn.Module, path: Path, steps: int, guida
     condition of the family's preview: classes, or the first prompts).
 
     `batch_size` samples at a time: a run passes its training batch, so that the grid
-    (20 images, and their decoding) never needs more memory than a training step."""
+    (20 images, and their decoding) does not set the run's peak memory."""
     family = family_for(pipe)
     conditions = family.preview_conditions()
     rows = []

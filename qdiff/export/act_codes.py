@@ -22,7 +22,7 @@ from typing import Hashable, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from qdiff.quant.primitives import int_range, per_token_grid
+from qdiff.quant.primitives import grid_codes, int_range, per_token_grid
 from qdiff.quant.timestep_context import TimestepContext, nearest_index
 
 
@@ -36,12 +36,6 @@ class ActCodes(NamedTuple):
     codes: torch.Tensor
     zero_point: torch.Tensor
     scale: torch.Tensor
-
-
-def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-           qmax: int) -> torch.Tensor:
-    """The student's `fake_quantize` up to (excluding) the multiply back."""
-    return torch.clamp(x / scale + zero_point, qmin, qmax).round()
 
 
 class TimestepActCodes(nn.Module):
@@ -65,7 +59,7 @@ class TimestepActCodes(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ActCodes:
         scale, zero_point = self.grid(x)
-        return ActCodes(_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
+        return ActCodes(grid_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
 
     def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) of each sample, shaped (B, 1, ...) like `x`, in `x`'s dtype
@@ -157,7 +151,7 @@ class TokenActCodes(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ActCodes:
         scale, zero_point = self.grid(x)
-        return ActCodes(_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
+        return ActCodes(grid_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
 
     def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) of each token, shaped like `x` with a channel dim of size 1."""

@@ -74,8 +74,7 @@ class _FakeQuantize(torch.autograd.Function):
                 qmin: int, qmax: int) -> torch.Tensor:
         ctx.save_for_backward(x, scale, zp)
         ctx.qmin, ctx.qmax = qmin, qmax
-        codes = torch.clamp(x / scale + zp, qmin, qmax).round_()
-        return codes.sub_(zp).mul_(scale)
+        return grid_codes(x, scale, zp, qmin, qmax).sub_(zp).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -97,6 +96,13 @@ class _FakeQuantize(torch.autograd.Function):
         if ctx.needs_input_grad[2]:  # from `+ zp`, then from `- zp`
             grad_zp = grad_v.sum_to_size(zp.shape) - grad_codes.sum_to_size(zp.shape)
         return grad_x, grad_scale, grad_zp, None, None
+
+
+def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+               qmax: int) -> torch.Tensor:
+    """`fake_quantize`'s integer codes (as floats), for an integer `zero_point`: its forward
+    up to the multiply back, and what the export's activation codes must equal."""
+    return torch.clamp(x / scale + zero_point, qmin, qmax).round_()
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
