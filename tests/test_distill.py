@@ -56,9 +56,9 @@ FULL_QAT = ("lora.enabled=false", "distill.base_weight_lr=1e-3")
 
 @pytest.mark.parametrize("walker, checkpoint_every, crash_at, checkpoint, method", [
     ("teacher", 3, 5, "step-0000003", ()),  # resumes mid-trajectory: replays the teacher's path
-    ("student", 4, 7, "step-0000004", ()),  # checkpoints fall between trajectories
+    # checkpoints fall between trajectories; QALoRA with per-slice activation tables
+    ("student", 4, 7, "step-0000004", ("quant.split_concat_inputs=true",)),
     ("student", 4, 7, "step-0000004", FULL_QAT),  # the trained base weights are checkpointed
-    ("student", 4, 7, "step-0000004", ("quant.split_concat_inputs=true",)),  # per-slice tables
 ])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
         random_class_ldm_pipeline, tmp_path, monkeypatch, walker, checkpoint_every, crash_at,
