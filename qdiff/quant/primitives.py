@@ -107,7 +107,10 @@ def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    qmin: int, qmax: int) -> torch.Tensor:
-    """Integer codes (as a float tensor) of `x`: what fake_quantize multiplies back."""
+    """Integer codes (as a float tensor) of `x` for the export's weights. Not quite
+    `grid_codes`: rounding before adding the zero point differs where `x/s` is (in float32,
+    near) a half and the zero point odd (round half to even), and so from the codes the
+    student trained on."""
     return torch.clamp(torch.round(x / scale) + torch.round(zero_point), qmin, qmax)
 
 
