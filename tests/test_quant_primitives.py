@@ -110,6 +110,21 @@ def test_weight_quantizer_per_channel_lsq_gradient_with_grad_scale(learn_zero_po
         assert not isinstance(quantizer.zero_point, torch.nn.Parameter)
 
 
+def test_weight_codes_are_the_codes_fake_quantize_trained_on_also_at_halves():
+    """The export packs `codes()`: at a weight halfway between two steps with an odd zero
+    point, rounding before adding it (round(2.5) + 3 = 5) is not fake_quantize's round(5.5) = 6."""
+    quantizer = LSQWeightQuantizer(2, bits=4, symmetric=False)
+    with torch.no_grad():
+        quantizer.scale.copy_(torch.tensor([0.5, 0.25]))
+        quantizer.zero_point.copy_(torch.tensor([3.0, 8.0]))
+    steps = torch.arange(-8.0, 8.0).add(0.5)  # x / s: every half, inside and beyond the grid
+    weight = torch.stack([steps * 0.5, steps * 0.25])
+    scale, zero_point = quantizer.scale.view(-1, 1), quantizer.zero_point.view(-1, 1)
+    dequantized = (quantizer.codes(weight).float() - zero_point) * scale
+    assert torch.equal(dequantized, quantizer(weight))
+    assert torch.equal(quantizer.codes(weight)[0, 10:12], torch.tensor([6, 6], dtype=torch.int16))
+
+
 def test_minmax_init_per_channel_and_per_tensor():
     x = torch.tensor([[-1.0, 0.0, 3.0], [0.5, 1.0, 2.0]])
     scale, zp = minmax_init(x, 0, 15, symmetric=False, channel_dim=0)

@@ -13,8 +13,8 @@ from .model_ops import (QuantParams, calibrating, finish_calibration, iter_quant
                         lora_param_groups, mean_weight_steps, merge_lora, quant_parameters,
                         set_timesteps, start_calibration)
 from .packing import pack_codes, unpack_codes
-from .primitives import (fake_quantize, grad_scale, init_scale, int_range, lp_search_init,
-                         minmax_init, quantize_codes, round_ste)
+from .primitives import (fake_quantize, grad_scale, grid_codes, init_scale, int_range,
+                         lp_search_init, minmax_init, round_ste)
 from .quantize import quantize_, timestep_context
 from .rank_decay import RankDecay
 from .report import QuantizationReport, ReportRow
@@ -27,8 +27,8 @@ __all__ = [
     "AuxBranch", "DynamicActQuantizer", "LSQWeightQuantizer", "QUANT_LAYERS", "QuantConv2d",
     "QuantConv3d", "QuantLayer", "QuantLinear", "QuantParams", "QuantizationReport", "RankDecay",
     "ReportRow", "SplitActQuantizer", "TemporalActQuantizer", "TimestepContext", "calibrating", "fake_quantize",
-    "finish_calibration", "grad_scale", "init_scale", "int_range", "iter_quant_layers",
+    "finish_calibration", "grad_scale", "grid_codes", "init_scale", "int_range", "iter_quant_layers",
     "lora_param_groups", "lp_search_init", "mean_weight_steps", "merge_lora", "minmax_init",
-    "pack_codes", "quant_parameters", "quantize_", "quantize_codes", "round_ste", "set_timesteps",
+    "pack_codes", "quant_parameters", "quantize_", "round_ste", "set_timesteps",
     "start_calibration", "timestep_context", "unpack_codes",
 ]

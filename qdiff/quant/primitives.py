@@ -101,17 +101,10 @@ class _FakeQuantize(torch.autograd.Function):
 def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                qmax: int) -> torch.Tensor:
     """`fake_quantize`'s integer codes (as floats), for an integer `zero_point`: its forward
-    up to the multiply back, and what the export's activation codes must equal."""
+    up to the multiply back, and what the export's weight and activation codes must equal.
+    The zero point is added before rounding: `round(x/s) + zp` would differ at halves
+    (round half to even: round(2.5) + 1 = 3, round(3.5) = 4)."""
     return torch.clamp(x / scale + zero_point, qmin, qmax).round_()
-
-
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                   qmin: int, qmax: int) -> torch.Tensor:
-    """Integer codes (as a float tensor) of `x` for the export's weights. Not quite
-    `grid_codes`: rounding before adding the zero point differs where `x/s` is (in float32,
-    near) a half and the zero point odd (round half to even), and so from the codes the
-    student trained on."""
-    return torch.clamp(torch.round(x / scale) + torch.round(zero_point), qmin, qmax)
 
 
 def per_token_grid(tokens: torch.Tensor, ratio: torch.Tensor, qmin: int, qmax: int,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import fake_quantize, grad_scale, init_scale, int_range, lsq_gradient_factor, quantize_codes
+from .primitives import (fake_quantize, grad_scale, grid_codes, init_scale, int_range,
+                         lsq_gradient_factor)
 
 
 class LSQWeightQuantizer(nn.Module):
@@ -63,7 +64,7 @@ class LSQWeightQuantizer(nn.Module):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of `weight` on this quantizer's grid (int16, values in [qmin, qmax])."""
         scale, zero_point = self._params(weight)
-        return quantize_codes(weight, scale, zero_point, self.qmin, self.qmax).to(torch.int16)
+        return grid_codes(weight, scale, zero_point.round(), self.qmin, self.qmax).to(torch.int16)
 
     def mean_step(self) -> float:
         """Mean step size: the scale-aware LoRA learning rate is proportional to it."""
