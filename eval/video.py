@@ -2,6 +2,8 @@
 
     python eval/video.py            # -> eval/results/video.md, .json, video-training.png, video-frames.png
     python eval/video.py --quick    # smoke run: few videos and steps -> video-quick.*
+    python eval/video.py --rows "W4A4 calibrated PTQ,W4A4 qdiff" --report video-branches \
+        distill.target=branches    # a variant of every trained row -> video-branches.*
 
 The teacher is assets/tiny-wan-digits (a class-conditional Wan transformer on moving
 digits, `python -m qdiff.models.zoo.video_digits`). Rows, each from configs/tiny-wan-<bits>.yaml:
@@ -77,9 +79,9 @@ def gap_closed(row: dict, ptq: dict, fp: dict, key: str) -> float:
     return (ptq[key] - row[key]) / (ptq[key] - fp[key])
 
 
-def write_table(rows: list[dict], cfg, num_videos: int, command: str, suffix: str) -> None:
+def write_table(rows: list[dict], cfg, num_videos: int, command: str, report: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"video{suffix}.json").write_text(json.dumps(
+    (RESULTS / f"{report}.json").write_text(json.dumps(
         {"command": command, "num_videos": num_videos, "rows": rows}, indent=2) + "\n")
     fp = rows[0]
     lines = ["# QVGen on the embedded video teacher", "", f"Command: `{command}`", "",
@@ -103,9 +105,9 @@ def write_table(rows: list[dict], cfg, num_videos: int, command: str, suffix: st
         lines.append(f"| {row['name']} | {row['frame_accuracy']:.1%} | {row['frame_fid_real']:.2f} | "
                      f"{max(row['frame_fid'], 0.0):.2f} | {row['consecutive_similarity']:.4f} | "
                      f"{row['motion_error']:.3f} | " + " | ".join(closed) + " |")
-    lines += ["", f"![loss and Phi rank](video{suffix}-training.png)", "",
-              f"![frames: FP, PTQ, qdiff + Phi](video{suffix}-frames.png)"]
-    (RESULTS / f"video{suffix}.md").write_text("\n".join(lines) + "\n")
+    lines += ["", f"![loss and Phi rank]({report}-training.png)", "",
+              f"![frames: FP, PTQ, qdiff + Phi]({report}-frames.png)"]
+    (RESULTS / f"{report}.md").write_text("\n".join(lines) + "\n")
 
 
 def plot_training(rows: list[dict], path: Path, window: int) -> None:
@@ -139,12 +141,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--num-videos", type=int, default=400)
     parser.add_argument("--quick", action="store_true", help="20 videos, 40 training steps, W4A4")
+    parser.add_argument("--report", default="video",
+                        help="write eval/results/REPORT.md, .json and PNGs (a variant need not "
+                             "replace the table)")
+    parser.add_argument("overrides", nargs="*", help="key=value for every row's recipe")
     args = parser.parse_args(argv)
     names = [n for n in ROWS if n.startswith("W4A4")] if args.quick else args.rows.split(",")
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; rows: {list(ROWS)}")
-    suffix, extra = ("-quick", QUICK) if args.quick else ("", [])
+    report = args.report + ("-quick" if args.quick else "")
+    extra = [*(QUICK if args.quick else []), *args.overrides]
     num_videos = 20 if args.quick else args.num_videos
     cfg = load_config(CONFIGS / "tiny-wan-w4a4.yaml")
     pipe = qdiff.load_pipeline(cfg.model.path)
@@ -175,13 +182,13 @@ def main(argv: list[str] | None = None) -> None:
             videos = sample_videos(exported, labels, settings)
             rows.append(scored(name, videos, fields))
             strips[name] = videos
-            write_table(rows, cfg, num_videos, command, suffix)  # a crash keeps the rows so far
-    plot_training(rows, RESULTS / f"video{suffix}-training.png", cfg.distill.trajectory_steps)
+            write_table(rows, cfg, num_videos, command, report)  # a crash keeps the rows so far
+    plot_training(rows, RESULTS / f"{report}-training.png", cfg.distill.trajectory_steps)
     shown = [n for n in ("FP (teacher)", "W4A4 calibrated PTQ", "W4A4 qdiff + Phi") if n in strips]
     picks = torch.tensor([int((labels == c).nonzero()[0]) for c in STRIP_CLASSES])
     strip = torch.cat([frames_side_by_side(strips[n][picks].transpose(1, 2)) for n in shown])
-    save_image(strip, RESULTS / f"video{suffix}-frames.png", nrow=1, padding=2, pad_value=0.5)
-    print((RESULTS / f"video{suffix}.md").read_text())
+    save_image(strip, RESULTS / f"{report}-frames.png", nrow=1, padding=2, pad_value=0.5)
+    print((RESULTS / f"{report}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -181,6 +181,10 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     loss: str = "x0"  # "x0": MSE of the implied images; "mse" / "l1" of the noise predictions;
     # "update": MSE of the DDIM steps they imply (qdiff.distill.loop.distillation_loss)
+    # what the loss compares: "guided", the CFG-combined predictions (EfficientDM), or
+    # "branches", the conditional and the null prediction each (guidance still walks the
+    # path; closer to FP on the embedded teacher: eval/results/finetune.md)
+    target: str = "guided"
     walker: str = "student"  # who takes each trajectory step: "student" (its own path) or "teacher"
     checkpoint_every: int = 200
     sample_every: int = 200  # steps between PNG grids of teacher vs student
@@ -198,6 +202,7 @@ class DistillConfig:
         _check_range("distill.warmup_steps", self.warmup_steps, 0)
         _check_range("distill.grad_clip", self.grad_clip, 0.0)
         _check_choice("distill.loss", self.loss, ("x0", "mse", "l1", "update"))
+        _check_choice("distill.target", self.target, ("guided", "branches"))
         _check_choice("distill.walker", self.walker, ("student", "teacher"))
         if self.walker == "student" and self.checkpoint_every % self.trajectory_steps:
             raise ConfigError(

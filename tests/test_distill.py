@@ -16,6 +16,7 @@ from qdiff.config import ConfigError, load_config
 from qdiff.distill import loop
 from qdiff.distill.checkpoint import _trainable_state, list_checkpoints
 from qdiff.distill.trajectory import teacher_trajectory
+from qdiff.families import combine_branches
 
 TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
         "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "export.enabled=false",
@@ -41,11 +42,13 @@ def _held_out_loss(pipe, student, kind: str) -> float:
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("loss, walker", [("x0", "student"), ("mse", "teacher")])
-def test_a_few_steps_lower_the_distillation_loss(teacher, tmp_path, loss, walker):
+# the embedded recipe's objective, and EfficientDM's (the guided held-out loss for both)
+@pytest.mark.parametrize("loss, walker, target", [("x0", "student", "branches"),
+                                                  ("mse", "teacher", "guided")])
+def test_a_few_steps_lower_the_distillation_loss(teacher, tmp_path, loss, walker, target):
     cfg = _config(tmp_path, "distill.steps=24", "distill.checkpoint_every=100",
                   "quant.weight_bits=4", "quant.act_bits=4", "distill.lr=2e-3",
-                  f"distill.loss={loss}", f"distill.walker={walker}")
+                  f"distill.loss={loss}", f"distill.walker={walker}", f"distill.target={target}")
     before = _held_out_loss(teacher, loop.build_student(teacher, cfg).model, loss)
     after = _held_out_loss(teacher, loop.distill(teacher, cfg, cfg.run_dir), loss)
     assert after < 0.9 * before
@@ -139,6 +142,30 @@ def test_the_x0_loss_is_the_mse_of_the_implied_images(random_class_ldm_pipeline)
     expected = torch.nn.functional.mse_loss(image(student_output), image(point.teacher_output))
     torch.testing.assert_close(loop.distillation_loss(student_output, point, "x0"), expected)
     assert points[0].x0_scale > 10 * points[-1].x0_scale  # the noisy start weighs most
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_the_branches_target_matches_each_prediction_and_guidance_combines_them(
+        random_class_ldm_pipeline, guidance):
+    pipe = random_class_ldm_pipeline
+    point = next(teacher_trajectory(pipe, torch.arange(2), 4, 0.0, guidance,
+                                    torch.Generator().manual_seed(0)))
+    labels = [torch.arange(2), torch.full((2,), pipe.class_embedder.null_class)]
+    with torch.no_grad():  # each half of the branches is the unguided answer to its condition
+        alone = [pipe.guided_noise(point.model_input, point.timestep,
+                                   pipe.class_context(label, 1.0), 1.0) for label in labels]
+    expected = torch.cat(alone) if guidance > 1.0 else alone[0]
+    torch.testing.assert_close(point.teacher_branches, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(point.teacher_output, combine_branches(point.teacher_branches, guidance))
+
+    if guidance > 1.0:  # an error in the conditional prediction alone: guidance multiplies it
+        error = torch.zeros_like(point.teacher_branches)
+        error[:2] = 0.1 * torch.randn_like(error[:2])
+        branches = point.teacher_branches + error
+        guided = loop.distillation_loss(combine_branches(branches, guidance), point, "mse")
+        torch.testing.assert_close(loop.distillation_loss(branches, point, "mse", "branches"),
+                                   error.square().mean())
+        torch.testing.assert_close(guided, guidance ** 2 * error[:2].square().mean())
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(random_class_ldm_pipeline,

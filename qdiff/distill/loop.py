@@ -35,7 +35,7 @@ from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, l
                                  set_learning_rates)
 from qdiff.distill.samples import save_comparison_grid
 from qdiff.distill.trajectory import TrajectoryStep, TrajectoryWalk, trajectory_timesteps
-from qdiff.families import family_for
+from qdiff.families import combine_branches, family_for
 from qdiff.quant import QuantizationReport, RankDecay, quantize_, set_timesteps
 
 logger = logging.getLogger("qdiff.distill")
@@ -85,16 +85,23 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def distillation_loss(student_output: torch.Tensor, step: TrajectoryStep,
-                      kind: str) -> torch.Tensor:
-    """The distance between the student's and the teacher's guided noise predictions.
+                      kind: str, target: str = "guided") -> torch.Tensor:
+    """The distance between the student's and the teacher's guided noise predictions, or
+    (`target="branches"`, `student_output` then `branch_noise`'s) their predictions before
+    guidance combines them.
 
     "mse" / "l1": of the noise predictions themselves. Their error is largest near t = 0,
     where it hardly changes the image, and smallest at the noisy start, where it decides
     the image -- so "x0" (MSE of the images the two predictions imply, i.e. weighted by
     (d x0 / d eps)^2) and "update" (MSE of the DDIM steps they imply) weight every step by
     its effect on the sample instead. eval/results/finetune.md compares them.
+
+    Why "branches": the quantization error the LoRA can correct is shared by the two
+    predictions (same weights), and guidance passes it on once; the error that differs
+    between them guidance multiplies by about s. So the guided loss sees what can be learned
+    through noise amplified s-fold, the branches' loss does not.
     """
-    teacher_output = step.teacher_output
+    teacher_output = step.teacher_branches if target == "branches" else step.teacher_output
     if kind == "l1":
         return F.l1_loss(student_output, teacher_output)
     scale = {"mse": 1.0, "x0": step.x0_scale, "update": step.update_scale}[kind]
@@ -119,10 +126,12 @@ def _train_step(family, student: nn.Module, step, cfg: RunConfig, accelerator: A
                 optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter]
                 ) -> tuple[float, torch.Tensor]:
     """One optimizer step on one denoising step; returns the loss and the student's answer."""
-    guidance = cfg.distill.guidance_scale
-    student_output = family.guided_noise(step.model_input, step.timestep, step.context, guidance,
-                                         denoiser=student)
-    loss = distillation_loss(student_output, step, cfg.distill.loss)
+    guidance, target = cfg.distill.guidance_scale, cfg.distill.target
+    branches = family.branch_noise(step.model_input, step.timestep, step.context, guidance,
+                                   denoiser=student)
+    student_output = combine_branches(branches, guidance)
+    loss = distillation_loss(branches if target == "branches" else student_output, step,
+                             cfg.distill.loss, target)
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss.item()} at timestep {int(step.timestep)}")
     accelerator.backward(loss)

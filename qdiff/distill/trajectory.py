@@ -1,10 +1,12 @@
 """The teacher's own sampling trajectory: the only data data-free distillation sees.
 
 The full-precision teacher starts from noise and walks its family's sampler (DDIM with
-`eta` from the config, or Euler for flow matching) with classifier-free guidance. At every step it yields what the student needs to
-be asked the same question: the denoiser input x_t, the timestep, the conditioning, and
-the teacher's guided noise prediction (the answer to match). What is family-specific
-(context, latents, the denoiser call) comes from the pipeline's family adapter.
+`eta` from the config, or Euler for flow matching) with classifier-free guidance. At every
+step it yields what the student needs to be asked the same question: the denoiser input
+x_t, the timestep, the conditioning, and the teacher's answers to match: its guided noise
+prediction, and the conditional and null predictions that guidance combined
+(`distill.target` picks which). What is family-specific (context, latents, the denoiser
+call) comes from the pipeline's family adapter.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Iterator, Union
 import torch
 from diffusers import DiffusionPipeline
 
-from qdiff.families import FamilyAdapter, family_for
+from qdiff.families import FamilyAdapter, combine_branches, family_for
 
 
 @dataclass
@@ -25,6 +27,7 @@ class TrajectoryStep:
     model_input: torch.Tensor  # x_t as the denoiser sees it
     context: torch.Tensor  # the family's context (conditional then null half when guided)
     teacher_output: torch.Tensor  # the teacher's guidance-combined noise prediction
+    teacher_branches: torch.Tensor  # its conditional (then null) prediction before combining
     update_scale: float  # d x_next / d output of the deterministic step from here
     x0_scale: float  # d x0 / d output: how much an error here moves the implied clean sample
 
@@ -65,8 +68,9 @@ class TrajectoryWalk:
     def point(self) -> TrajectoryStep:
         timestep = self.sampler.timesteps[self.index]
         model_input = self.sampler.model_input(self.latents, timestep)
-        output = self.family.guided_noise(model_input, timestep, self.context, self.guidance)
-        return TrajectoryStep(self.index, timestep, model_input, self.context, output,
+        branches = self.family.branch_noise(model_input, timestep, self.context, self.guidance)
+        output = combine_branches(branches, self.guidance)
+        return TrajectoryStep(self.index, timestep, model_input, self.context, output, branches,
                               self.sampler.update_scale(timestep), self.sampler.x0_scale(timestep))
 
     @torch.no_grad()

@@ -3,6 +3,8 @@
     family = family_for(pipe, cfg.model)          # model.family, or "auto" from the pipeline
     context = family.context(condition_ids, guidance)
     noise = family.guided_noise(x_t, t, context, guidance, denoiser=student)
+    branches = family.branch_noise(x_t, t, context, guidance, denoiser=student)  # before CFG
+    assert torch.equal(noise, combine_branches(branches, guidance))
 
 One file per family: `class_ldm` (qdiff's class-conditional LDM), `stable_diffusion`,
 `dit`, `class_wan` (qdiff's class-conditional Wan video pipeline), `wan`, `cogvideox`;
@@ -10,7 +12,7 @@ One file per family: `class_ldm` (qdiff's class-conditional LDM), `stable_diffus
 families, `samplers` the trajectory samplers, `registry` the lookup.
 """
 
-from .base import FamilyAdapter
+from .base import FamilyAdapter, combine_branches
 from .class_ldm import ClassLDMFamily
 from .class_wan import ClassWanFamily
 from .cogvideox import CogVideoXFamily
@@ -22,4 +24,4 @@ from .wan import WanFamily
 
 __all__ = ["FAMILY_ADAPTERS", "ClassLDMFamily", "ClassWanFamily", "CogVideoXFamily", "DiTFamily",
            "FamilyAdapter", "PromptFamily", "StableDiffusionFamily", "WanFamily", "family_for",
-           "read_prompts"]
+           "combine_branches", "read_prompts"]

@@ -43,6 +43,15 @@ def compute_dtype(denoiser: nn.Module) -> torch.dtype:
     return next((p.dtype for p in denoiser.parameters() if p.is_floating_point()), torch.float32)
 
 
+def combine_branches(branches: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance eps_u + s (eps_c - eps_u) of `branch_noise`'s output (the
+    conditional half first); unguided (`guidance` <= 1), the one branch itself."""
+    if guidance <= 1.0:
+        return branches
+    cond, uncond = branches.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
 def cast_context(context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Float contexts follow the denoiser's dtype; integer ones (class ids) stay as they are."""
     return context.to(dtype) if context.is_floating_point() else context
@@ -125,22 +134,19 @@ class FamilyAdapter(ABC):
         """The CFG-combined prediction eps_u + s (eps_c - eps_u) of `denoiser` (default: the
         teacher), in float32. The timestep goes in once per sample, so per-timestep
         quantizers can read it."""
+        return combine_branches(self.branch_noise(latents, timestep, context, guidance, denoiser),
+                                guidance)
+
+    def branch_noise(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                     guidance: float, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+        """The predictions guidance combines, in float32 (so is the combination, also for a
+        bf16 teacher): the conditional half, then the null half when guided (`guidance` > 1)."""
         denoiser = denoiser or self.denoiser
         dtype = compute_dtype(denoiser)
-        noise = self._guided(latents.to(dtype), timestep, cast_context(context, dtype), guidance,
-                             denoiser)
-        return noise.float()
-
-    def _guided(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                guidance: float, denoiser: nn.Module) -> torch.Tensor:
-        guided = guidance > 1.0
-        model_input = torch.cat([latents, latents]) if guided else latents
+        latents = latents.to(dtype)
+        model_input = torch.cat([latents, latents]) if guidance > 1.0 else latents
         timesteps = timestep.reshape(-1).to(latents.device).expand(model_input.shape[0])
-        noise = self._predict(denoiser, model_input, timesteps, context)
-        if not guided:
-            return noise
-        cond, uncond = noise.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        return self._predict(denoiser, model_input, timesteps, cast_context(context, dtype)).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,5 @@ class ClassLDMFamily(FamilyAdapter):
     def prepare_latents(self, batch_size: int, generator: Generator) -> torch.Tensor:
         return self.pipe.prepare_latents(batch_size, generator, None)
 
-    def _guided(self, latents, timestep, context, guidance, denoiser):  # type: ignore[override]
-        return self.pipe.guided_noise(latents, timestep, context, guidance, denoiser=denoiser)
-
     def _predict(self, denoiser: nn.Module, model_input, timesteps, context) -> torch.Tensor:
         return denoiser(model_input, timesteps, encoder_hidden_states=context).sample
