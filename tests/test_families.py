@@ -42,9 +42,18 @@ from tiny_families import (PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit, ti
 REPO = Path(__file__).resolve().parents[1]
 VIDEO_SIZE = [5, 16, 16]  # frames, height, width: 2 latent frames of 2x2 for the tiny VAEs
 VIDEO = [f"model.video_size={VIDEO_SIZE}"]
+# A few steps on a random teacher lower the loss only where the error that can be learned
+# outweighs how much one step's update moves the others: guidance multiplies the part of the
+# student's error that differs between its two predictions, so some recipes distil unguided.
+STEADY = ["distill.guidance_scale=1.0", "distill.trajectory_steps=4"]
 # recipe, tiny model, LoRA learning rate for a few steps on it, the recipe's own overrides
 RECIPES = {"ldm4": ("ldm4-w4a4.yaml", lambda: convert(synthetic_checkpoint(), OPTIONS), 1e-3, []),
-           "sd": ("sd15-w4a8.yaml", tiny_stable_diffusion, 3e-3, []),
+           # SD and CogVideoX: unguided, 4 trajectories of 4 steps (each timestep trained 4
+           # times) at lr 1e-3; seeds 0-5 give 0.89-0.96 (SD) and 0.82-0.95 (CogVideoX) on two
+           # threads. With the recipes' guidance (7.5, 6.0), most seeds raise the loss: SD
+           # 1.01-1.05 (seeds 0-2, lr 3e-3), CogVideoX 0.86-1.05 (lr 3e-3), 0.86-1.16 with
+           # 4-step trajectories; unguided with 8-step ones, CogVideoX 0.81-1.01.
+           "sd": ("sd15-w4a8.yaml", tiny_stable_diffusion, 1e-3, STEADY),
            "dit": ("dit-xl2-w4a8.yaml", tiny_dit, 1e-3, []),
            # Video recipes without Phi: decayed within 16 steps it costs more than the steps
            # gain on a random teacher (tests/test_video_family.py checks the export drops it).
@@ -56,8 +65,8 @@ RECIPES = {"ldm4": ("ldm4-w4a4.yaml", lambda: convert(synthetic_checkpoint(), OP
            # seeds 0-5 give 0.87-0.93. (The fresh-process test below still guides the export.)
            "wan": ("wan2.1-t2v-1.3b-w4a4.yaml", tiny_wan, 1e-3,
                    [*VIDEO, "aux.enabled=false", "distill.guidance_scale=1.0"]),
-           "cogvideox": ("cogvideox-2b-w4a4.yaml", tiny_cogvideox, 3e-3,
-                         [*VIDEO, "aux.enabled=false"])}
+           "cogvideox": ("cogvideox-2b-w4a4.yaml", tiny_cogvideox, 1e-3,
+                         [*VIDEO, "aux.enabled=false", *STEADY])}
 TINY = ["distill.trajectory_steps=8", "distill.batch_size=2", "quant.calibration_samples=2",
         "lora.rank=4", "distill.steps=16", "distill.log_every=1",
         "distill.checkpoint_every=96", "distill.sample_every=1000", "eval.steps=2"]
@@ -128,7 +137,8 @@ def test_a_few_steps_lower_the_loss_of_the_exported_student(runs, name):
     cfg, family, before, exported = runs[name]
     assert family.denoiser.dtype == getattr(torch, cfg.model.dtype)  # the recipe's teacher dtype
     after = _trained_loss(family, exported.denoiser, cfg)
-    # measured: ldm4 0.928, sd 0.936, dit 0.947, class-wan 0.813, wan 0.918, cogvideox 0.958
+    # measured (one thread): ldm4 0.918, sd 0.925, dit 0.950, class-wan 0.813, wan 0.925,
+    # cogvideox 0.953
     assert after < 0.97 * before, (before, after)
 
 
