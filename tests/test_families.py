@@ -58,11 +58,9 @@ RECIPES = {"ldm4": ("ldm4-w4a4.yaml", lambda: convert(synthetic_checkpoint(), OP
            # Video recipes without Phi: decayed within 16 steps it costs more than the steps
            # gain on a random teacher (tests/test_video_family.py checks the export drops it).
            "class-wan": ("tiny-wan-w4a4.yaml", tiny_class_wan, 3e-3, ["aux.enabled=false"]),
-           # Unguided: at the recipe's guidance 5.0 a few steps on the tiny random Wan raise
-           # the loss for some seeds and lower it for others (ratios 0.7-3 over seeds 0-5, at
-           # every LoRA lr from 1e-3 to 1e-2); guidance multiplies the part of the student's
-           # error that differs between its two predictions. At guidance 1.0 and lr 1e-3,
-           # seeds 0-5 give 0.87-0.93. (The fresh-process test below still guides the export.)
+           # Unguided (8-step trajectories): at the recipe's guidance 5.0, seeds 0-5 give
+           # 0.7-3 at every LoRA lr from 1e-3 to 1e-2; unguided at lr 1e-3, 0.87-0.93.
+           # (The fresh-process test below still guides every export.)
            "wan": ("wan2.1-t2v-1.3b-w4a4.yaml", tiny_wan, 1e-3,
                    [*VIDEO, "aux.enabled=false", "distill.guidance_scale=1.0"]),
            "cogvideox": ("cogvideox-2b-w4a4.yaml", tiny_cogvideox, 1e-3,

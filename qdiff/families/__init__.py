@@ -12,7 +12,9 @@ One file per family: `class_ldm` (qdiff's class-conditional LDM), `stable_diffus
 families, `samplers` the trajectory samplers, `registry` the lookup.
 """
 
-from .base import FamilyAdapter, combine_branches
+from qdiff.guidance import combine_branches
+
+from .base import FamilyAdapter
 from .class_ldm import ClassLDMFamily
 from .class_wan import ClassWanFamily
 from .cogvideox import CogVideoXFamily

@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from qdiff.config import LayerOverride, ModelConfig, QuantConfig
+from qdiff.guidance import combine_branches
 
 from .samplers import DDIMSampler, TrajectorySampler
 
@@ -41,15 +42,6 @@ Generator = Union[torch.Generator, list[torch.Generator], None]
 def compute_dtype(denoiser: nn.Module) -> torch.dtype:
     """The dtype of a denoiser's first float parameter (works through DDP wrappers too)."""
     return next((p.dtype for p in denoiser.parameters() if p.is_floating_point()), torch.float32)
-
-
-def combine_branches(branches: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance eps_u + s (eps_c - eps_u) of `branch_noise`'s output (the
-    conditional half first); unguided (`guidance` <= 1), the one branch itself."""
-    if guidance <= 1.0:
-        return branches
-    cond, uncond = branches.chunk(2)
-    return uncond + guidance * (cond - uncond)
 
 
 def cast_context(context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

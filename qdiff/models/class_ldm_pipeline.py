@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQMode
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from qdiff.guidance import combine_branches
 from qdiff.models.class_embedder import ClassEmbedder
 
 
@@ -51,14 +52,10 @@ class ClassConditionalLDMPipeline(DiffusionPipeline):
         The timestep goes in once per sample, so per-timestep quantizers can read it.
         """
         denoiser = denoiser or self.unet
-        guided = guidance_scale > 1.0
-        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = torch.cat([latents, latents]) if guidance_scale > 1.0 else latents
         timesteps = timestep.reshape(-1).to(latents.device).expand(model_input.shape[0])
         noise = denoiser(model_input, timesteps, encoder_hidden_states=context).sample
-        if not guided:
-            return noise
-        cond, uncond = noise.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return combine_branches(noise, guidance_scale)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], shape (N, C, H, W); a VQ decoder snaps to its codebook."""

@@ -19,6 +19,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from qdiff.guidance import combine_branches
 from qdiff.models.class_embedder import ClassEmbedder
 
 Generator = Optional[Union[torch.Generator, list[torch.Generator]]]
@@ -68,15 +69,11 @@ class ClassConditionalVideoPipeline(DiffusionPipeline):
     def guided_velocity(self, latents: torch.Tensor, timestep: torch.Tensor,
                         context: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """The CFG-combined velocity v_u + s (v_c - v_u) at one timestep, in float32."""
-        guided = guidance_scale > 1.0
-        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = torch.cat([latents, latents]) if guidance_scale > 1.0 else latents
         timesteps = timestep.reshape(-1).to(latents.device).expand(model_input.shape[0])
         velocity = self.transformer(model_input.to(self.transformer.dtype), timesteps,
                                     encoder_hidden_states=context, return_dict=False)[0].float()
-        if not guided:
-            return velocity
-        cond, uncond = velocity.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return combine_branches(velocity, guidance_scale)
 
     @staticmethod
     def frames(latents: torch.Tensor) -> torch.Tensor:
