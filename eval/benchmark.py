@@ -48,7 +48,8 @@ from qdiff.eval.npz import from_uint8_nhwc
 from qdiff.eval.sampling import SamplingSettings, generate
 from qdiff.export import export_pipeline
 
-from speed import peak_bytes, reset_peak, rss_bytes  # noqa: E402  (eval/ is a folder of scripts)
+from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
+from speed import peak_bytes, reset_peak, rss_bytes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in METHODS] + [b for b in bit_widths if b not in BIT_WIDTHS]
     if unknown:
         parser.error(f"unknown {unknown}; methods: {list(METHODS)}, bits: {list(BIT_WIDTHS)}")
+    require_matplotlib("eval/benchmark.py")
     suffix, extra = ("-quick", QUICK) if args.quick else ("", [])
     base = load_config(CONFIGS / "tiny-ldm-w4a4.yaml")
     pipe = qdiff.load_pipeline(base.model.path)

@@ -52,6 +52,8 @@ from qdiff.export import export_pipeline
 from qdiff.export.kernel_choice import choices, integer_kernel
 from qdiff.quant import calibrating, quantize_, set_timesteps
 
+from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
@@ -411,13 +413,6 @@ def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool,
             "kernels": {k: picked.count(k) for k in sorted(set(picked))}}
 
 
-def _check_plotting() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise SystemExit("eval/speed.py plots its results with matplotlib: pip install -e \".[bench]\"")
-
-
 def _cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -438,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(on a CPU without bfloat16 instructions it is many times slower than "
                              "float32: an hour of sampling)")
     args = parser.parse_args(argv)
-    _check_plotting()  # before the measurements, not after an hour of them
+    require_matplotlib("eval/speed.py")
     torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()
     repeats = args.repeats or (3 if args.quick else 7)

@@ -42,6 +42,8 @@ from qdiff.eval.video_metrics import video_metrics
 from qdiff.export import export_pipeline
 from qdiff.families.class_wan import frames_side_by_side
 
+from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
+
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # row name -> (recipe bits, trained?, overrides of the recipe)
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; rows: {list(ROWS)}")
+    require_matplotlib("eval/video.py")
     report = args.report + ("-quick" if args.quick else "")
     extra = [*(QUICK if args.quick else []), *args.overrides]
     num_videos = 20 if args.quick else args.num_videos
