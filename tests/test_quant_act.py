@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from qdiff.quant import DynamicActQuantizer, TemporalActQuantizer, TimestepContext
-from qdiff.quant.primitives import fake_quantize
+from qdiff.quant import DynamicActQuantizer, TemporalActQuantizer, TimestepContext, dynamic_act_quantizer
+from qdiff.quant.primitives import DEFAULT_RATIOS, fake_quantize
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -225,6 +225,23 @@ def test_dynamic_calibration_clips_wide_tokens_and_lowers_error():
             quantizer.clip_ratio.fill_(1.0)
         minmax = (quantizer(x) - x).abs().pow(2.4).mean()
     assert calibrated < minmax
+
+
+@pytest.mark.parametrize("batch_elements", [1, 1 << 20])  # one ratio per batch; all 100 at once
+def test_dynamic_calibration_picks_the_ratio_with_the_lowest_error(monkeypatch, batch_elements):
+    monkeypatch.setattr(dynamic_act_quantizer, "SEARCH_ELEMENTS", batch_elements)
+    quantizer, _ = _dynamic(groups=1)
+    x = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(1))  # 32 tokens: all kept
+    quantizer.start_calibration()
+    quantizer(x)
+    quantizer.finish_calibration()
+    chosen, errors = quantizer.clip_ratio.item(), {}
+    with torch.no_grad():
+        for ratio in DEFAULT_RATIOS.tolist():
+            quantizer.clip_ratio.fill_(ratio)
+            errors[ratio] = (quantizer(x) - x).abs().pow(2.4).mean().item()
+    assert errors[chosen] <= min(errors.values()) * (1 + 1e-6)
+    assert errors[chosen] < 0.95 * errors[1.0]  # wide Gaussian tokens: clipping pays
 
 
 def test_dynamic_conv_tokens_span_the_channel_dim():

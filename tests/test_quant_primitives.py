@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qdiff.quant import LSQWeightQuantizer, pack_codes, unpack_codes
+from qdiff.quant import LSQWeightQuantizer, pack_codes, primitives, unpack_codes
 from qdiff.quant.primitives import (fake_quantize, grad_scale, int_range, lp_search_init,
                                     minmax_init, round_ste)
 
@@ -154,6 +154,32 @@ def test_lp_search_beats_minmax_and_is_per_channel(symmetric):
     assert ratio[0] - ratio[1] > 0.05  # each channel keeps its own clipping ratio
     per_tensor, _ = lp_search_init(x, qmin, qmax, symmetric, p=2.4)
     assert per_tensor.dim() == 0
+
+
+@pytest.mark.parametrize("channel_dim, shape", [(0, (6, 40)), (1, (5, 7, 3)), (None, (300,))])
+@pytest.mark.parametrize("batch_elements", [1, 1 << 20])  # one ratio per batch; all 100 at once
+def test_lp_search_matches_a_search_of_one_ratio_at_a_time(monkeypatch, channel_dim, shape,
+                                                            batch_elements):
+    """Against a search of one ratio at a time: the same grid to the bit, however the ratios
+    are batched, and a finite one for an all-zero channel (where every ratio ties)."""
+    monkeypatch.setattr(primitives, "SEARCH_ELEMENTS", batch_elements)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 3
+    if channel_dim is not None:
+        x.select(channel_dim, 2).zero_()
+    dims = tuple(d for d in range(x.dim()) if d != channel_dim)
+    qmin, qmax = int_range(4, False)
+    low, high = x.amin(dim=dims), x.amax(dim=dims)
+    view = [-1 if d == channel_dim else 1 for d in range(x.dim())]
+    errors = []
+    for ratio in primitives.DEFAULT_RATIOS:
+        scale, zp = primitives.scale_from_range(low * ratio, high * ratio, qmin, qmax, False)
+        q = fake_quantize(x, scale.reshape(view), zp.reshape(view), qmin, qmax)
+        errors.append((x - q).abs().pow(2.4).mean(dim=dims))
+    best = torch.stack(errors).argmin(dim=0)  # the first minimum (documented for argmin)
+    ratio = primitives.DEFAULT_RATIOS[best]
+    expected = primitives.scale_from_range(low * ratio, high * ratio, qmin, qmax, False)
+    found = lp_search_init(x, qmin, qmax, False, p=2.4, channel_dim=channel_dim)
+    torch.testing.assert_close(found, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
