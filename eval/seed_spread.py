@@ -11,7 +11,7 @@ configs/tiny-ldm-w4a4.yaml once per (variant, seed) -- `--parallel` runs at a ti
 thread each, which on 2 cores finishes two runs in about the time of one 2-thread run --
 then scores every student as eval/finetune.py does (1000 samples, the FP row's seeds,
 FID to the FP samples) and reports each variant's mean and range.
-Writes eval/results/seed-spread.md and .json.
+Writes eval/results/seed-spread.md and .json (or --report's name).
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ def summary(rows: list[dict], labels: list[str]) -> list[str]:
     return lines
 
 
-def write_report(rows: list[dict], labels: list[str], settings: SamplingSettings, command: str) -> None:
+def write_report(rows: list[dict], labels: list[str], settings: SamplingSettings, command: str,
+                 report: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "seed-spread.json").write_text(json.dumps({"settings": vars(settings), "rows": rows},
+    (RESULTS / f"{report}.json").write_text(json.dumps({"settings": vars(settings), "rows": rows},
                                                          indent=2) + "\n")
     lines = ["# Run-to-run spread of the distilled W4A4 student", "", f"Command: `{command}`", "",
              f"configs/tiny-ldm-w4a4.yaml, one distillation per (variant, seed), each on one thread; "
@@ -95,7 +96,7 @@ def write_report(rows: list[dict], labels: list[str], settings: SamplingSettings
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['seed']} | {r['accuracy']:.2%} | {r['fid']:.3f} | "
               f"{r['fid_to_fp']:.3f} | {r['loss']:.5f} |" for r in rows]
-    (RESULTS / "seed-spread.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{report}.md").write_text("\n".join(lines) + "\n")
 
 
 def last_loss(run_dir: Path) -> float:
@@ -109,6 +110,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", help="'label=key=value,...' (repeatable)")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--report", default="seed-spread",
+                        help="name of the eval/results/<report>.md and .json to write")
     args = parser.parse_args()
     variants = [parse_variant(text) for text in args.variant or DEFAULT_VARIANTS]
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -133,7 +136,7 @@ def main() -> None:
         rows.append({"variant": label, "seed": seed, "loss": last_loss(OUTPUT / name), **scores})
         print(rows[-1], flush=True)
     write_report(rows, [label for label, _ in variants], settings,
-                 "python " + " ".join(["eval/seed_spread.py", *sys.argv[1:]]))
+                 "python " + " ".join(["eval/seed_spread.py", *sys.argv[1:]]), args.report)
 
 
 if __name__ == "__main__":
