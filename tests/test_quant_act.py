@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from qdiff.quant import DynamicActQuantizer, TemporalActQuantizer, TimestepContext, dynamic_act_quantizer
+from qdiff.quant import DynamicActQuantizer, TemporalActQuantizer, TimestepContext, primitives
 from qdiff.quant.primitives import DEFAULT_RATIOS, fake_quantize
 
 
@@ -229,7 +229,7 @@ def test_dynamic_calibration_clips_wide_tokens_and_lowers_error():
 
 @pytest.mark.parametrize("batch_elements", [1, 1 << 20])  # one ratio per batch; all 100 at once
 def test_dynamic_calibration_picks_the_ratio_with_the_lowest_error(monkeypatch, batch_elements):
-    monkeypatch.setattr(dynamic_act_quantizer, "SEARCH_ELEMENTS", batch_elements)
+    monkeypatch.setattr(primitives, "SEARCH_ELEMENTS", batch_elements)
     quantizer, _ = _dynamic(groups=1)
     x = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(1))  # 32 tokens: all kept
     quantizer.start_calibration()

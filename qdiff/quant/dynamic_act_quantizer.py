@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .observer import KeyedObservations, SampleObserver
-from .primitives import (DEFAULT_RATIOS, SEARCH_ELEMENTS, fake_quantize, grad_scale, int_range,
-                         lsq_gradient_factor, per_token_grid)
+from .primitives import (DEFAULT_RATIOS, fake_quantize, grad_scale, int_range, lsq_gradient_factor,
+                         per_token_grid, ratio_batches)
 from .timestep_context import TimestepContext
 
 MAX_TIMESTEP = 1000.0  # diffusers' denoisers take timesteps on a 0..1000 scale
@@ -97,7 +97,7 @@ class DynamicActQuantizer(KeyedObservations, nn.Module):
         """The ratio with the lowest mean |x - Q(x)|^p (the first of equals); ratios are tried
         a batch at a time along a leading dimension, as `lp_search_init` does."""
         errors = []
-        for batch in DEFAULT_RATIOS.to(tokens).split(max(1, SEARCH_ELEMENTS // max(tokens.numel(), 1))):
+        for batch in ratio_batches(DEFAULT_RATIOS.to(tokens), tokens.numel()):
             q = self._quantize_tokens(tokens, batch.reshape(-1, *[1] * tokens.dim()))
             errors.append(q.sub_(tokens).abs_().pow_(self.p).flatten(1).mean(dim=1))
         return DEFAULT_RATIOS[int(torch.cat(errors).argmin())].item()

@@ -172,8 +172,7 @@ def lp_search_init(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, p: fl
     low, high = x.amin(dim=dims), x.amax(dim=dims)
     best_err = torch.full_like(low, float("inf"))
     best_scale, best_zp = scale_from_range(low, high, qmin, qmax, symmetric)
-    per_batch = max(1, SEARCH_ELEMENTS // max(x.numel(), 1))
-    for batch in ratios.to(low).split(per_batch):
+    for batch in ratio_batches(ratios.to(low), x.numel()):
         tried = batch.reshape(-1, *[1] * low.dim())  # (R, *low.shape)
         scale, zp = scale_from_range(low * tried, high * tried, qmin, qmax, symmetric)
         scale_x, zp_x = _view_ratios(scale, x, channel_dim), _view_ratios(zp, x, channel_dim)
@@ -185,6 +184,12 @@ def lp_search_init(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, p: fl
         best_scale = torch.where(better, scale.gather(0, index[None])[0], best_scale)
         best_zp = torch.where(better, zp.gather(0, index[None])[0], best_zp)
     return best_scale, best_zp
+
+
+def ratio_batches(ratios: torch.Tensor, elements: int) -> Tuple[torch.Tensor, ...]:
+    """`ratios` in batches of as many as fit `SEARCH_ELEMENTS` for a searched tensor of
+    `elements` values (at least one ratio per batch)."""
+    return ratios.split(max(1, SEARCH_ELEMENTS // max(elements, 1)))
 
 
 def _view_ratios(t: torch.Tensor, x: torch.Tensor, channel_dim: Optional[int]) -> torch.Tensor:
