@@ -28,6 +28,7 @@ import argparse
 import ctypes
 import gc
 import json
+import shlex
 import shutil
 import statistics
 import sys
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                                 base.eval.guidance_scale, base.eval.seed, 250)
     reference, fp_row, fp_images = teacher_row(pipe, settings)
     rows, grids = [fp_row], [fp_images]
-    command = "python " + " ".join(["eval/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + shlex.join(["eval/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
         for bits in bit_widths:
             for method in methods:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         for recipe in args.bits.split(","):
             rows.append(evaluate(pipe, recipe, args.samples, Path(workdir)))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "breakdown"}), flush=True)
-    write_report(rows, args.samples, "python " + " ".join(["eval/export.py", *sys.argv[1:]]))
+    write_report(rows, args.samples, "python " + shlex.join(["eval/export.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in args.bits.split(","):
         rows += run_recipe(pipe, recipe, settings, net, real, fp, args.overrides, args.ablation)
         print(rows[-1], flush=True)
-        write_report(rows, settings, "python " + " ".join(["eval/finetune.py", *sys.argv[1:]]),
+        write_report(rows, settings, "python " + shlex.join(["eval/finetune.py", *sys.argv[1:]]),
                      args.report)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     net, stats = load_feature_net("digits")
     real = held_out_digits_reference(net, stats)
     result = measure(qdiff.load_pipeline(args.pipeline), net, real, settings, args.pairs)
-    write_report(result, settings, "python " + " ".join(["eval/noise.py", *sys.argv[1:]]))
+    write_report(result, settings, "python " + shlex.join(["eval/noise.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

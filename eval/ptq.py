@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"method": "naive PTQ" if naive else "calibrated PTQ",
                          "bits": recipe.upper(), **row})
             print(rows[-1], flush=True)
-    write_report(rows, settings, "python " + " ".join(["eval/ptq.py", *sys.argv[1:]]))
+    write_report(rows, settings, "python " + shlex.join(["eval/ptq.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

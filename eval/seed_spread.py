@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -136,7 +137,7 @@ def main() -> None:
         rows.append({"variant": label, "seed": seed, "loss": last_loss(OUTPUT / name), **scores})
         print(rows[-1], flush=True)
     write_report(rows, [label for label, _ in variants], settings,
-                 "python " + " ".join(["eval/seed_spread.py", *sys.argv[1:]]), args.report)
+                 "python " + shlex.join(["eval/seed_spread.py", *sys.argv[1:]]), args.report)
 
 
 if __name__ == "__main__":

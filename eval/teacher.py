@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                        "grid_guidance": args.grid_guidance,
                        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                        "torch": torch.__version__}
-    write_report(rows, settings_record, "python " + " ".join(["eval/teacher.py", *sys.argv[1:]]))
+    write_report(rows, settings_record, "python " + shlex.join(["eval/teacher.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import shutil
 import sys
 import tempfile
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = SamplingSettings(num_videos, cfg.eval.steps, cfg.eval.guidance_scale, cfg.eval.seed,
                                 batch_size=50)
     fp_videos = sample_videos(pipe, labels, settings)
-    command = "python " + " ".join(["eval/video.py", *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + shlex.join(["eval/video.py", *(sys.argv[1:] if argv is None else argv)])
 
     def scored(name: str, videos: torch.Tensor, extra_fields: dict) -> dict:
         metrics = video_metrics(net, videos, labels, reference=fp_videos, real_pool=real)

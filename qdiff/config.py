@@ -169,6 +169,9 @@ class DistillConfig:
     batch_size: int = 16
     lr: float = 5e-4  # QALoRA; with lora.scale_aware_lr, the mean of the per-layer rates
     act_lr: float = 5e-4  # temporal activation step sizes (EfficientDM: 5e-4)
+    # one rate per step-size table, proportional to its mean step (mean over tables: act_lr),
+    # so the small tables of 8-bit layers do not cross zero (qdiff.quant.act_param_groups)
+    scale_aware_act_lr: bool = False
     weight_scale_lr: float = 1e-6  # weight step sizes (EfficientDM: 1e-6)
     aux_lr: float = 1e-4  # QVGen Phi factors
     base_weight_lr: float = 0.0  # the weights W0 themselves: 0 keeps them frozen (qdiff);

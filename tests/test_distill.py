@@ -17,6 +17,7 @@ from qdiff.distill import loop
 from qdiff.distill.checkpoint import _trainable_state, list_checkpoints
 from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches
+from qdiff.quant import nonpositive_step_tables
 
 TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
         "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "export.enabled=false",
@@ -59,8 +60,11 @@ FULL_QAT = ("lora.enabled=false", "distill.base_weight_lr=1e-3")
 
 @pytest.mark.parametrize("walker, checkpoint_every, crash_at, checkpoint, method", [
     ("teacher", 3, 5, "step-0000003", ()),  # resumes mid-trajectory: replays the teacher's path
-    # checkpoints fall between trajectories; QALoRA with per-slice activation tables
-    ("student", 4, 7, "step-0000004", ("quant.split_concat_inputs=true",)),
+    # checkpoints fall between trajectories; QALoRA with per-slice activation tables, each
+    # table at its own rate (the resumed optimizer must take the rates from the checkpoint:
+    # its fresh, uncalibrated tables would give every table the same one)
+    ("student", 4, 7, "step-0000004", ("quant.split_concat_inputs=true",
+                                       "distill.scale_aware_act_lr=true")),
     ("student", 4, 7, "step-0000004", FULL_QAT),  # the trained base weights are checkpointed
 ])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
@@ -185,6 +189,27 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(random_clas
     assert "Stopped at step 4: loss is nan" in str(error.value)
     assert "step-0000004" in str(error.value) and "lower distill.lr" in str(error.value)
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-0000002", "step-0000004"]
+
+
+@pytest.mark.parametrize("scale_aware, warned", [(False, True), (True, False)])
+def test_an_activation_step_size_through_zero_is_reported(random_class_ldm_pipeline, tmp_path,
+                                                           caplog, scale_aware, warned):
+    # act_lr 0.02 is ~4x the 8-bit time embedding's step sizes: one Adam step crosses zero;
+    # with a rate per table in proportion to its steps, none does
+    cfg = _config(tmp_path, "distill.steps=2", "distill.act_lr=0.02", "distill.lr=0",
+                  f"distill.scale_aware_act_lr={scale_aware}",
+                  *[f"quant.overrides=[{{pattern: '{p}', act_bits: 8}}]" for p in ("time_embedding.*",)])
+    with caplog.at_level("WARNING", logger="qdiff.distill"):
+        student = loop.distill(random_class_ldm_pipeline, cfg, cfg.run_dir)
+    crossed = nonpositive_step_tables(student)
+    reports = [r.getMessage() for r in caplog.records if "crossed zero" in r.getMessage()]
+    assert bool(crossed) == warned and bool(reports) == warned
+    # once per table, at the step it crossed (steps 1 and 2 here), naming it and the fix
+    assert sum(int(report.split()[2]) for report in reports) == len(crossed)
+    for step, report in enumerate(reports, start=1):
+        named = report.split("(")[1].split(")")[0].split(", ")
+        assert report.startswith(f"step {step}: ") and set(named) - {"..."} <= set(crossed)
+        assert "distill.scale_aware_act_lr=true" in report
 
 
 def test_two_processes_train_the_same_student_as_one_with_the_whole_batch(

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from qdiff.config import AuxConfig, LayerOverride, LoRAConfig, QuantConfig
-from qdiff.quant import (QuantLayer, RankDecay, calibrating, iter_quant_layers, lora_param_groups,
-                         mean_weight_steps, merge_lora, quant_parameters, quantize_, timestep_context)
+from qdiff.quant import (QuantLayer, RankDecay, TemporalActQuantizer, act_param_groups, calibrating,
+                         iter_quant_layers, lora_param_groups, mean_weight_steps, merge_lora, quant_parameters, quantize_, timestep_context)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,6 +167,48 @@ def test_parameter_groups_and_scale_aware_lora_learning_rates():
         assert lr == pytest.approx(1e-3 * steps[name] / mean_step)
     assert sum(by_name.values()) / len(by_name) == pytest.approx(1e-3)
     assert {g["lr"] for g in lora_param_groups(model, lr=1e-3, scale_aware=False)} == {1e-3}
+
+
+def _act_tables(model: nn.Module) -> dict:
+    return {name: module.scale for name, module in model.named_modules()
+            if isinstance(module, TemporalActQuantizer)}
+
+
+def test_scale_aware_act_rates_move_every_step_table_by_the_same_fraction():
+    torch.manual_seed(0)
+    model, args, kwargs = _unet2d()
+    # 8-bit ends: their step sizes are ~16x smaller than the 4-bit tables'
+    overrides = [LayerOverride(pattern=name, act_bits=8) for name in ("conv_in", "conv_out")]
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=4, learn_zero_point=True, overrides=overrides),
+              LoRAConfig(rank=2))
+    with calibrating(model):
+        _output(model, args, kwargs)
+    tables = _act_tables(model)
+    params = quant_parameters(model).act_scales
+    groups = act_param_groups(model, lr=1e-3, scale_aware=True)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in params)
+    rates = {g["name"][len("act_scale:"):]: g["lr"] for g in groups if g["name"] != "act_scales"}
+    assert set(rates) == set(tables) and sum(rates.values()) / len(rates) == pytest.approx(1e-3)
+    zero_points = [g for g in groups if g["name"] == "act_scales"]
+    assert zero_points[0]["lr"] == 1e-3 and len(zero_points[0]["params"]) == len(tables)
+    assert act_param_groups(model, lr=1e-3) == [{"params": params, "lr": 1e-3, "name": "act_scales"}]
+
+    def relative_moves(scale_aware: bool) -> list[float]:
+        """Mean |change| / |step| of every table after one AdamW step on a unit gradient."""
+        before = {name: scale.detach().clone() for name, scale in tables.items()}
+        optimizer = torch.optim.AdamW(act_param_groups(model, 1e-3, scale_aware), weight_decay=0.0)
+        for scale in tables.values():
+            scale.grad = torch.ones_like(scale)
+        optimizer.step()
+        moves = [float(((tables[n].detach() - b).abs() / b.abs()).mean()) for n, b in before.items()]
+        with torch.no_grad():
+            for name, scale in tables.items():
+                scale.copy_(before[name])
+        return moves
+
+    absolute, aware = relative_moves(False), relative_moves(True)
+    assert max(absolute) / min(absolute) > 8  # one rate: the 8-bit tables move >8x as far
+    assert max(aware) / min(aware) < 1.2  # not 1: a table's entries differ in size
 
 
 def test_merge_lora_keeps_model_output():

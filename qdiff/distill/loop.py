@@ -36,7 +36,8 @@ from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, l
 from qdiff.distill.samples import save_comparison_grid
 from qdiff.distill.trajectory import TrajectoryStep, TrajectoryWalk, trajectory_timesteps
 from qdiff.families import combine_branches, family_for
-from qdiff.quant import QuantizationReport, RankDecay, quantize_, set_timesteps
+from qdiff.quant import (QuantizationReport, RankDecay, nonpositive_step_tables, quantize_,
+                         set_timesteps)
 
 logger = logging.getLogger("qdiff.distill")
 
@@ -182,6 +183,7 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     progress = tqdm(total=total, initial=step, desc=f"distilling {cfg.name}", unit="step",
                     disable=not main)
     recent: list[float] = []
+    collapsed: set[str] = set()
     while step < total:
         index = step // per_trajectory
         labels, generators = trajectory_batch(cfg.seed, index, cfg.distill.batch_size,
@@ -214,6 +216,7 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
             progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", rank=rank)
             if step % cfg.distill.log_every == 0 or step == total:
                 log.write({"step": step, "loss": loss, "lr": lr, "aux_rank": rank})
+                _warn_collapsed_tables(model, collapsed, step, main)
             _periodic(step, cfg, run_dir, family, accelerator, model, optimizer, recent)
             if step >= total:
                 break
@@ -221,6 +224,17 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     if decay is not None:
         decay.finish()
     return accelerator.unwrap_model(model)
+
+
+def _warn_collapsed_tables(model: nn.Module, warned: set[str], step: int, main: bool) -> None:
+    """Say so when an activation step size has crossed zero (once per table): the run goes on,
+    but that layer's input is lost from then on -- the breakdown of eval/results/seed-spread-*."""
+    new = [name for name in nonpositive_step_tables(model) if name not in warned]
+    warned.update(new)
+    if new and main:
+        logger.warning("step %d: %d activation step-size tables crossed zero (%s); lower "
+                       "distill.act_lr or set distill.scale_aware_act_lr=true",
+                       step, len(new), ", ".join(new[:3]) + (", ..." if len(new) > 3 else ""))
 
 
 def _periodic(step: int, cfg: RunConfig, run_dir: Path, family, accelerator: Accelerator,

@@ -2,7 +2,8 @@
 
 Groups: QALoRA per layer (learning rate proportional to the layer's mean weight step
 size: with Adam, scaling a gradient does nothing, scaling the rate does -- EfficientDM),
-temporal activation step sizes, weight step sizes, and QVGen's Phi. Everything else in
+temporal activation step sizes (optionally one group per table, rate proportional to its
+mean step, for the same reason), weight step sizes, and QVGen's Phi. Everything else in
 the student stays frozen -- except, for full QAT (`distill.base_weight_lr` > 0), the base
 weights themselves, in one more group.
 """
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from qdiff.config import RunConfig
-from qdiff.quant import lora_param_groups, quant_parameters
+from qdiff.quant import act_param_groups, lora_param_groups, quant_parameters
 
 
 def freeze_all_but_quant_params(student: nn.Module, train_base_weights: bool = False) -> None:
@@ -27,8 +28,8 @@ def freeze_all_but_quant_params(student: nn.Module, train_base_weights: bool = F
 def build_optimizer(student: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     params = quant_parameters(student)
     groups = lora_param_groups(student, cfg.distill.lr, cfg.lora.scale_aware_lr)
+    groups += act_param_groups(student, cfg.distill.act_lr, cfg.distill.scale_aware_act_lr)
     groups += [
-        {"params": params.act_scales, "lr": cfg.distill.act_lr, "name": "act_scales"},
         {"params": params.weight_scales, "lr": cfg.distill.weight_scale_lr, "name": "weight_scales"},
         {"params": params.aux, "lr": cfg.distill.aux_lr, "name": "aux"},
     ]

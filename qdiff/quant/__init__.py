@@ -9,9 +9,10 @@
 from .aux_branch import AuxBranch
 from .dynamic_act_quantizer import DynamicActQuantizer
 from .layers import QUANT_LAYERS, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
-from .model_ops import (QuantParams, calibrating, finish_calibration, iter_quant_layers,
-                        lora_param_groups, mean_weight_steps, merge_lora, quant_parameters,
-                        set_timesteps, start_calibration)
+from .model_ops import (QuantParams, act_param_groups, calibrating, finish_calibration,
+                        iter_quant_layers, lora_param_groups, mean_weight_steps, merge_lora,
+                        nonpositive_step_tables, quant_parameters, set_timesteps,
+                        start_calibration)
 from .packing import pack_codes, unpack_codes
 from .primitives import (fake_quantize, grad_scale, grid_codes, init_scale, int_range,
                          lp_search_init, minmax_init, round_ste)
@@ -26,9 +27,9 @@ from .weight_quantizer import LSQWeightQuantizer
 __all__ = [
     "AuxBranch", "DynamicActQuantizer", "LSQWeightQuantizer", "QUANT_LAYERS", "QuantConv2d",
     "QuantConv3d", "QuantLayer", "QuantLinear", "QuantParams", "QuantizationReport", "RankDecay",
-    "ReportRow", "SplitActQuantizer", "TemporalActQuantizer", "TimestepContext", "calibrating", "fake_quantize",
+    "ReportRow", "SplitActQuantizer", "TemporalActQuantizer", "TimestepContext", "act_param_groups", "calibrating", "fake_quantize",
     "finish_calibration", "grad_scale", "grid_codes", "init_scale", "int_range", "iter_quant_layers",
-    "lora_param_groups", "lp_search_init", "mean_weight_steps", "merge_lora", "minmax_init",
+    "lora_param_groups", "lp_search_init", "mean_weight_steps", "merge_lora", "minmax_init", "nonpositive_step_tables",
     "pack_codes", "quant_parameters", "quantize_", "round_ste", "set_timesteps",
     "start_calibration", "timestep_context", "unpack_codes",
 ]

@@ -71,6 +71,16 @@ def set_timesteps(model: nn.Module, timesteps: Union[Sequence[float], torch.Tens
             module.set_timesteps(timesteps)
 
 
+def nonpositive_step_tables(model: nn.Module) -> List[str]:
+    """Names of the temporal activation quantizers with a step size at or below zero.
+
+    Training can push a step size through zero; there the grid flips (or divides by zero)
+    and the layer's input collapses to one or two levels -- silently, unless someone looks.
+    """
+    return [name for name, module in model.named_modules()
+            if isinstance(module, TemporalActQuantizer) and bool((module.scale.detach() <= 0).any())]
+
+
 def merge_lora(model: nn.Module) -> None:
     """Fold every layer's B @ A into its base weight (quantized outputs unchanged)."""
     for _, layer in iter_quant_layers(model):
@@ -120,3 +130,29 @@ def lora_param_groups(model: nn.Module, lr: float, scale_aware: bool = True) -> 
     return [{"params": [layer.lora_A, layer.lora_B], "name": f"lora:{name}",
              "lr": lr * steps[name] / mean_step if scale_aware and mean_step > 0 else lr}
             for name, layer in layers]
+
+
+def act_param_groups(model: nn.Module, lr: float, scale_aware: bool = False) -> List[dict]:
+    """The activation quantizers' parameters; with `scale_aware`, lr ∝ each step table's mean.
+
+    Why: Adam moves every parameter by up to about lr per step whatever its size, and the
+    temporal step sizes span 0.003 (an 8-bit time embedding) to 0.2 (a 4-bit conv input).
+    A rate that suits the wide tables moves the narrow ones by 10% a step and can push
+    them through zero, where the grid flips and the layer's input is lost. So each table
+    gets its own group, the rates normalised so their mean over tables is `lr`; zero
+    points and dynamic clipping ratios (no size to follow) keep `lr`.
+    """
+    params = quant_parameters(model).act_scales
+    trainable = {id(param) for param in params}
+    tables = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, TemporalActQuantizer) and id(module.scale) in trainable
+              and module.scale.numel()] if scale_aware else []
+    steps = {name: float(module.scale.detach().abs().mean()) for name, module in tables}
+    mean_step = sum(steps.values()) / max(len(steps), 1)
+    if mean_step <= 0:
+        tables = []
+    in_tables = {id(module.scale) for _, module in tables}
+    groups = [{"params": [module.scale], "name": f"act_scale:{name}",
+               "lr": lr * steps[name] / mean_step} for name, module in tables]
+    rest = [param for param in params if id(param) not in in_tables]
+    return groups + [{"params": rest, "lr": lr, "name": "act_scales"}]
