@@ -228,7 +228,7 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
 
 def _warn_collapsed_tables(model: nn.Module, warned: set[str], step: int, main: bool) -> None:
     """Say so when an activation step size has crossed zero (once per table): the run goes on,
-    but that layer's input is lost from then on -- the breakdown of eval/results/seed-spread-*."""
+    but that entry's grid is now mirrored -- what broke W4A4 runs down (README, Distillation)."""
     new = [name for name in nonpositive_step_tables(model) if name not in warned]
     warned.update(new)
     if new and main:

@@ -74,8 +74,9 @@ def set_timesteps(model: nn.Module, timesteps: Union[Sequence[float], torch.Tens
 def nonpositive_step_tables(model: nn.Module) -> List[str]:
     """Names of the temporal activation quantizers with a step size at or below zero.
 
-    Training can push a step size through zero; there the grid flips (or divides by zero)
-    and the layer's input collapses to one or two levels -- silently, unless someone looks.
+    Training can push a step size through zero (or onto it, a division by zero). Past it the
+    grid is mirrored about the zero point: unless that sits mid-range, most of the layer's
+    input is clipped from then on -- silently, unless someone looks.
     """
     return [name for name, module in model.named_modules()
             if isinstance(module, TemporalActQuantizer) and bool((module.scale.detach() <= 0).any())]
@@ -138,7 +139,7 @@ def act_param_groups(model: nn.Module, lr: float, scale_aware: bool = False) -> 
     Why: Adam moves every parameter by up to about lr per step whatever its size, and the
     temporal step sizes span 0.003 (an 8-bit time embedding) to 0.2 (a 4-bit conv input).
     A rate that suits the wide tables moves the narrow ones by 10% a step and can push
-    them through zero, where the grid flips and the layer's input is lost. So each table
+    them through zero, where the grid is mirrored (`nonpositive_step_tables`). So each table
     gets its own group, the rates normalised so their mean over tables is `lr`; zero
     points and dynamic clipping ratios (no size to follow) keep `lr`.
     """
