@@ -126,11 +126,16 @@ def lora_param_groups(model: nn.Module, lr: float, scale_aware: bool = True) -> 
     rate does (EfficientDM). The rates are normalised so their mean over layers is `lr`.
     """
     layers = [(name, layer) for name, layer in iter_quant_layers(model) if layer.lora_A is not None]
-    steps = {name: layer.mean_weight_step() for name, layer in layers}
-    mean_step = sum(steps.values()) / max(len(steps), 1)
+    rates = _rates_by_step({name: layer.mean_weight_step() for name, layer in layers}, lr)
     return [{"params": [layer.lora_A, layer.lora_B], "name": f"lora:{name}",
-             "lr": lr * steps[name] / mean_step if scale_aware and mean_step > 0 else lr}
-            for name, layer in layers]
+             "lr": rates[name] if scale_aware else lr} for name, layer in layers]
+
+
+def _rates_by_step(steps: Dict[str, float], lr: float) -> Dict[str, float]:
+    """lr in proportion to each step size, normalised so the mean rate is `lr` (all `lr` if
+    the steps are all zero)."""
+    mean_step = sum(steps.values()) / max(len(steps), 1)
+    return {name: lr * step / mean_step if mean_step > 0 else lr for name, step in steps.items()}
 
 
 def act_param_groups(model: nn.Module, lr: float, scale_aware: bool = False) -> List[dict]:
@@ -144,16 +149,16 @@ def act_param_groups(model: nn.Module, lr: float, scale_aware: bool = False) -> 
     points and dynamic clipping ratios (no size to follow) keep `lr`.
     """
     params = quant_parameters(model).act_scales
+    if not scale_aware:
+        return [{"params": params, "lr": lr, "name": "act_scales"}]
     trainable = {id(param) for param in params}
-    tables = [(name, module) for name, module in model.named_modules()
+    tables = {name: module.scale for name, module in model.named_modules()
               if isinstance(module, TemporalActQuantizer) and id(module.scale) in trainable
-              and module.scale.numel()] if scale_aware else []
-    steps = {name: float(module.scale.detach().abs().mean()) for name, module in tables}
-    mean_step = sum(steps.values()) / max(len(steps), 1)
-    if mean_step <= 0:
-        tables = []
-    in_tables = {id(module.scale) for _, module in tables}
-    groups = [{"params": [module.scale], "name": f"act_scale:{name}",
-               "lr": lr * steps[name] / mean_step} for name, module in tables]
-    rest = [param for param in params if id(param) not in in_tables]
-    return groups + [{"params": rest, "lr": lr, "name": "act_scales"}]
+              and module.scale.numel()}
+    steps = {name: float(scale.detach().abs().mean()) for name, scale in tables.items()}
+    rates = _rates_by_step(steps, lr)
+    in_tables = {id(scale) for scale in tables.values()}
+    groups = [{"params": [scale], "name": f"act_scale:{name}", "lr": rates[name]}
+              for name, scale in tables.items()]
+    return groups + [{"params": [p for p in params if id(p) not in in_tables], "lr": lr,
+                      "name": "act_scales"}]
