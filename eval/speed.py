@@ -112,13 +112,14 @@ def build_sd(quick: bool, width: float = 1.0) -> StableDiffusionPipeline:
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def sd_inputs(unet, dtype: torch.dtype) -> tuple:
-    """One guided SD step: a batch of 2 (prompt, empty prompt), 77 text tokens."""
+def sd_inputs(unet, dtype: torch.dtype, size: int | None = None) -> tuple:
+    """One guided SD step on the UNet's device: a batch of 2 (prompt, empty prompt), 77 text
+    tokens, a `size` x `size` latent (default: the UNet's sample size). Drawn on the CPU."""
     gen = torch.Generator().manual_seed(0)
-    size = unet.config.sample_size
-    sample = torch.randn(2, 4, size, size, generator=gen).to(dtype)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen).to(dtype)
-    return sample, torch.tensor([500, 500]), context
+    size = size or unet.config.sample_size
+    sample = torch.randn(2, 4, size, size, generator=gen).to(unet.device, dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen).to(unet.device, dtype)
+    return sample, torch.tensor([500, 500], device=unet.device), context
 
 
 def sd_student(unet, bits: tuple[int, int], timesteps: torch.Tensor):
@@ -132,7 +133,7 @@ def sd_student(unet, bits: tuple[int, int], timesteps: torch.Tensor):
     with torch.no_grad(), calibrating(student):
         for t in timesteps:
             sample, _, context = sd_inputs(unet, torch.float32)
-            student(sample, t.expand(2), encoder_hidden_states=context)
+            student(sample, t.to(sample.device).expand(2), encoder_hidden_states=context)
     return student, cfg
 
 

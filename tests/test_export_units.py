@@ -90,6 +90,7 @@ def _shape(module):
 MODULES = {
     "linear": lambda: nn.Linear(24, 16),
     "conv": lambda: nn.Conv2d(6, 8, 3, padding=1),
+    "conv-1x1": lambda: nn.Conv2d(6, 8, 1),  # its moved int8 weight looks channels-last to conv2d
     "conv-strided-reflect": lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1, padding_mode="reflect"),
     "conv-grouped-nobias": lambda: nn.Conv2d(6, 4, 3, groups=2, bias=False),
 }

@@ -35,9 +35,14 @@ def to_rows(codes: torch.Tensor) -> torch.Tensor:
 
 
 def from_rows(rows: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of `to_rows` for a weight of `weight_shape`."""
+    """Inverse of `to_rows` for a weight of `weight_shape`, in standard strides.
+
+    `.contiguous()` would keep a 1x1 kernel's moved strides (size-1 dimensions do not count),
+    which a convolution reads as channels-last: its output would then be channels-last, and
+    the next normalisation would round differently than after the reference path.
+    """
     moved = (weight_shape[0], *weight_shape[2:], weight_shape[1])
-    return rows.reshape(moved).movedim(-1, 1).contiguous()
+    return rows.reshape(moved).movedim(-1, 1).clone(memory_format=torch.contiguous_format)
 
 
 class Int8Weight(nn.Module):

@@ -33,7 +33,7 @@ class ClassLDMFamily(FamilyAdapter):
         return self.pipe.class_embedder.null_class  # classes 0..n-1; n is the null class
 
     def context(self, conditions: torch.Tensor, guidance: float) -> torch.Tensor:
-        return self.pipe.class_context(conditions, guidance)
+        return self.pipe.class_context(conditions.to(self.pipe._execution_device), guidance)
 
     def prepare_latents(self, batch_size: int, generator: Generator) -> torch.Tensor:
         return self.pipe.prepare_latents(batch_size, generator, None)
