@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from speed import BITS, _export, build_sd, sd_inputs, sd_student  # noqa: E402  (eval/ is a folder of scripts)
+# eval/ is a folder of scripts
+from speed import BITS, _export, _ratio_cell, build_sd, ratios, sd_inputs, sd_student  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 KERNELS = ("int8", "float", "auto")
@@ -69,8 +70,8 @@ def forward_peak_bytes(unet, size: int) -> int:
 
 
 def build(quick: bool, workdir: Path) -> dict:
-    """{variant: denoiser on the GPU}: float32 and bfloat16 teachers, one low-bit entry per
-    (width, kernel); the low-bit entries of one width share one loaded model."""
+    """{variant: denoiser on the GPU}: the float32 and bfloat16 teachers and one exported
+    low-bit denoiser per width ("W4A8", "W4A4"), whose kernel each measurement sets."""
     pipe = build_sd(quick)
     pipe.unet.to("cuda")
     pipe.scheduler.set_timesteps(10)
@@ -128,17 +129,6 @@ def memory(variants: dict, low_bit: dict, size: int) -> dict:
     return out
 
 
-def ratio_summary(times: dict[str, list[float]]) -> dict:
-    out = {}
-    for teacher in ("float32", "bfloat16"):
-        for name, low in times.items():
-            if name in ("float32", "bfloat16"):
-                continue
-            r = [t / s for t, s in zip(times[teacher], low)]
-            out[f"{name} vs {teacher}"] = {"min": min(r), "median": statistics.median(r), "max": max(r)}
-    return out
-
-
 def report(results: dict, suffix: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"speed-cuda{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -158,7 +148,7 @@ def report(results: dict, suffix: str) -> None:
             cells = [f"{1e3 * statistics.median(case['seconds'][name]):.1f}"]
             for teacher in ("float32", "bfloat16"):
                 r = case["ratios"].get(f"{name} vs {teacher}")
-                cells.append(f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})" if r else "")
+                cells.append(_ratio_cell(r) if r else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"GPU memory (kernel \"auto\" for the low-bit models), latent {LATENTS[-1]}x{LATENTS[-1]}:", "",
               "| | weights MB | vs float32 | forward peak above weights MB |", "|---|---:|---:|---:|"]
@@ -188,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     results["forward"] = {}
     for size in LATENTS:
         times = timings(variants, low_bit, size, repeats)
-        results["forward"][str(size)] = {"seconds": times, "ratios": ratio_summary(times)}
+        results["forward"][str(size)] = {"seconds": times, "ratios": ratios(times)}
     results["memory"] = memory(variants, low_bit, LATENTS[-1])
     suffix = "-quick" if args.quick else ""
     report(results, suffix)

@@ -18,10 +18,9 @@ import qdiff
 from qdiff.distill import loop
 from qdiff.export import IntLayer, export_pipeline
 from qdiff.export.int8_gemm import float_sum, int8_sum
-from qdiff.export.int8_weight import Int8Weight
 from test_distill import _config, _held_out_loss
 from test_export_families import CALLS, FAMILIES, _denoiser, _export
-from test_export_fast import LAYER_CASES, _frozen, _operands, _run
+from test_export_fast import LAYER_CASES, _run, exact_sum_case, layer_case
 from test_export_units import MODULES
 
 CUDA = torch.device("cuda")
@@ -48,12 +47,8 @@ def _close(got: torch.Tensor, expected: torch.Tensor, relative: float, what: str
 @pytest.mark.parametrize("act_bits, weight_bits", [(4, 4), (8, 4), (8, 8)])
 @pytest.mark.parametrize("rows, inner, cols", [(1, 7, 3), (17, 8, 16), (40, 300, 24)])
 def test_int8_and_float_sums_are_exact_on_cuda(act_bits, weight_bits, rows, inner, cols):
-    gen = torch.Generator().manual_seed(rows + act_bits)
-    a, za, w, zw, qmin = _operands(gen, rows, inner, cols, act_bits, weight_bits)
-    weight = Int8Weight.from_codes(w, zw, weight_bits, 0).to(CUDA)
-    offset = qmin + 2 ** (act_bits - 1)
-    expected = (a - za[:, None]) @ (w - zw[:, None]).t()  # int64, on the CPU
-    u, a_zero = (a - offset).to(torch.int8).to(CUDA), (za - offset).to(torch.int32).to(CUDA)
+    u, a_zero, weight, expected = exact_sum_case(rows, inner, cols, act_bits, weight_bits)
+    u, a_zero, weight = u.to(CUDA), a_zero.to(CUDA), weight.to(CUDA)  # expected stays on the CPU
     assert torch.equal(int8_sum(u, a_zero, weight).long().cpu(), expected)
     assert torch.equal(float_sum(u, a_zero, weight, torch.float64).long().cpu(), expected)
 
@@ -70,10 +65,7 @@ def _layer_tolerance(kernel: str, dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("bits, mode, symmetric", LAYER_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_integer_layers_on_cuda_give_the_cpu_reference_output(kind, bits, mode, symmetric, dtype):
-    layer, shape = _frozen(kind, bits, mode, symmetric)
-    layer = layer.to(dtype)
-    x = (torch.randn(3, *shape, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
-    timesteps = torch.tensor([900, 120, 480])
+    layer, x, timesteps = layer_case(kind, bits, mode, symmetric, dtype)
     expected = _run(layer, x, "reference", timesteps)
     on_cuda = copy.deepcopy(layer).to(CUDA)
     for kernel in ("reference", *FAST):

@@ -56,15 +56,20 @@ def _operands(gen, rows, inner, cols, act_bits, weight_bits):
     return a, za, w, zw, qmin
 
 
-@pytest.mark.parametrize("act_bits, weight_bits", [(4, 4), (8, 4), (8, 8)])
-@pytest.mark.parametrize("rows, inner, cols", [(1, 7, 3), (40, 300, 24)])
-def test_int8_and_float_sums_are_exact(act_bits, weight_bits, rows, inner, cols):
+def exact_sum_case(rows, inner, cols, act_bits, weight_bits):
+    """(int8 activations, their residual zero points, Int8Weight, the exact int64 sums)."""
     gen = torch.Generator().manual_seed(rows + act_bits)
     a, za, w, zw, qmin = _operands(gen, rows, inner, cols, act_bits, weight_bits)
-    weight = Int8Weight.from_codes(w, zw, weight_bits, 0)
     offset = qmin + 2 ** (act_bits - 1)
     expected = (a - za[:, None]) @ (w - zw[:, None]).t()  # int64
     u, a_zero = (a - offset).to(torch.int8), (za - offset).to(torch.int32)
+    return u, a_zero, Int8Weight.from_codes(w, zw, weight_bits, 0), expected
+
+
+@pytest.mark.parametrize("act_bits, weight_bits", [(4, 4), (8, 4), (8, 8)])
+@pytest.mark.parametrize("rows, inner, cols", [(1, 7, 3), (40, 300, 24)])
+def test_int8_and_float_sums_are_exact(act_bits, weight_bits, rows, inner, cols):
+    u, a_zero, weight, expected = exact_sum_case(rows, inner, cols, act_bits, weight_bits)
     assert torch.equal(int8_sum(u, a_zero, weight).long(), expected)
     assert torch.equal(float_sum(u, a_zero, weight, torch.float64).long(), expected)
 
@@ -141,14 +146,18 @@ def _run(layer, x, kernel, timesteps):
         return layer(x)
 
 
+def layer_case(kind, bits, mode, symmetric, dtype):
+    """(frozen integer layer in `dtype`, an input batch of 3, one timestep per sample)."""
+    layer, shape = _frozen(kind, bits, mode, symmetric)
+    x = (torch.randn(3, *shape, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    return layer.to(dtype), x, torch.tensor([900, 120, 480])
+
+
 @pytest.mark.parametrize("kind", MODULES)
 @pytest.mark.parametrize("bits, mode, symmetric", LAYER_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fast_kernels_give_the_reference_output(kind, bits, mode, symmetric, dtype):
-    layer, shape = _frozen(kind, bits, mode, symmetric)
-    layer = layer.to(dtype)
-    x = (torch.randn(3, *shape, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
-    timesteps = torch.tensor([900, 120, 480])
+    layer, x, timesteps = layer_case(kind, bits, mode, symmetric, dtype)
     expected = _run(layer, x, "reference", timesteps)
     for kernel in ("int8", "onednn", "float", "auto"):
         got = _run(layer, x, kernel, timesteps)
