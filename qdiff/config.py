@@ -117,6 +117,9 @@ class QuantConfig:
     # UNets: quantize each part of a concatenated input (decoder features, skip) with its
     # own step sizes (Q-Diffusion's shortcut splitting; qdiff.quant.concat_inputs)
     split_concat_inputs: bool = False
+    # Linear layers (fnmatch) whose input is rotated by a Hadamard matrix before it is
+    # quantized, the weight rotated to match (qdiff.quant.rotation); online at inference
+    rotate_inputs: List[str] = field(default_factory=list)
     calibration_samples: int = 32  # teacher trajectories used to initialise the scales
 
     def __post_init__(self) -> None:

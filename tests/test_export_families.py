@@ -149,6 +149,9 @@ FAMILIES = {
                        float64_pipeline=False),
     "wan-w4a4-per-token": Family(_wan, "wan", QuantConfig(weight_bits=4, act_bits=4,
                                                           act_mode="dynamic_per_token")),
+    "wan-w4a4-rotated": Family(_wan, "wan", QuantConfig(
+        weight_bits=4, act_bits=4, act_mode="dynamic_per_token",
+        rotate_inputs=["*ffn.net.0.proj", "*attn1.to_[qkv]"])),
     "cogvideox-w8a8": Family(_cogvideox, "cogvideox", QuantConfig(weight_bits=8, act_bits=8)),
 }
 PIPELINES = [name for name, family in FAMILIES.items() if family.sample]
@@ -217,6 +220,9 @@ def test_export_loads_as_the_teachers_class_with_an_integer_denoiser(exported):
     assert qconfig["act_granularity"] == granularity[family.quant.act_mode]
     int_layers = [m for m in denoiser.modules() if isinstance(m, IntLayer)]
     assert len(qconfig["layers"]) == len(dict(iter_quant_layers(student)))
+    rotated = {name for name, spec in qconfig["layers"].items() if spec["input_rotation"] == "hadamard"}
+    assert rotated == {name for name, layer in iter_quant_layers(student) if layer.input_rotation is not None}
+    assert len(rotated) == (4 if family.quant.rotate_inputs else 0)  # one block: FFN in, q, k, v
     splits = {name: tuple(spec["act_split"]) for name, spec in qconfig["layers"].items() if spec["act_split"]}
     assert splits == (concat_input_splits(student) if family.quant.split_concat_inputs else {})
     assert len(int_layers) == len(qconfig["layers"]) + sum(len(split) - 1 for split in splits.values())

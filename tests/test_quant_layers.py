@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 KINDS = {
     "linear": (lambda: nn.Linear(12, 10), (2, 5, 12)),
+    "linear-rotated": (lambda: nn.Linear(12, 10), (2, 5, 12)),  # input rotated by a Hadamard
     "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 7, 7)),
     "conv3d": (lambda: nn.Conv3d(3, 5, (2, 3, 3), padding=1, dilation=(1, 2, 1)), (2, 3, 3, 6, 5)),
 }
@@ -32,12 +33,18 @@ def _layer(kind, weight_bits=4, act_bits=8, lora=True, aux_rank=None, seed=0, **
     layer = QUANT_LAYERS[type(module)].from_module(
         copy.deepcopy(module), weight_bits, act_bits, QuantConfig(weight_bits=weight_bits, **quant),
         LoRAConfig(rank=3) if lora else None,
-        AuxConfig(enabled=True, rank=aux_rank) if aux_rank else None)
+        AuxConfig(enabled=True, rank=aux_rank) if aux_rank else None,
+        rotate_input=kind.endswith("-rotated"))
     layer.context.set(500)
     layer.act_quantizer.start_calibration()
     layer(x)
     layer.act_quantizer.finish_calibration()
     return layer, module, x
+
+
+def _rotated(layer, t):
+    """An input (or a Linear weight) in the basis the layer quantizes in: t @ H if it rotates."""
+    return t if layer.input_rotation is None else layer.input_rotation(t)
 
 
 def _train_lora(layer, seed=1):
@@ -51,8 +58,8 @@ def _train_lora(layer, seed=1):
 def test_zero_b_equals_quantized_base(kind):
     layer, module, x = _layer(kind)
     assert layer.lora_B.abs().sum() == 0 and layer.lora_A.abs().sum() > 0
-    x_q = layer.act_quantizer(x)
-    w_q = layer.weight_quantizer(module.weight)
+    x_q = layer.act_quantizer(_rotated(layer, x))
+    w_q = layer.weight_quantizer(_rotated(layer, module.weight))
     expected = layer._apply_weight(x_q, w_q, module.bias)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
     plain, _, _ = _layer(kind, lora=False)
@@ -99,7 +106,10 @@ def test_to_module_reproduces_the_layer(kind, packed):
     plain = layer.to_module()
     assert type(plain) is type(module)
     assert set(dict(plain.named_parameters())) == {"weight", "bias"}
-    torch.testing.assert_close(plain(layer.act_quantizer(x)), layer(x), rtol=0, atol=1e-6)
+    x_q = layer.act_quantizer(_rotated(layer, x))
+    if layer.input_rotation is not None:  # plain takes inputs in their own basis: rotate back
+        x_q = x_q @ layer.input_rotation.matrix().T
+    torch.testing.assert_close(plain(x_q), layer(x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])

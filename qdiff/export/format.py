@@ -9,11 +9,14 @@
                              "act_bits": 8, "act_symmetric": false,
                              "act_granularity": "per_tensor_per_timestep",
                              "act_table_size": 50, "weight_shape": [32, 3, 3, 3],
-                             "act_split": []}, ...}}
+                             "act_split": [], "input_rotation": "none"}, ...}}
 
 `act_split` lists the input-channel widths of a layer whose input is quantized in
 slices, each with its own activation table (`SplitIntLayer`); empty for one table.
-Version 2 added it; version 1 files (no `act_split`) still load.
+Version 2 added it; version 1 files (no `act_split`) still load. `input_rotation` is
+"hadamard" for a Linear that rotates its input by `qdiff.quant.rotation.HadamardRotation`
+before quantizing it (its codes are those of the rotated weight), else "none". Version 3
+added it; older files (no `input_rotation`) load as "none".
 
 Config files are data: this module only reads and checks JSON-shaped dicts, and every
 problem is an `ExportFormatError` that names the file and what is wrong with it.
@@ -26,11 +29,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 QUANT_METHOD = "qdiff"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 ACT_GRANULARITIES = ("per_tensor_per_timestep", "per_token")
 LAYER_TYPES = ("Linear", "Conv2d", "Conv3d")
+INPUT_ROTATIONS = ("none", "hadamard")
 
 
 class ExportFormatError(ValueError):
@@ -50,6 +54,7 @@ class LayerSpec:
     act_table_size: int  # timestep entries (per-tensor tables) or timestep groups (per token)
     weight_shape: tuple[int, ...]
     act_split: tuple[int, ...] = ()  # input-channel widths of the slices, each with its own table
+    input_rotation: str = "none"  # "hadamard": the input is multiplied by H before quantization
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "weight_shape": list(self.weight_shape),
@@ -63,8 +68,8 @@ class LayerSpec:
     @classmethod
     def from_json(cls, name: str, data: Any, source: Path) -> "LayerSpec":
         keys = [f.name for f in fields(cls)]
-        if isinstance(data, Mapping) and "act_split" not in data:  # format version 1
-            data = {**data, "act_split": []}
+        if isinstance(data, Mapping):  # fields that format versions 1 and 2 lack
+            data = {"act_split": [], "input_rotation": "none", **data}
         if not isinstance(data, Mapping) or sorted(data) != sorted(keys):
             raise ExportFormatError(f"{source}: layer '{name}' must have exactly the keys {keys}, "
                                     f"got {sorted(data) if isinstance(data, Mapping) else data!r}.")
@@ -83,6 +88,10 @@ class LayerSpec:
             split != [] and not (isinstance(split, list) and len(split) >= 2 and all(_is_int(w, 1) for w in split)
                            and isinstance(shape, list) and len(shape) > 1 and sum(split) == shape[1])
             and "act_split must be empty or two or more positive widths that add up to weight_shape[1]",
+            data["input_rotation"] not in INPUT_ROTATIONS
+            and f"input_rotation {data['input_rotation']!r} is not one of {INPUT_ROTATIONS}",
+            data["input_rotation"] != "none" and (data["type"] != "Linear" or split != [])
+            and "only an unsplit Linear layer can rotate its input",
         ]
         problems = [p for p in problems if p]
         if problems:

@@ -59,7 +59,8 @@ def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
                      weight_symmetric=layer.weight_quantizer.symmetric, act_bits=layer.act_bits,
                      act_symmetric=quantizer.symmetric, act_granularity=granularity,
                      act_table_size=table_size, weight_shape=tuple(layer.weight_shape),
-                     act_split=act_split)
+                     act_split=act_split,
+                     input_rotation="none" if layer.input_rotation is None else "hadamard")
 
 
 def empty_int_layer(module: torch.nn.Module, spec: LayerSpec, context: TimestepContext) -> ExportLayer:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qdiff.quant.primitives import int_range
+from qdiff.quant.rotation import HadamardRotation
 
 from .act_codes import ActCodes, ActCodesModule
 from .fast_path import conv_forward, linear_forward
@@ -144,11 +145,24 @@ class IntLayer(nn.Module):
 
 
 class IntLinear(IntLayer):
+    """With `spec.input_rotation == "hadamard"` the input is rotated (x @ H) first, by the
+    student's own `HadamardRotation` (rebuilt from the width, nothing stored)."""
+
     float_type = nn.Linear
+
+    def __init__(self, spec: LayerSpec, act: ActCodesModule, bias: Optional[torch.Tensor]) -> None:
+        super().__init__(spec, act, bias)
+        self.input_rotation = (HadamardRotation(spec.weight_shape[1])
+                               if spec.input_rotation == "hadamard" else None)
 
     @classmethod
     def like(cls, module: nn.Linear, spec: LayerSpec, act: ActCodesModule) -> "IntLinear":
         return cls(spec, act, module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
+        return super().forward(x)
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_forward(self, x)

@@ -2,6 +2,10 @@
 
     y = Q_a(x) * Q_w(W0 + B @ A) + bias   [+ Q_a(x) * Phi]
 
+A Linear may rotate its input first (`rotate_input`, see `rotation`): x becomes x @ H
+and W0 becomes W0 @ H at wrapping time, so LoRA, Phi and both quantizers live in the
+rotated basis and the float function is unchanged.
+
 The original module is kept as `base_layer` (as PEFT does) for its bias and conv
 hyper-parameters; W0 stays frozen, either as a float tensor or, with
 `packed_base_weight`, as packed integer codes of an initial quantization (the student
@@ -24,6 +28,7 @@ from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
 from .aux_branch import AuxBranch
 from .dynamic_act_quantizer import DynamicActQuantizer
 from .packing import pack_codes, unpack_codes
+from .rotation import HadamardRotation
 from .split_act_quantizer import SplitActQuantizer
 from .temporal_act_quantizer import TemporalActQuantizer
 from .timestep_context import TimestepContext
@@ -41,8 +46,11 @@ class QuantLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, weight_bits: int, act_bits: int,
                  quant_cfg: QuantConfig, lora_cfg: Optional[LoRAConfig] = None,
                  aux_cfg: Optional[AuxConfig] = None,
-                 context: Optional[TimestepContext] = None) -> None:
+                 context: Optional[TimestepContext] = None, rotate_input: bool = False) -> None:
         super().__init__()
+        self.input_rotation: Optional[HadamardRotation] = None
+        if rotate_input:
+            self._rotate_base(base_layer)
         weight = base_layer.weight.detach()
         self.weight_shape = tuple(weight.shape)
         self.weight_bits, self.act_bits = weight_bits, act_bits
@@ -68,11 +76,23 @@ class QuantLayer(nn.Module):
     def from_module(cls, module: nn.Module, weight_bits: int, act_bits: int,
                     quant_cfg: QuantConfig, lora_cfg: Optional[LoRAConfig] = None,
                     aux_cfg: Optional[AuxConfig] = None,
-                    context: Optional[TimestepContext] = None) -> "QuantLayer":
+                    context: Optional[TimestepContext] = None,
+                    rotate_input: bool = False) -> "QuantLayer":
         """Wrap `module` (its weight initialises the weight quantizer and Phi)."""
         if type(module) is not cls.base_type:
             raise TypeError(f"{cls.__name__} wraps {cls.base_type.__name__}, got {type(module).__name__}.")
-        return cls(module, weight_bits, act_bits, quant_cfg, lora_cfg, aux_cfg, context)
+        return cls(module, weight_bits, act_bits, quant_cfg, lora_cfg, aux_cfg, context, rotate_input)
+
+    @torch.no_grad()
+    def _rotate_base(self, base_layer: nn.Module) -> None:
+        """W0 <- W0 @ H (each row rotated), and the rotation kept for the input."""
+        if self.base_type is not nn.Linear:
+            raise ValueError(f"Cannot rotate the input of {base_layer}: qdiff rotates the inputs "
+                             f"of Linear layers only; leave it out of quant.rotate_inputs.")
+        weight = base_layer.weight
+        rotation = HadamardRotation(weight.shape[1]).to(weight.device)
+        base_layer.weight = nn.Parameter(rotation(weight.float()).to(weight.dtype), requires_grad=False)
+        self.input_rotation = rotation
 
     def _make_act_quantizer(self, bits: int, cfg: QuantConfig) -> ActQuantizer:
         if cfg.act_mode == "dynamic_per_token":
@@ -85,6 +105,9 @@ class QuantLayer(nn.Module):
     def split_input(self, widths: Sequence[int], cfg: QuantConfig) -> None:
         """Quantize the input in channel slices of `widths` (e.g. a concatenation's parts),
         each slice with its own activation quantizer; see `SplitActQuantizer`."""
+        if self.input_rotation is not None:
+            raise ValueError(f"Cannot split the rotated input of {self.base_layer}: the rotation "
+                             f"mixes the slices; rotate the input or split it, not both.")
         if getattr(self.base_layer, "groups", 1) != 1:
             raise ValueError(f"Cannot split the input of the grouped {self.base_layer}: a grouped "
                              f"layer does not sum over all its input channels; leave it unsplit.")
@@ -142,6 +165,8 @@ class QuantLayer(nn.Module):
         return self.weight_quantizer(weight).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         x_q = self.act_quantizer(x)
         y = self._apply_weight(x_q, self.quantized_weight(), self.base_layer.bias)
         if self.aux is not None:
@@ -179,12 +204,16 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def to_module(self) -> nn.Module:
-        """A plain float module whose weight is Q_w(W0 + B @ A) (the activation quantizer is
-        not part of it: export keeps its tables). Phi must be gone (rank decay) first."""
+        """A plain float module whose weight is Q_w(W0 + B @ A), rotated back to the input's
+        own basis if the input is rotated (the activation quantizer is not part of it: export
+        keeps its tables). Phi must be gone (rank decay) first."""
         if self.aux is not None:
             raise ValueError("to_module(): the aux branch Phi is still present; finish rank decay first.")
         module = copy.deepcopy(self.base_layer)
-        module.weight = nn.Parameter(self.quantized_weight().detach().clone())
+        weight = self.quantized_weight().detach()
+        if self.input_rotation is not None:  # W_q H^T: H is orthogonal
+            weight = (weight.float() @ self.input_rotation.matrix().T).to(weight.dtype)
+        module.weight = nn.Parameter(weight.clone())
         return module.requires_grad_(True)
 
     def mean_weight_step(self) -> float:
@@ -192,7 +221,8 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]
-        return f"w{self.weight_bits}a{self.act_bits}, lora_rank={rank}, packed={self.packed}"
+        rotated = ", input rotated" if self.input_rotation is not None else ""
+        return f"w{self.weight_bits}a{self.act_bits}, lora_rank={rank}, packed={self.packed}{rotated}"
 
 
 class QuantLinear(QuantLayer):

@@ -12,6 +12,7 @@ from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
 from .concat_inputs import concat_input_splits
 from .layers import QUANT_LAYERS, QuantLayer
 from .report import QuantizationReport, ReportRow
+from .rotation import HadamardRotation
 from .timestep_context import TimestepContext
 
 CONTEXT_ATTR = "_qdiff_timestep_context"
@@ -82,13 +83,17 @@ def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAC
     to every activation quantizer. Weight scales (and Phi) are initialised here from the
     weights; activation scales need calibration (see `model_ops.calibrating`). With
     `quant_cfg.split_concat_inputs`, layers whose input is a concatenation quantize each
-    part with its own step sizes (`concat_inputs`).
+    part with its own step sizes (`concat_inputs`). Linear layers matched by
+    `quant_cfg.rotate_inputs` rotate their input by a Hadamard matrix (`rotation`).
     """
     context = timestep_context(model)
     splits = _input_splits(model, quant_cfg)
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    candidates = _candidates(model)
+    _check_rotations([(name, module) for name, module in candidates
+                      if not _keep_float_reason(name, quant_cfg, keep_fp32)], quant_cfg)
     rows = []
-    for name, module in _candidates(model):
+    for name, module in candidates:
         params = sum(p.numel() for p in module.parameters())
         kind = type(module).__name__
         reason = _keep_float_reason(name, quant_cfg, keep_fp32)
@@ -96,8 +101,11 @@ def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAC
             rows.append(ReportRow(name, kind, None, None, params, reason))
             continue
         weight_bits, act_bits, note = _bits_for(name, quant_cfg)
+        rotate = _matches(name, quant_cfg.rotate_inputs)
         layer = QUANT_LAYERS[type(module)].from_module(
-            module, weight_bits, act_bits, quant_cfg, lora_cfg, aux_cfg, context)
+            module, weight_bits, act_bits, quant_cfg, lora_cfg, aux_cfg, context, rotate)
+        if rotate:
+            note = ", ".join(filter(None, [note, "input rotated"]))
         if name in splits:
             layer.split_input(splits[name], quant_cfg)
             note = ", ".join(filter(None, [note, "input split " + "+".join(map(str, splits[name]))]))
@@ -105,3 +113,21 @@ def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAC
         model.set_submodule(name, layer)
         rows.append(ReportRow(name, kind, weight_bits, act_bits, params, note))
     return QuantizationReport(rows)
+
+
+def _check_rotations(quantized: list[tuple[str, nn.Module]], cfg: QuantConfig) -> None:
+    """Before any layer is swapped: every rotation pattern matches a quantized layer (else
+    it is a typo), and only Linear ones."""
+    names = [name for name, _ in quantized]
+    unmatched = [p for p in cfg.rotate_inputs if not any(_matches(name, [p]) for name in names)]
+    if unmatched:
+        raise ValueError(f"quant.rotate_inputs {unmatched} match(es) no quantized layer; the "
+                         f"quantized layers are named like {names[:3]}. Fix the pattern(s).")
+    rotated = [(name, module) for name, module in quantized if _matches(name, cfg.rotate_inputs)]
+    not_linear = [name for name, module in rotated if type(module) is not nn.Linear]
+    if not_linear:
+        raise ValueError(f"quant.rotate_inputs matches {not_linear[:3]}, which are not Linear "
+                         f"layers; qdiff rotates the inputs of Linear layers only. Narrow the "
+                         f"pattern(s) {cfg.rotate_inputs}.")
+    for _, module in rotated:  # a width without a Hadamard matrix: refused with the fix
+        HadamardRotation(module.in_features)
