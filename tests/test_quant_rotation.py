@@ -28,6 +28,15 @@ def test_the_rotation_is_a_hadamard_matrix(size):
     torch.testing.assert_close(h.abs(), torch.full_like(h, 1 / math.sqrt(size)), rtol=1e-6, atol=0)
 
 
+def test_powers_of_two_are_sylvester_and_others_take_the_smallest_paley_factor():
+    """The Paley factor is a dense matmul per token: 1536 must be 12 x 128, not 384 x 4."""
+    sylvester = torch.tensor([[1., 1., 1., 1.], [1., -1., 1., -1.], [1., 1., -1., -1.], [1., -1., -1., 1.]])
+    torch.testing.assert_close(HadamardRotation(4).matrix() * 2, sylvester, rtol=0, atol=1e-6)
+    assert HadamardRotation(256).paley_t is None
+    sizes = {width: HadamardRotation(width).paley_t.shape for width in (96, 1536, 1920, 5120, 8960)}
+    assert sizes == {96: (12, 12), 1536: (12, 12), 1920: (60, 60), 5120: (20, 20), 8960: (140, 140)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("size", [16, 96])
 def test_the_fast_transform_multiplies_by_the_matrix(size, dtype):

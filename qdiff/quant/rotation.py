@@ -41,13 +41,15 @@ def _paley(q: int) -> torch.Tensor:
 
 
 def _paley_size(width: int) -> int:
-    """The size of P: 1 (width a power of two), or q + 1 for Paley's q; 0 if none fits."""
-    power = 1
-    while width % power == 0:
+    """The size of P: 1 (width a power of two), else the smallest q + 1 for Paley's q; 0 if
+    none fits. Smallest, because P is applied as a dense (q + 1)-wide matmul: 1536 is
+    12 * 128 (a 12-wide P), not 384 * 4."""
+    power = width & -width  # the largest power of two dividing width
+    while power >= 1:
         size = width // power
         if size == 1 or (size % 4 == 0 and _is_prime(size - 1) and (size - 1) % 4 == 3):
             return size
-        power *= 2
+        power //= 2
     return 0
 
 
