@@ -89,14 +89,13 @@ def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAC
     context = timestep_context(model)
     splits = _input_splits(model, quant_cfg)
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    candidates = _candidates(model)
-    _check_rotations([(name, module) for name, module in candidates
-                      if not _keep_float_reason(name, quant_cfg, keep_fp32)], quant_cfg)
+    candidates = [(name, module, _keep_float_reason(name, quant_cfg, keep_fp32))
+                  for name, module in _candidates(model)]
+    _check_rotations([(name, module) for name, module, reason in candidates if not reason], quant_cfg)
     rows = []
-    for name, module in candidates:
+    for name, module, reason in candidates:
         params = sum(p.numel() for p in module.parameters())
         kind = type(module).__name__
-        reason = _keep_float_reason(name, quant_cfg, keep_fp32)
         if reason:
             rows.append(ReportRow(name, kind, None, None, params, reason))
             continue
