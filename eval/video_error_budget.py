@@ -30,7 +30,7 @@ from qdiff.families import family_for
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 NUM_VIDEOS, SEED = 16, 1234
-FFN_IN, QKV, FFN_OUT = "*ffn.net.0.proj", "*attn1.to_[qkv]", "*ffn.net.2"
+FFN_IN, QKV, FFN_OUT, ATTN_OUT = "*ffn.net.0.proj", "*attn1.to_[qkv]", "*ffn.net.2", "*attn1.to_out.0"
 # row -> (weight bits, activation bits, the one layer group whose activations get 4 bits,
 #         the layers whose inputs are rotated)
 ROWS: dict[str, tuple[int, int, str | None, list[str]]] = {
@@ -38,14 +38,16 @@ ROWS: dict[str, tuple[int, int, str | None, list[str]]] = {
     "W8A4": (8, 4, None, []),
     "W4A8": (4, 8, None, []),
     "W4A8, A4 at self-attention q/k/v": (4, 8, QKV, []),
-    "W4A8, A4 at self-attention out": (4, 8, "*attn1.to_out.0", []),
+    "W4A8, A4 at self-attention out": (4, 8, ATTN_OUT, []),
     "W4A8, A4 at cross-attention": (4, 8, "*attn2.*", []),
     "W4A8, A4 at FFN in": (4, 8, FFN_IN, []),
     "W4A8, A4 at FFN out": (4, 8, FFN_OUT, []),
     "W4A8, A4 at self-attention q/k/v, rotated": (4, 8, QKV, [QKV]),
     "W4A8, A4 at FFN in, rotated": (4, 8, FFN_IN, [FFN_IN]),
     "W4A8, A4 at FFN out, rotated": (4, 8, FFN_OUT, [FFN_OUT]),
+    "W4A8, A4 at self-attention out, rotated": (4, 8, ATTN_OUT, [ATTN_OUT]),
     "W4A4, FFN in and self-attention q/k/v rotated": (4, 4, None, [FFN_IN, QKV]),
+    "W4A4, FFN in, self-attention q/k/v and out rotated": (4, 4, None, [FFN_IN, QKV, ATTN_OUT]),
 }
 
 
