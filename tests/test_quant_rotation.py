@@ -29,12 +29,39 @@ def test_the_rotation_is_a_hadamard_matrix(size):
 
 
 def test_powers_of_two_are_sylvester_and_others_take_the_smallest_paley_factor():
-    """The Paley factor is a dense matmul per token: 1536 must be 12 x 128, not 384 x 4."""
+    """The Paley factor is a dense matmul per token: 1536 must be 12 x 128, not 384 x 4;
+    Sylvester parts above 128 are split into near-equal factors (kron of Sylvesters)."""
     sylvester = torch.tensor([[1., 1., 1., 1.], [1., -1., 1., -1.], [1., 1., -1., -1.], [1., -1., -1., 1.]])
     torch.testing.assert_close(HadamardRotation(4).matrix() * 2, sylvester, rtol=0, atol=1e-6)
-    assert HadamardRotation(256).paley_t is None
-    sizes = {width: HadamardRotation(width).paley_t.shape for width in (96, 1536, 1920, 5120, 8960)}
-    assert sizes == {96: (12, 12), 1536: (12, 12), 1920: (60, 60), 5120: (20, 20), 8960: (140, 140)}
+    sizes = {width: HadamardRotation(width).factor_sizes
+             for width in (1, 256, 4096, 96, 1536, 1920, 3072, 5120, 8960)}
+    assert sizes == {1: (), 256: (16, 16), 4096: (64, 64), 96: (12, 8), 1536: (12, 128),
+                     1920: (60, 32), 3072: (12, 16, 16), 5120: (20, 16, 16), 8960: (140, 64)}
+
+
+@pytest.mark.parametrize("size", [96, 256, 1536])
+def test_the_factored_transform_is_the_kronecker_product(size):
+    """x @ H computed factor by factor equals x @ kron(P, S) / sqrt(width) built whole."""
+    rotation = HadamardRotation(size).double()
+    q = rotation.paley_size - 1
+    sylvester = torch.ones(1, 1, dtype=torch.float64)
+    while sylvester.shape[0] < size // (q + 1):
+        sylvester = torch.kron(torch.tensor([[1., 1.], [1., -1.]], dtype=torch.float64), sylvester)
+    whole = sylvester if q == 0 else torch.kron(_paley_by_definition(q), sylvester)
+    x = torch.randn(7, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(rotation(x), x @ whole / math.sqrt(size), rtol=0, atol=1e-12)
+
+
+def _paley_by_definition(q: int) -> torch.Tensor:
+    """I + S, S the skew Jacobsthal matrix bordered by ones: S[i][j] = chi(j - i) for the
+    quadratic character chi of GF(q), first row +1 and first column -1 off the corner."""
+    chi = [0.0] + [1.0 if pow(d, (q - 1) // 2, q) == 1 else -1.0 for d in range(1, q)]
+    skew = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    skew[0, 1:], skew[1:, 0] = 1.0, -1.0
+    for i in range(q):
+        for j in range(q):
+            skew[i + 1, j + 1] = chi[(j - i) % q]
+    return torch.eye(q + 1, dtype=torch.float64) + skew
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -7,11 +7,13 @@ that per-token quantization has to cover; the weight is rotated once, offline, s
 as the modulated LayerNorm outputs that feed a DiT block's attention and FFN; it costs
 where the input is one-signed (after a GELU), whose asymmetric grid it makes symmetric.
 
-H = kron(P, S) / sqrt(width): S a Sylvester matrix of size 2**k, applied by the fast
-Walsh-Hadamard transform, and for other widths P a Paley matrix of size q + 1 (q a prime,
-q = 3 mod 4), a small matmul. That covers the widths of the models qdiff targets (96, 1536,
-1920, 3072, 5120, ...) at O(width * (log width + q)) per token, and nothing is stored
-but P's +-1 entries. The student and its export call the same `HadamardRotation`, so they
+H = kron(P, S) / sqrt(width): S a Sylvester matrix of size 2**k and, for other widths, P a
+Paley matrix of size q + 1 (q a prime, q = 3 mod 4). S is itself a Kronecker product of
+smaller Sylvester matrices, so x viewed as (tokens, q + 1, a, b, ...) is multiplied by
+each small factor along its axis: a few batched matmuls of O(width * factor) per token
+(1536 = 12 x 128: 140 multiply-adds per channel, not 1536). That covers the widths of the
+models qdiff targets (96, 1536, 1920, 3072, 5120, ...), and nothing is stored but the
+factors' +-1 entries. The student and its export call the same `HadamardRotation`, so they
 rotate with the very same arithmetic.
 """
 
@@ -22,6 +24,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+MAX_FACTOR = 128  # the largest Sylvester factor: one (rows, 128) @ (128, 128) GEMM beat
+#                   two passes of 16 and 8 at width 1536 (scratch timing, 2 cores)
 
 
 def _is_prime(n: int) -> bool:
@@ -53,19 +58,32 @@ def _paley_size(width: int) -> int:
     return 0
 
 
-def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """x @ S along the last dim (a power of two), S the unnormalised Sylvester matrix."""
-    shape, width, half = x.shape, x.shape[-1], 1
-    while half < width:
-        pairs = x.reshape(*shape[:-1], width // (2 * half), 2, half)
-        first, second = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((first + second, first - second), dim=-2)
-        half *= 2
-    return x.reshape(shape)
+def _sylvester(size: int) -> torch.Tensor:
+    """The +-1 Sylvester matrix of a power-of-two size (symmetric)."""
+    matrix = torch.ones(1, 1)
+    while matrix.shape[0] < size:
+        matrix = torch.cat((torch.cat((matrix, matrix), 1), torch.cat((matrix, -matrix), 1)), 0)
+    return matrix
+
+
+def _sylvester_sizes(power: int) -> list[int]:
+    """Split a power of two into as few as possible near-equal factors of at most
+    `MAX_FACTOR` (Sylvester(a * b) = kron(Sylvester(a), Sylvester(b))): 4096 -> [64, 64]."""
+    if power == 1:
+        return []
+    bits = power.bit_length() - 1
+    count = -(-bits // (MAX_FACTOR.bit_length() - 1))  # ceil(bits / log2(MAX_FACTOR))
+    sizes = [bits // count + (i < bits % count) for i in range(count)]
+    return [2 ** b for b in sizes]
 
 
 class HadamardRotation(nn.Module):
-    """x -> x @ H along the last dim, H the orthogonal Hadamard matrix of `width`."""
+    """x -> x @ H along the last dim, H the orthogonal Hadamard matrix of `width`.
+
+    H is the Kronecker product of small +-1 factors (P, then Sylvester matrices of at most
+    `MAX_FACTOR`); x viewed as (tokens, *factor sizes) is multiplied by each factor along
+    its axis, a few batched matmuls of O(width * factor) per token instead of one of
+    O(width**2)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -76,24 +94,34 @@ class HadamardRotation(nn.Module):
                 f"2**k * (q + 1), q a prime with q % 4 == 3 (e.g. 96, 1536, 1920, 5120). Leave "
                 f"the layers of input width {width} out of quant.rotate_inputs.")
         self.width = width
-        paley: Optional[torch.Tensor] = _paley(paley_size - 1).T.contiguous() if paley_size > 1 else None
-        self.register_buffer("paley_t", paley, persistent=False)  # P^T: +-1, exact in any dtype
+        self.paley_size = paley_size
+        factors = ([_paley(paley_size - 1)] if paley_size > 1 else [])
+        factors += [_sylvester(size) for size in _sylvester_sizes(width // paley_size)]
+        self.factor_sizes = tuple(factor.shape[0] for factor in factors)
+        for index, factor in enumerate(factors):  # +-1 entries: exact in any dtype
+            self.register_buffer(f"factor{index}", factor, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.width:
             raise ValueError(f"HadamardRotation of width {self.width} got an input of width {x.shape[-1]}.")
-        if self.paley_t is None:
-            return _walsh_hadamard(x) / math.sqrt(self.width)
-        blocks = x.reshape(*x.shape[:-1], self.paley_t.shape[0], -1)  # (..., q + 1, 2**k)
-        mixed = torch.matmul(self.paley_t.to(x.dtype), _walsh_hadamard(blocks))
-        return mixed.reshape(x.shape) / math.sqrt(self.width)
+        y = x.reshape(-1, self.width)
+        before = y.shape[0]
+        for index, size in enumerate(self.factor_sizes):
+            factor = getattr(self, f"factor{index}").to(x.dtype)
+            after = self.width // (math.prod(self.factor_sizes[:index]) * size)
+            if after == 1:  # the last axis: (rows, size) @ F
+                y = y.reshape(-1, size) @ factor
+            else:  # another axis: F^T @ (rows, size, after), batched over rows
+                y = torch.matmul(factor.T, y.reshape(before, size, after))
+            before *= size
+        return y.reshape(x.shape) / math.sqrt(self.width)
 
     def matrix(self) -> torch.Tensor:
         """H itself, (width, width) float32 (its rows are the rotated unit vectors)."""
         return self(torch.eye(self.width, device=self._device()))
 
     def _device(self) -> Optional[torch.device]:
-        return None if self.paley_t is None else self.paley_t.device
+        return self.factor0.device if self.factor_sizes else None
 
     def extra_repr(self) -> str:
         return f"width={self.width}"
