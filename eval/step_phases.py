@@ -1,6 +1,6 @@
 """Where a distillation step's time goes: full QAT against qdiff, phase by phase.
 
-    python eval/step_phases.py            # SD-1.5's layout at half its UNet width (~15 min on 2 cores)
+    python eval/step_phases.py            # SD-1.5's layout at half its UNet width (~5 min on 2 cores)
     python eval/step_phases.py --quick    # at a tenth of the width (smoke run)
 
 train_cost.py puts qdiff's training step at 0.75x of full QAT's, where issue 9 asks for
@@ -13,10 +13,12 @@ float W0, no gradient checkpointing, the teacher in float32, batch 1 with guidan
 - backward: the loss's backward pass;
 - optimizer: gradient clipping, AdamW's step and zeroing the gradients.
 
-Each phase is the median of `--repeats` steps after one warm-up step; both methods run in
-this process, one after the other. The last column is qdiff's time over full QAT's. The
-floor row is what a step would cost if backward and optimizer were free: the two forward
-passes, over full QAT's whole step. Writes eval/results/step-phases.md and .json.
+Each phase is the median of `--repeats` steps after one warm-up step; the methods run in
+this process, one after the other. A third student, "no weight gradient (bound)", trains
+only its activation step sizes: no layer forms a weight gradient, so its backward is the
+input gradients alone, the least a backward can cost whatever is trained. The floor is
+what a step would cost if backward and optimizer were free: the two forward passes, over
+full QAT's whole step. Writes eval/results/step-phases.md and .json.
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ from qdiff.distill.loop import build_student, distillation_loss
 from qdiff.distill.optim import build_optimizer
 from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches, family_for
+from qdiff.quant import quant_parameters
 
 from speed import build_sd  # noqa: E402  (eval/ is a folder of scripts)
 from train_cost import FLOAT_W0, FULL_QAT, run_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = {"full QAT": FULL_QAT, "qdiff, float W0": FLOAT_W0}
+BOUND = "no weight gradient (bound)"
+# The bound trains only the activation step sizes: no layer forms a weight gradient, so its
+# backward is the input gradients alone -- what any low-rank shortcut could at best reach.
+METHODS = {"full QAT": FULL_QAT, "qdiff, float W0": FLOAT_W0, BOUND: ["lora.enabled=false", *FLOAT_W0]}
 PHASES = ("teacher", "student forward", "backward", "optimizer")
 
 
@@ -71,6 +77,9 @@ def measure(pipe, pipe_dir: Path, workdir: Path, method: str, repeats: int) -> d
     cfg = run_config(pipe_dir, workdir / "run", 4, METHODS[method])
     family = family_for(pipe, cfg.model)
     student = build_student(pipe, cfg).model
+    if method == BOUND:
+        for scale in quant_parameters(student).weight_scales:
+            scale.requires_grad_(False)
     optimizer = build_optimizer(student, cfg)
     labels = torch.zeros(1, dtype=torch.long)
     walk = teacher_trajectory(family, labels, cfg.distill.trajectory_steps, cfg.distill.eta,
@@ -84,16 +93,22 @@ def measure(pipe, pipe_dir: Path, workdir: Path, method: str, repeats: int) -> d
 
 
 def report(rows: dict[str, dict], describe: str, command: str, suffix: str) -> str:
-    qat, ours = rows["full QAT"], rows["qdiff, float W0"]
+    qat, ours, bound = rows["full QAT"], rows["qdiff, float W0"], rows[BOUND]
     lines = ["# Where a distillation step's time goes: full QAT against qdiff", "",
              f"Command: `{command}`", "", describe, "",
-             "| phase | full QAT s | qdiff s | qdiff / full QAT |", "|---|---:|---:|---:|"]
+             "| phase | full QAT s | qdiff s | qdiff / full QAT | no weight gradient s | "
+             "no weight gradient / full QAT |", "|---|---:|---:|---:|---:|---:|"]
     for phase in (*PHASES, "step"):
-        lines.append(f"| {phase} | {qat[phase]:.2f} | {ours[phase]:.2f} | {ours[phase] / qat[phase]:.2f}x |")
+        lines.append(f"| {phase} | {qat[phase]:.2f} | {ours[phase]:.2f} | "
+                     f"{ours[phase] / qat[phase]:.2f}x | {bound[phase]:.2f} | {bound[phase] / qat[phase]:.2f}x |")
     floor = ours["teacher"] + ours["student forward"]
     lines += ["", f"Floor: qdiff's two forward passes alone take {floor:.2f} s, "
-              f"{floor / qat['step']:.2f}x of full QAT's whole step. Trainable parameters: "
-              f"full QAT {qat['trainable_params'] / 1e6:.1f} M, qdiff {ours['trainable_params'] / 1e6:.1f} M."]
+              f"{floor / qat['step']:.2f}x of full QAT's whole step. `no weight gradient`: "
+              "the same student with only its activation step sizes trained, so that no "
+              "layer forms a weight gradient; its backward is the input gradients alone, the "
+              "least any choice of trainable weights could cost. Trainable parameters: "
+              f"full QAT {qat['trainable_params'] / 1e6:.1f} M, qdiff {ours['trainable_params'] / 1e6:.1f} M, "
+              f"no weight gradient {bound['trainable_params'] / 1e6:.2f} M."]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"step-phases{suffix}.json").write_text(json.dumps(
         {"command": command, "describe": describe, "rows": rows}, indent=2) + "\n")
@@ -106,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of SD's width")
     parser.add_argument("--width", type=float, default=0.5, help="the UNet's width over SD-1.5's")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per method")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per method")
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # the recipe names its prompt file relative to the repository
     with tempfile.TemporaryDirectory(prefix="qdiff-step-phases-") as tmp:
