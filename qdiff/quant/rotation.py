@@ -78,12 +78,8 @@ def _sylvester_sizes(power: int) -> list[int]:
 
 
 class HadamardRotation(nn.Module):
-    """x -> x @ H along the last dim, H the orthogonal Hadamard matrix of `width`.
-
-    H is the Kronecker product of small +-1 factors (P, then Sylvester matrices of at most
-    `MAX_FACTOR`); x viewed as (tokens, *factor sizes) is multiplied by each factor along
-    its axis, a few batched matmuls of O(width * factor) per token instead of one of
-    O(width**2)."""
+    """x -> x @ H along the last dim, H the orthogonal Hadamard matrix of `width`, applied
+    one +-1 Kronecker factor at a time (P, then Sylvester matrices of at most `MAX_FACTOR`)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -105,15 +101,15 @@ class HadamardRotation(nn.Module):
         if x.shape[-1] != self.width:
             raise ValueError(f"HadamardRotation of width {self.width} got an input of width {x.shape[-1]}.")
         y = x.reshape(-1, self.width)
-        before = y.shape[0]
+        rows, after = y.shape[0], self.width  # y viewed as (rows, size, after) for each factor
         for index, size in enumerate(self.factor_sizes):
             factor = getattr(self, f"factor{index}").to(x.dtype)
-            after = self.width // (math.prod(self.factor_sizes[:index]) * size)
+            after //= size
             if after == 1:  # the last axis: (rows, size) @ F
                 y = y.reshape(-1, size) @ factor
             else:  # another axis: F^T @ (rows, size, after), batched over rows
-                y = torch.matmul(factor.T, y.reshape(before, size, after))
-            before *= size
+                y = torch.matmul(factor.T, y.reshape(rows, size, after))
+            rows *= size
         return y.reshape(x.shape) / math.sqrt(self.width)
 
     def matrix(self) -> torch.Tensor:
