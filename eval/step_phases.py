@@ -2,6 +2,7 @@
 
     python eval/step_phases.py            # SD-1.5's layout at half its UNet width (~5 min on 2 cores)
     python eval/step_phases.py --quick    # at a tenth of the width (smoke run)
+    python eval/step_phases.py --reverse  # the methods last first -> step-phases-reversed.*
 
 train_cost.py puts qdiff's training step at 0.75x of full QAT's, where issue 9 asks for
 0.5x. This splits one step (`qdiff.distill.loop._train_step`) into its phases, timed one
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -122,21 +124,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of SD's width")
     parser.add_argument("--width", type=float, default=0.5, help="the UNet's width over SD-1.5's")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per method")
+    parser.add_argument("--reverse", action="store_true",
+                        help="run the methods last first (checks that one method's run does not "
+                             "slow the next)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)  # the recipe names its prompt file relative to the repository
     with tempfile.TemporaryDirectory(prefix="qdiff-step-phases-") as tmp:
         pipe = build_sd(args.quick, args.width)
         pipe.save_pretrained(Path(tmp) / "sd")  # the config names the model by its folder
         rows = {method: measure(pipe, Path(tmp) / "sd", Path(tmp) / str(i), method, args.repeats)
-                for i, method in enumerate(METHODS)}
+                for i, method in enumerate(reversed(METHODS) if args.reverse else METHODS)}
     params = sum(p.numel() for p in pipe.unet.parameters())
     describe = (f"SD-1.5-shaped pipeline, UNet at {args.width:g}x{' a tenth of' if args.quick else ''} "
                 f"SD-1.5's width ({params / 1e6:.0f} M parameters, random weights), "
                 f"configs/sd15-w4a4.yaml with float W0, the teacher in float32, batch 1 with "
                 f"guidance, the first denoising step of one trajectory; median of {args.repeats} "
                 f"steps after a warm-up; {torch.get_num_threads()} thread(s), torch {torch.__version__}.")
-    command = "python eval/step_phases.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    print(report(rows, describe, command, "-quick" if args.quick else ""))
+    command = shlex.join(["python", "eval/step_phases.py", *(argv if argv is not None else sys.argv[1:])])
+    suffix = ("-quick" if args.quick else "") + ("-reversed" if args.reverse else "")
+    print(report(rows, describe, command, suffix))
 
 
 if __name__ == "__main__":
