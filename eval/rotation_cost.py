@@ -1,9 +1,9 @@
 """What the Hadamard input rotation (quant.rotate_inputs) costs an exported W4A4 Linear.
 
-    python eval/rotation_cost.py           # -> eval/results/rotation-cost.md and .json (~5 min)
+    python eval/rotation_cost.py           # -> eval/results/rotation-cost.md and .json (~3 min)
     python eval/rotation_cost.py --quick   # fewer tokens and repeats: checks that it runs
 
-A rotated layer runs `x @ H` (a fast Walsh-Hadamard transform and a small Paley matmul,
+A rotated layer runs `x @ H` (one small matmul per Kronecker factor of H,
 qdiff.quant.rotation) before its integer kernel; everything else is the same layer. For the
 shapes that the video recipes would rotate (the self-attention q/k/v and the FFN's first
 Linear of the embedded tiny Wan, Wan 2.1 1.3B and Wan 2.1 14B; CogVideoX-2B's width 1920 and

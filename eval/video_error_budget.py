@@ -5,11 +5,11 @@
 Each row is configs/tiny-wan-w4a4.yaml's calibrated PTQ student (no training) with the bits
 changed: all layers at W4A4, W8A4 and W4A8, then activations at 8 bits except one group of
 layers at 4; the rows marked "rotated" rotate the inputs of the named layers by a Hadamard
-matrix (quant.rotate_inputs, qdiff.quant.rotation). Every student answers the teacher's questions along the same teacher
-trajectories (16 videos, the recipe's 20 Euler steps and guidance), and the row reports its
-guided velocity's squared error relative to the teacher's, per step. The noisy first half
-of the trajectory decides what the video shows; the last steps have small velocities, so
-their relative error is large and matters little.
+matrix (quant.rotate_inputs, qdiff.quant.rotation). Every student answers the teacher's
+questions along the same teacher trajectories (16 videos, the recipe's 20 Euler steps and
+guidance), and the row reports its guided velocity's squared error relative to the
+teacher's, per step. The noisy first half of the trajectory decides what the video shows;
+the last steps have small velocities, so their relative error is large and matters little.
 """
 
 from __future__ import annotations
