@@ -3,11 +3,12 @@
     python eval/step_phases.py            # SD-1.5's layout at half its UNet width (~5 min on 2 cores)
     python eval/step_phases.py --quick    # at a tenth of the width (smoke run)
     python eval/step_phases.py --reverse  # the methods last first -> step-phases-reversed.*
+    python eval/step_phases.py --normal-weights  # bell-shaped weights -> step-phases-normal.*
 
 train_cost.py puts qdiff's training step at 0.75x of full QAT's, where issue 9 asks for
 0.5x. This splits one step (`qdiff.distill.loop._train_step`) into its phases, timed one
 by one on the same denoising step and models as train_cost.py (configs/sd15-w4a4.yaml,
-float W0, no gradient checkpointing, the teacher in float32, batch 1 with guidance):
+no gradient checkpointing, the teacher in float32, batch 1 with guidance):
 
 - teacher: the teacher's guided forward that gives the step its target (the trajectory);
 - student forward: the student's guided forward, building the autograd graph;
@@ -15,11 +16,15 @@ float W0, no gradient checkpointing, the teacher in float32, batch 1 with guidan
 - optimizer: gradient clipping, AdamW's step and zeroing the gradients.
 
 Each phase is the median of `--repeats` steps after one warm-up step; the methods run in
-this process, one after the other. A third student, "no weight gradient (bound)", trains
-only its activation step sizes: no layer forms a weight gradient, so its backward is the
-input gradients alone, the least a backward can cost whatever is trained. The floor is
-what a step would cost if backward and optimizer were free: the two forward passes, over
-full QAT's whole step. Writes eval/results/step-phases.md and .json.
+this process, one after the other. qdiff runs with float and with packed W0, each with
+autograd's backward and with `lora.low_rank_backward` (weight step sizes frozen; B and A
+get their gradients from rank-r products plus a correction at the clipped weights,
+qdiff/quant/lora_backward.py). "No weight gradient (bound)" trains only its activation
+step sizes: no layer forms a weight gradient, so its backward is the input gradients
+alone, the least a backward can cost whatever is trained. The table also says which share
+of the weights the student starts clipped and how many LoRA layers the low-rank backward
+takes the low-rank way (the rest: the dense weight gradient). Writes
+eval/results/step-phases.md and .json.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from qdiff.distill.loop import build_student, distillation_loss
 from qdiff.distill.optim import build_optimizer
 from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches, family_for
-from qdiff.quant import quant_parameters
+from qdiff.quant import QuantLayer, lora_backward
 
 from speed import build_sd  # noqa: E402  (eval/ is a folder of scripts)
 from train_cost import FLOAT_W0, FULL_QAT, run_config  # noqa: E402
@@ -48,9 +53,20 @@ from train_cost import FLOAT_W0, FULL_QAT, run_config  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 BOUND = "no weight gradient (bound)"
+LOW_RANK = ["distill.weight_scale_lr=0", "lora.low_rank_backward=true"]
 # The bound trains only the activation step sizes: no layer forms a weight gradient, so its
 # backward is the input gradients alone -- what any low-rank shortcut could at best reach.
-METHODS = {"full QAT": FULL_QAT, "qdiff, float W0": FLOAT_W0, BOUND: ["lora.enabled=false", *FLOAT_W0]}
+METHODS = {
+    "full QAT": FULL_QAT,
+    "qdiff, float W0": FLOAT_W0,
+    # what the low-rank backward needs, with autograd's backward: which part of its gain is
+    # only the frozen weight step sizes
+    "qdiff, float W0, weight step sizes frozen": [*FLOAT_W0, "distill.weight_scale_lr=0"],
+    "qdiff, float W0, low-rank backward": [*FLOAT_W0, *LOW_RANK],
+    "qdiff, packed W0": [],
+    "qdiff, packed W0, low-rank backward": LOW_RANK,
+    BOUND: ["lora.enabled=false", "distill.weight_scale_lr=0", *FLOAT_W0],
+}
 PHASES = ("teacher", "student forward", "backward", "optimizer")
 
 
@@ -79,9 +95,6 @@ def measure(pipe, pipe_dir: Path, workdir: Path, method: str, repeats: int) -> d
     cfg = run_config(pipe_dir, workdir / "run", 4, METHODS[method])
     family = family_for(pipe, cfg.model)
     student = build_student(pipe, cfg).model
-    if method == BOUND:
-        for scale in quant_parameters(student).weight_scales:
-            scale.requires_grad_(False)
     optimizer = build_optimizer(student, cfg)
     labels = torch.zeros(1, dtype=torch.long)
     walk = teacher_trajectory(family, labels, cfg.distill.trajectory_steps, cfg.distill.eta,
@@ -89,28 +102,54 @@ def measure(pipe, pipe_dir: Path, workdir: Path, method: str, repeats: int) -> d
     point = next(walk)
     steps = [time_step(family, student, optimizer, point, cfg) for _ in range(repeats + 1)][1:]
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    return {"method": method, "trainable_params": trainable,
+    return {"method": method, "trainable_params": trainable, **clipping(student),
             **{phase: statistics.median(step[phase] for step in steps) for phase in PHASES},
             "step": statistics.median(sum(step.values()) for step in steps)}
 
 
+def clipping(student) -> dict[str, float]:
+    """Share of the quantized weights on or past an end code at the start (B = 0), and how
+    many low-rank-backward layers `lora_grads` sends the low-rank way at those counts."""
+    clipped = total = low_rank = layers = 0
+    for layer in student.modules():
+        if not isinstance(layer, QuantLayer):
+            continue
+        weight = layer.base_weight().detach()
+        count = int(layer.weight_quantizer.clipped(weight).sum())
+        clipped, total = clipped + count, total + weight.numel()
+        if layer.low_rank_backward:
+            layers += 1
+            low_rank += lora_backward.low_rank_is_cheaper(
+                weight.shape[0], weight[0].numel(), layer.lora_A.shape[0], count)
+    return {"clipped_share": clipped / total, "low_rank_layers": low_rank, "lora_layers": layers}
+
+
 def report(rows: dict[str, dict], describe: str, command: str, suffix: str) -> str:
-    qat, ours, bound = rows["full QAT"], rows["qdiff, float W0"], rows[BOUND]
+    qat, bound = rows["full QAT"], rows[BOUND]
     lines = ["# Where a distillation step's time goes: full QAT against qdiff", "",
              f"Command: `{command}`", "", describe, "",
-             "| phase | full QAT s | qdiff s | qdiff / full QAT | no weight gradient s | "
-             "no weight gradient / full QAT |", "|---|---:|---:|---:|---:|---:|"]
-    for phase in (*PHASES, "step"):
-        lines.append(f"| {phase} | {qat[phase]:.2f} | {ours[phase]:.2f} | "
-                     f"{ours[phase] / qat[phase]:.2f}x | {bound[phase]:.2f} | {bound[phase] / qat[phase]:.2f}x |")
+             "| method | teacher s | student forward s | backward s | optimizer s | step s | "
+             "backward / full QAT | step / full QAT | clipped at start | low-rank layers |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, row in rows.items():
+        layers = f"{row['low_rank_layers']} / {row['lora_layers']}" if row["lora_layers"] else ""
+        lines.append(f"| {method} | " + " | ".join(f"{row[phase]:.2f}" for phase in (*PHASES, "step"))
+                     + f" | {row['backward'] / qat['backward']:.2f}x | {row['step'] / qat['step']:.2f}x"
+                     f" | {100 * row['clipped_share']:.2f}% | {layers} |")
+    ours = rows["qdiff, float W0"]
     floor = ours["teacher"] + ours["student forward"]
     lines += ["", f"Floor: qdiff's two forward passes alone take {floor:.2f} s, "
               f"{floor / qat['step']:.2f}x of full QAT's whole step. `no weight gradient`: "
               "the same student with only its activation step sizes trained, so that no "
               "layer forms a weight gradient; its backward is the input gradients alone, the "
-              "least any choice of trainable weights could cost. Trainable parameters: "
-              f"full QAT {qat['trainable_params'] / 1e6:.1f} M, qdiff {ours['trainable_params'] / 1e6:.1f} M, "
-              f"no weight gradient {bound['trainable_params'] / 1e6:.2f} M."]
+              "least any choice of trainable weights could cost. `low-rank backward`: "
+              "`lora.low_rank_backward=true distill.weight_scale_lr=0`. `clipped at start`: "
+              "the share of quantized weights on or past an end code of their grid before "
+              "training (where the low-rank backward must correct); `low-rank layers`: how "
+              "many of the layers with that backward take the low-rank way at those counts. "
+              f"Trainable parameters: full QAT {qat['trainable_params'] / 1e6:.1f} M, qdiff "
+              f"{ours['trainable_params'] / 1e6:.1f} M, no weight gradient "
+              f"{bound['trainable_params'] / 1e6:.2f} M."]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"step-phases{suffix}.json").write_text(json.dumps(
         {"command": command, "describe": describe, "rows": rows}, indent=2) + "\n")
@@ -119,11 +158,27 @@ def report(rows: dict[str, dict], describe: str, command: str, suffix: str) -> s
     return text
 
 
+@torch.no_grad()
+def redraw_normal(model: torch.nn.Module) -> None:
+    """Every weight of two or more dimensions redrawn from N(0, its own std).
+
+    diffusers initialises Linear and Conv weights uniformly, so about 3% of each row sits
+    within half a step of a min-max grid's top end, where the rounded zero point clips
+    it; trained weights are bell-shaped, with few weights near their row's extremes."""
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("weight") and param.dim() >= 2:
+            param.copy_(torch.randn(param.shape, generator=generator) * param.std())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of SD's width")
     parser.add_argument("--width", type=float, default=0.5, help="the UNet's width over SD-1.5's")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per method")
+    parser.add_argument("--normal-weights", action="store_true",
+                        help="redraw every weight matrix and kernel from a normal distribution "
+                             "(bell-shaped like trained weights) -> step-phases-normal.*")
     parser.add_argument("--reverse", action="store_true",
                         help="run the methods last first (checks that one method's run does not "
                              "slow the next)")
@@ -131,17 +186,21 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(ROOT)  # the recipe names its prompt file relative to the repository
     with tempfile.TemporaryDirectory(prefix="qdiff-step-phases-") as tmp:
         pipe = build_sd(args.quick, args.width)
+        if args.normal_weights:
+            redraw_normal(pipe.unet)
         pipe.save_pretrained(Path(tmp) / "sd")  # the config names the model by its folder
         rows = {method: measure(pipe, Path(tmp) / "sd", Path(tmp) / str(i), method, args.repeats)
                 for i, method in enumerate(reversed(METHODS) if args.reverse else METHODS)}
     params = sum(p.numel() for p in pipe.unet.parameters())
     describe = (f"SD-1.5-shaped pipeline, UNet at {args.width:g}x{' a tenth of' if args.quick else ''} "
-                f"SD-1.5's width ({params / 1e6:.0f} M parameters, random weights), "
-                f"configs/sd15-w4a4.yaml with float W0, the teacher in float32, batch 1 with "
+                f"SD-1.5's width ({params / 1e6:.0f} M parameters, random weights"
+                f"{', every matrix and kernel normal' if args.normal_weights else ''}), "
+                f"configs/sd15-w4a4.yaml with min-max weight grids, the teacher in float32, batch 1 with "
                 f"guidance, the first denoising step of one trajectory; median of {args.repeats} "
                 f"steps after a warm-up; {torch.get_num_threads()} thread(s), torch {torch.__version__}.")
     command = shlex.join(["python", "eval/step_phases.py", *(argv if argv is not None else sys.argv[1:])])
-    suffix = ("-quick" if args.quick else "") + ("-reversed" if args.reverse else "")
+    suffix = ("-quick" if args.quick else "") + ("-normal" if args.normal_weights else "") + \
+        ("-reversed" if args.reverse else "")
     print(report(rows, describe, command, suffix))
 
 

@@ -140,6 +140,9 @@ class LoRAConfig:
     enabled: bool = True
     rank: int = 32
     scale_aware_lr: bool = True  # per-layer learning rate proportional to the weight step size
+    # B and A's gradients from rank-r products, without the full weight gradient (Linear and
+    # ungrouped Conv2d); needs distill.weight_scale_lr=0 (qdiff/quant/lora_backward.py)
+    low_rank_backward: bool = False
 
     def __post_init__(self) -> None:
         _check_range("lora.rank", self.rank, 1)
@@ -268,6 +271,11 @@ class RunConfig:
                 f"distill.base_weight_lr={self.distill.base_weight_lr} trains the base weights, "
                 f"but quant.packed_base_weight=true holds them as frozen integer codes. Set "
                 f"quant.packed_base_weight=false for full QAT, or distill.base_weight_lr=0.")
+        if self.lora.low_rank_backward and self.distill.weight_scale_lr > 0:
+            raise ConfigError(
+                f"lora.low_rank_backward=true forms no full weight gradient, which training the "
+                f"weight step sizes (distill.weight_scale_lr={self.distill.weight_scale_lr}) needs. "
+                f"Set distill.weight_scale_lr=0 to freeze them, or lora.low_rank_backward=false.")
 
     @property
     def run_dir(self) -> Path:

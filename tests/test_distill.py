@@ -66,6 +66,8 @@ FULL_QAT = ("lora.enabled=false", "distill.base_weight_lr=1e-3")
     ("student", 4, 7, "step-0000004", ("quant.split_concat_inputs=true",
                                        "distill.scale_aware_act_lr=true")),
     ("student", 4, 7, "step-0000004", FULL_QAT),  # the trained base weights are checkpointed
+    # frozen weight step sizes are rebuilt, not checkpointed; the low-rank LoRA backward
+    ("student", 4, 7, "step-0000004", ("distill.weight_scale_lr=0", "lora.low_rank_backward=true")),
 ])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
         random_class_ldm_pipeline, tmp_path, monkeypatch, walker, checkpoint_every, crash_at,
@@ -105,6 +107,17 @@ def test_full_qat_trains_every_base_weight_and_no_lora(random_class_ldm_pipeline
     assert weights and not any("lora" in key for key in before)
     assert all(not torch.equal(before[key], student.state_dict()[key]) for key in weights)
     assert set(weights) <= set(_trainable_state(student))  # so checkpoints carry them
+
+
+def kept_and_gradients(pipe, student, point) -> tuple[int, dict[str, torch.Tensor]]:
+    """One guided step's loss backward: elements the forward kept for it, and the gradients."""
+    sizes: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
+                                                  lambda t: t):
+        output = pipe.guided_noise(point.model_input, point.timestep, point.context, 2.0,
+                                   denoiser=student)
+    loop.distillation_loss(output, point, "x0").backward()
+    return sum(sizes), {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("walker", ["student", "teacher"])
@@ -245,14 +258,9 @@ def test_gradient_checkpointing_keeps_the_gradients_and_keeps_less(random_class_
         student = loop.build_student(pipe, cfg).model
         if checkpointing:
             loop.enable_gradient_checkpointing(student)
-        sizes: list[int] = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
-                                                      lambda t: t):
-            output = pipe.guided_noise(point.model_input, point.timestep, point.context, 2.0,
-                                       denoiser=student)
-        loop.distillation_loss(output, point, "x0").backward()
-        kept.append(sum(sizes))
-        grads.append({n: p.grad for n, p in student.named_parameters() if p.grad is not None})
+        step_kept, step_grads = kept_and_gradients(pipe, student, point)
+        kept.append(step_kept)
+        grads.append(step_grads)
     assert kept[1] < 0.5 * kept[0], kept
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, grad in grads[0].items():

@@ -68,7 +68,7 @@ def build_student(pipe, cfg: RunConfig, calibrated: bool = True) -> Student:
                   cfg.distill.eta, cfg.distill.guidance_scale, seed=cfg.seed)
     else:  # size the tables now: the optimizer must hold the parameters the checkpoint fills
         set_timesteps(model, trajectory_timesteps(family, cfg.distill.trajectory_steps))
-    freeze_all_but_quant_params(model, cfg.distill.base_weight_lr > 0)
+    freeze_all_but_quant_params(model, cfg.distill.base_weight_lr > 0, cfg.distill.weight_scale_lr > 0)
     return Student(model, report)
 
 

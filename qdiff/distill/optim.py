@@ -17,10 +17,14 @@ from qdiff.config import RunConfig
 from qdiff.quant import act_param_groups, lora_param_groups, quant_parameters
 
 
-def freeze_all_but_quant_params(student: nn.Module, train_base_weights: bool = False) -> None:
+def freeze_all_but_quant_params(student: nn.Module, train_base_weights: bool = False,
+                                train_weight_scales: bool = True) -> None:
+    """Only the parts the optimizer updates take gradients: a frozen weight step size costs
+    its layer the full weight gradient for nothing (and `lora.low_rank_backward` needs it)."""
     student.requires_grad_(False)
     params = quant_parameters(student)
-    trainable = params.lora + params.act_scales + params.weight_scales + params.aux
+    trainable = params.lora + params.act_scales + params.aux
+    trainable += params.weight_scales if train_weight_scales else []
     for param in trainable + (params.base_weights if train_base_weights else []):
         param.requires_grad_(True)
 
@@ -30,7 +34,8 @@ def build_optimizer(student: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     groups = lora_param_groups(student, cfg.distill.lr, cfg.lora.scale_aware_lr)
     groups += act_param_groups(student, cfg.distill.act_lr, cfg.distill.scale_aware_act_lr)
     groups += [
-        {"params": params.weight_scales, "lr": cfg.distill.weight_scale_lr, "name": "weight_scales"},
+        {"params": [p for p in params.weight_scales if p.requires_grad], "lr": cfg.distill.weight_scale_lr,
+         "name": "weight_scales"},
         {"params": params.aux, "lr": cfg.distill.aux_lr, "name": "aux"},
     ]
     if cfg.distill.base_weight_lr > 0:

@@ -11,6 +11,9 @@ hyper-parameters; W0 stays frozen, either as a float tensor or, with
 `packed_base_weight`, as packed integer codes of an initial quantization (the student
 then costs a fraction of the teacher's memory). Because B @ A is added *before* the
 weight quantizer, LoRA merges away without changing the quantized output (EfficientDM).
+With `lora.low_rank_backward` and frozen weight step sizes, Linear and ungrouped Conv2d
+layers give B and A their gradients without forming the full weight gradient
+(`lora_backward`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
 
 from .aux_branch import AuxBranch
 from .dynamic_act_quantizer import DynamicActQuantizer
+from .lora_backward import Conv2dGradOps, GradOps, LinearGradOps, LowRankLoRAFunction
 from .packing import pack_codes, unpack_codes
 from .rotation import HadamardRotation
 from .split_act_quantizer import SplitActQuantizer
@@ -124,8 +128,10 @@ class QuantLayer(nn.Module):
         """A (rank, in/groups, *kernel) kaiming-uniform, B (out, rank) zero: B @ A = 0 at start."""
         self.lora_A: Optional[nn.Parameter] = None
         self.lora_B: Optional[nn.Parameter] = None
+        self.low_rank_backward = False
         if cfg is None or not cfg.enabled:
             return
+        self.low_rank_backward = cfg.low_rank_backward and self.grad_ops() is not None
         rank = min(cfg.rank, weight.shape[0], weight[0].numel())
         lora_a = weight.new_empty((rank,) + tuple(weight.shape[1:]))
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
@@ -168,7 +174,10 @@ class QuantLayer(nn.Module):
         if self.input_rotation is not None:
             x = self.input_rotation(x)
         x_q = self.act_quantizer(x)
-        y = self._apply_weight(x_q, self.quantized_weight(), self.base_layer.bias)
+        if self._uses_low_rank_backward():
+            y = LowRankLoRAFunction.apply(x_q, self.lora_B, self.lora_A, self)
+        else:
+            y = self._apply_weight(x_q, self.quantized_weight(), self.base_layer.bias)
         if self.aux is not None:
             y = y + self._apply_aux(x_q)
         return y
@@ -176,6 +185,20 @@ class QuantLayer(nn.Module):
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def _uses_low_rank_backward(self) -> bool:
+        """Only LoRA may take gradients here: a trained step size, zero point, bias or W0
+        needs the full weight gradient, so autograd's path serves those (same values)."""
+        bias = self.base_layer.bias
+        return (self.low_rank_backward and torch.is_grad_enabled() and not self.merged
+                and self.lora_A.requires_grad and self.lora_B.requires_grad
+                and not self.weight_quantizer.trains()
+                and not (bias is not None and bias.requires_grad)
+                and (self.packed or not self.base_layer.weight.requires_grad))
+
+    def grad_ops(self) -> Optional[GradOps]:
+        """The gradient products the low-rank backward needs (None: not supported here)."""
+        return None
 
     def _apply_aux(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_weight(x, self.aux.weight().view(self.weight_shape), None)
@@ -222,7 +245,8 @@ class QuantLayer(nn.Module):
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]
         rotated = ", input rotated" if self.input_rotation is not None else ""
-        return f"w{self.weight_bits}a{self.act_bits}, lora_rank={rank}, packed={self.packed}{rotated}"
+        low_rank = ", low-rank backward" if self.low_rank_backward else ""
+        return f"w{self.weight_bits}a{self.act_bits}, lora_rank={rank}, packed={self.packed}{rotated}{low_rank}"
 
 
 class QuantLinear(QuantLayer):
@@ -235,6 +259,9 @@ class QuantLinear(QuantLayer):
     def _apply_aux(self, x: torch.Tensor) -> torch.Tensor:
         return self.aux.forward_linear(x)
 
+    def grad_ops(self) -> GradOps:
+        return LinearGradOps()
+
 
 class _QuantConv(QuantLayer):
     channel_dim = 1
@@ -245,6 +272,11 @@ class _QuantConv(QuantLayer):
 
 class QuantConv2d(_QuantConv):
     base_type = nn.Conv2d
+
+    def grad_ops(self) -> Optional[GradOps]:
+        conv = self.base_layer
+        plain = conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        return Conv2dGradOps(conv) if plain else None
 
 
 class QuantConv3d(_QuantConv):

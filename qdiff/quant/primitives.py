@@ -102,6 +102,16 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_x, grad_scale, grad_zp, None, None
 
 
+@torch.no_grad()
+def fake_quantize_and_clipped(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                              qmin: int, qmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`fake_quantize`'s value (for an integer `zero_point`), and where its backward passes
+    no gradient to `x` (the complement of its strict "inside"), from one x/s + zp."""
+    v = x / scale + zero_point
+    clipped = ~(v > qmin).logical_and_(v < qmax)
+    return v.clamp_(qmin, qmax).round_().sub_(zero_point).mul_(scale), clipped
+
+
 def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                qmax: int) -> torch.Tensor:
     """`fake_quantize`'s integer codes (as floats), for an integer `zero_point`: its forward

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import (fake_quantize, grad_scale, grid_codes, init_scale, int_range,
-                         lsq_gradient_factor)
+from .primitives import (fake_quantize, fake_quantize_and_clipped, grad_scale, grid_codes,
+                         init_scale, int_range, lsq_gradient_factor)
 
 
 class LSQWeightQuantizer(nn.Module):
@@ -65,6 +65,20 @@ class LSQWeightQuantizer(nn.Module):
         """Integer codes of `weight` on this quantizer's grid (int16, values in [qmin, qmax])."""
         scale, zero_point = self._params(weight)
         return grid_codes(weight, scale, zero_point.round(), self.qmin, self.qmax).to(torch.int16)
+
+    @torch.no_grad()
+    def quantize_and_clipped(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s value, and True where its backward passes no gradient to `weight`
+        (on or past an end code)."""
+        scale, zero_point = self._params(weight)
+        return fake_quantize_and_clipped(weight, scale, zero_point.round(), self.qmin, self.qmax)
+
+    def clipped(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.quantize_and_clipped(weight)[1]
+
+    def trains(self) -> bool:
+        """Whether a step size or zero point takes gradients."""
+        return any(param.requires_grad for param in self.parameters())
 
     def mean_step(self) -> float:
         """Mean step size: the scale-aware LoRA learning rate is proportional to it."""
