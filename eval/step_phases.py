@@ -1,6 +1,6 @@
 """Where a distillation step's time goes: full QAT against qdiff, phase by phase.
 
-    python eval/step_phases.py            # SD-1.5's layout at half its UNet width (~5 min on 2 cores)
+    python eval/step_phases.py            # SD-1.5's layout at half its UNet width (~10 min on 2 cores)
     python eval/step_phases.py --quick    # at a tenth of the width (smoke run)
     python eval/step_phases.py --reverse  # the methods last first -> step-phases-reversed.*
     python eval/step_phases.py --normal-weights  # bell-shaped weights -> step-phases-normal.*
