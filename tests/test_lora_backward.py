@@ -69,7 +69,7 @@ def test_the_gradients_are_autograds(kind, packed, weight_init, way, monkeypatch
         results.append((layer, *_gradients(layer, x)))
     (plain, y_plain, expected), (ours, y_ours, got) = results
     assert torch.equal(y_ours, y_plain)  # the forward is the same computation
-    clipped = ours.weight_quantizer.clipped(ours.base_weight() + ours.get_delta_weight())
+    clipped = ours.weight_quantizer.clipped(ours.adapted_weight())
     assert clipped.any() and not clipped.all()  # the correction has work to do
     assert expected.keys() == got.keys()
     for name, grad in expected.items():

@@ -163,11 +163,16 @@ class QuantLayer(nn.Module):
             return torch.zeros(self.weight_shape, device=self.weight_quantizer.scale.device)
         return (self.lora_B @ self.lora_A.flatten(1)).view(self.weight_shape)
 
-    def quantized_weight(self) -> torch.Tensor:
-        """Q_w(W0 + B @ A), the weight the layer actually applies."""
+    def adapted_weight(self) -> torch.Tensor:
+        """W0 + B @ A, what the weight quantizer sees (W0 alone without LoRA or once merged)."""
         weight = self.base_weight()
         if self.lora_A is not None and not self.merged:
             weight = weight + self.get_delta_weight()
+        return weight
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Q_w(W0 + B @ A), the weight the layer actually applies."""
+        weight = self.adapted_weight()
         return self.weight_quantizer(weight).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +214,7 @@ class QuantLayer(nn.Module):
         if self.lora_A is None or self.merged:
             return
         if self.packed:  # re-encode on the trained grid: Q_w of the codes is the codes
-            merged = self.base_weight() + self.get_delta_weight()
+            merged = self.adapted_weight()
             self._pack_base(merged, self.weight_quantizer)
         else:
             self.base_layer.weight += self.get_delta_weight().to(self.base_layer.weight.dtype)

@@ -110,8 +110,6 @@ class LinearGradOps(GradOps):
                           for i in range(0, rows.numel(), step)])
 
 
-
-
 class Conv2dGradOps(GradOps):
     """An ungrouped, zero-padded Conv2d. The low-rank products are convolutions with `rank`
     channels; a clipped entry (o, c, kh, kw) is the dot product of g's channel o with the
@@ -138,8 +136,8 @@ class Conv2dGradOps(GradOps):
                                                    self.padding, self.dilation)
 
     def weight_grad_at(self, x, grad, rows, cols):  # type: ignore[override]
-        kernel_w = self.kernel_size[1]
-        channels, taps = cols // (self.kernel_size[0] * kernel_w), cols % (self.kernel_size[0] * kernel_w)
+        kernel_w, taps_per_kernel = self.kernel_size[1], self.kernel_size[0] * self.kernel_size[1]
+        channels, taps = cols // taps_per_kernel, cols % taps_per_kernel
         padded = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
         step = max(1, GATHER_CHUNK // max(1, grad[:, 0].numel()))
         out = grad.new_empty(rows.numel())
@@ -165,7 +163,7 @@ class LowRankLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,  # type: ignore[override]
                 layer: "QuantLayer") -> torch.Tensor:
-        weight = layer.base_weight() + layer.get_delta_weight()
+        weight = layer.adapted_weight()
         quantized, clipped = layer.weight_quantizer.quantize_and_clipped(weight)
         quantized = quantized.to(weight.dtype)
         ctx.ops = layer.grad_ops()
