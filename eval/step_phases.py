@@ -48,12 +48,11 @@ from qdiff.families import combine_branches, family_for
 from qdiff.quant import QuantLayer, lora_backward
 
 from speed import build_sd  # noqa: E402  (eval/ is a folder of scripts)
-from train_cost import FLOAT_W0, FULL_QAT, run_config  # noqa: E402
+from train_cost import FLOAT_W0, FULL_QAT, LOW_RANK, redraw_normal, run_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 BOUND = "no weight gradient (bound)"
-LOW_RANK = ["distill.weight_scale_lr=0", "lora.low_rank_backward=true"]
 # The bound trains only the activation step sizes: no layer forms a weight gradient, so its
 # backward is the input gradients alone -- what any low-rank shortcut could at best reach.
 METHODS = {
@@ -156,19 +155,6 @@ def report(rows: dict[str, dict], describe: str, command: str, suffix: str) -> s
     text = "\n".join(lines) + "\n"
     (RESULTS / f"step-phases{suffix}.md").write_text(text)
     return text
-
-
-@torch.no_grad()
-def redraw_normal(model: torch.nn.Module) -> None:
-    """Every weight of two or more dimensions redrawn from N(0, its own std).
-
-    diffusers initialises Linear and Conv weights uniformly, so about 3% of each row sits
-    within half a step of a min-max grid's top end, where the rounded zero point clips
-    it; trained weights are bell-shaped, with few weights near their row's extremes."""
-    generator = torch.Generator().manual_seed(0)
-    for name, param in model.named_parameters():
-        if name.endswith("weight") and param.dim() >= 2:
-            param.copy_(torch.randn(param.shape, generator=generator) * param.std())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """What fine-tuning costs at Stable Diffusion's size: full QAT against qdiff, per training step.
 
-    python eval/train_cost.py            # SD-1.5's layout at half its UNet width (~30 min on 2 cores)
+    python eval/train_cost.py            # SD-1.5's layout at half its UNet width (~50 min on 2 cores)
     python eval/train_cost.py --quick    # at a tenth of the width (smoke run)
+    python eval/train_cost.py --normal-weights  # bell-shaped weights -> train-cost-normal.*
 
 On the embedded teacher (2.5 M parameters) qdiff is not cheaper than full QAT
 (benchmark.md): LoRA at rank 32 is nearly full rank for 32..64-channel layers, and the
@@ -18,7 +19,12 @@ cannot hide another's peak. Quality is not measured: the weights are random.
 - qdiff, packed W0: the same with W0 held as packed 4-bit codes (the recipe's);
 - gradient checkpointing (`distill.gradient_checkpointing=true`): each block's activations
   recomputed in the backward pass instead of kept. The ratio columns compare each row with
-  full QAT at the same setting.
+  full QAT at the same setting;
+- low-rank backward (`lora.low_rank_backward=true distill.weight_scale_lr=0`): B and A get
+  their gradients without the full weight gradient, and each layer keeps a byte per weight
+  of codes and one of clipped mask for the backward pass instead of W0 + B A and W_q in
+  float (qdiff/quant/lora_backward.py). Which layers take the low-rank way depends on how
+  many weights the grid clips: diffusers' uniform init clips ~3%, so `--normal-weights`.
 
 The teacher runs in float32 (the recipe's bfloat16 has no arithmetic on this CPU: 40x
 slower, eval/results/speed.md); one trajectory of `--steps` DDIM steps, batch 1 with
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -57,13 +64,31 @@ CONFIG = ROOT / "configs" / "sd15-w4a4.yaml"
 FLOAT_W0 = ["quant.packed_base_weight=false"]
 FULL_QAT = ["lora.enabled=false", "distill.base_weight_lr=1e-5", *FLOAT_W0]
 CHECKPOINTING = ["distill.gradient_checkpointing=true"]
+LOW_RANK = ["distill.weight_scale_lr=0", "lora.low_rank_backward=true"]
 METHODS: dict[str, list[str]] = {
     "full QAT": FULL_QAT,
     "full QAT, gradient checkpointing": FULL_QAT + CHECKPOINTING,
     "qdiff, float W0": FLOAT_W0,
     "qdiff, float W0, gradient checkpointing": FLOAT_W0 + CHECKPOINTING,
     "qdiff, packed W0 (the recipe), gradient checkpointing": CHECKPOINTING,
+    "qdiff, float W0, low-rank backward": FLOAT_W0 + LOW_RANK,
+    "qdiff, packed W0, low-rank backward": LOW_RANK,
+    "qdiff, packed W0, low-rank backward, gradient checkpointing": LOW_RANK + CHECKPOINTING,
 }
+FULL_QAT_ROWS = {False: "full QAT", True: "full QAT, gradient checkpointing"}  # by checkpointing
+
+
+@torch.no_grad()
+def redraw_normal(model: torch.nn.Module) -> None:
+    """Every weight of two or more dimensions redrawn from N(0, its own std).
+
+    diffusers initialises Linear and Conv weights uniformly, so about 3% of each row sits
+    within half a step of a min-max grid's top end, where the rounded zero point clips
+    it; trained weights are bell-shaped, with few weights near their row's extremes."""
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("weight") and param.dim() >= 2:
+            param.copy_(torch.randn(param.shape, generator=generator) * param.std())
 
 
 def run_config(pipe_dir: Path, run_dir: Path, steps: int, overrides: list[str]):
@@ -131,12 +156,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=float, default=0.5, help="the UNet's width over SD-1.5's")
     parser.add_argument("--steps", type=int, default=6, help="training steps per method")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--normal-weights", action="store_true",
+                        help="redraw every weight matrix and kernel from a normal distribution "
+                             "(bell-shaped like trained weights) -> train-cost-normal.*")
+    parser.add_argument("--methods", default=";".join(METHODS),
+                        help="rows of METHODS, separated by ';' (with the full QAT rows they compare to)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--pipe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    methods = [name.strip() for name in args.methods.split(";")]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    baselines = {FULL_QAT_ROWS[CHECKPOINTING[0] in METHODS[name]] for name in methods}
+    if not baselines <= set(methods):
+        raise SystemExit(f"--methods: the ratios need {sorted(baselines - set(methods))} too")
     if args.child:
         args.out.write_text(json.dumps(measure(args.pipe, args.run_dir, args.steps, args.child)))
         return
@@ -144,23 +181,26 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         pipe = build_sd(args.quick, args.width)
         unet_params = sum(p.numel() for p in pipe.unet.parameters())
+        if args.normal_weights:
+            redraw_normal(pipe.unet)
         pipe.save_pretrained(workdir / "sd")
         del pipe
         rows = []
-        for index, method in enumerate(METHODS):
+        for index, method in enumerate(methods):
             rows.append(in_fresh_process(workdir / "sd", workdir / f"run-{index}", args.steps, method,
                                          args.threads))
             print(rows[-1], flush=True)
     describe = (f"SD-1.5-shaped pipeline, UNet at {args.width:g}x{' a tenth of' if args.quick else ''} "
-                f"SD-1.5's width ({unet_params / 1e6:.0f} M parameters, random weights), configs/sd15-w4a4.yaml "
+                f"SD-1.5's width ({unet_params / 1e6:.0f} M parameters, random weights"
+                f"{', every matrix and kernel normal' if args.normal_weights else ''}), configs/sd15-w4a4.yaml "
                 f"with the teacher in float32, one trajectory of {args.steps} steps, batch 1 with "
                 f"guidance, min-max weight ranges; {args.threads} thread(s), torch {torch.__version__}. `peak MB`: peak "
                 f"resident memory of the fine-tuning (student build, calibration, training, the last "
                 f"checkpoint and sample grid) above the process with the teacher loaded; `s / step`: "
                 f"median over the steps after the first; ratios against full QAT with the same "
                 f"gradient checkpointing setting.")
-    command = "python eval/train_cost.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    suffix = "-quick" if args.quick else ""
+    command = shlex.join(["python", "eval/train_cost.py", *(argv if argv is not None else sys.argv[1:])])
+    suffix = ("-quick" if args.quick else "") + ("-normal" if args.normal_weights else "")
     report(rows, describe, command, suffix)
     print((RESULTS / f"train-cost{suffix}.md").read_text())
 

@@ -110,9 +110,9 @@ def test_full_qat_trains_every_base_weight_and_no_lora(random_class_ldm_pipeline
 
 
 def kept_and_gradients(pipe, student, point) -> tuple[int, dict[str, torch.Tensor]]:
-    """One guided step's loss backward: elements the forward kept for it, and the gradients."""
+    """One guided step's loss backward: bytes the forward kept for it, and the gradients."""
     sizes: list[int] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t,
                                                   lambda t: t):
         output = pipe.guided_noise(point.model_input, point.timestep, point.context, 2.0,
                                    denoiser=student)
@@ -248,9 +248,12 @@ def test_two_processes_train_the_same_student_as_one_with_the_whole_batch(
     assert moved > 0  # training happened
 
 
-def test_gradient_checkpointing_keeps_the_gradients_and_keeps_less(random_class_ldm_pipeline, tmp_path):
+@pytest.mark.parametrize("overrides", [[], ["distill.weight_scale_lr=0", "lora.low_rank_backward=true"]],
+                         ids=["autograd", "low-rank-backward"])
+def test_gradient_checkpointing_keeps_the_gradients_and_keeps_less(random_class_ldm_pipeline, tmp_path,
+                                                                    overrides):
     """Recomputed blocks: the same gradients, a fraction of the tensors kept by the forward."""
-    pipe, cfg = random_class_ldm_pipeline, _config(tmp_path)
+    pipe, cfg = random_class_ldm_pipeline, _config(tmp_path, *overrides)
     point = next(iter(teacher_trajectory(pipe, torch.arange(4), 4, 1.0, 2.0,
                                          torch.Generator().manual_seed(0))))
     kept, grads = [], []

@@ -166,9 +166,11 @@ class QuantLayer(nn.Module):
     def adapted_weight(self) -> torch.Tensor:
         """W0 + B @ A, what the weight quantizer sees (W0 alone without LoRA or once merged)."""
         weight = self.base_weight()
-        if self.lora_A is not None and not self.merged:
-            weight = weight + self.get_delta_weight()
-        return weight
+        if self.lora_A is None or self.merged:
+            return weight
+        # one pass, without a separate B @ A tensor (a fresh tensor: the low-rank backward
+        # quantizes it in place)
+        return torch.addmm(weight.flatten(1), self.lora_B, self.lora_A.flatten(1)).view(self.weight_shape)
 
     def quantized_weight(self) -> torch.Tensor:
         """Q_w(W0 + B @ A), the weight the layer actually applies."""

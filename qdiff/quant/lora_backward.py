@@ -157,22 +157,27 @@ class Conv2dGradOps(GradOps):
 
 class LowRankLoRAFunction(torch.autograd.Function):
     """y = layer(x) with W_q = Q_w(W0 + B A), whose backward gives x, B and A their gradients
-    by `lora_grads`. It keeps x, W_q and the clipped mask (a byte per weight) for the
-    backward pass, where autograd keeps x, W_q and W0 + B A."""
+    by `lora_grads`. It keeps x, the codes of W_q and the clipped mask (a byte per weight each)
+    for the backward pass, which rebuilds W_q from the codes for x's gradient; autograd keeps
+    x, W_q and W0 + B A (four bytes per weight each, in float32)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,  # type: ignore[override]
                 layer: "QuantLayer") -> torch.Tensor:
-        weight = layer.adapted_weight()
-        quantized, clipped = layer.weight_quantizer.quantize_and_clipped(weight)
-        quantized = quantized.to(weight.dtype)
-        ctx.ops = layer.grad_ops()
-        ctx.save_for_backward(x, lora_B, lora_A, quantized, clipped)
-        return layer._apply_weight(x, quantized, layer.base_layer.bias)
+        weight = layer.adapted_weight()  # a fresh tensor (W0 + B A): quantized in its memory
+        quantized, codes, clipped = layer.weight_quantizer.quantize_and_clipped(weight, overwrite=True)
+        ctx.ops, ctx.quantizer = layer.grad_ops(), layer.weight_quantizer
+        ctx.dtypes = quantized.dtype, weight.dtype
+        ctx.save_for_backward(x, lora_B, lora_A, codes, clipped)
+        return layer._apply_weight(x, quantized.to(weight.dtype), layer.base_layer.bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, lora_B, lora_A, quantized, clipped = ctx.saved_tensors
-        grad_x = ctx.ops.input_grad(x, quantized, grad) if ctx.needs_input_grad[0] else None
+        x, lora_B, lora_A, codes, clipped = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            value_dtype, weight_dtype = ctx.dtypes
+            quantized = ctx.quantizer.dequantize(codes, value_dtype).to(weight_dtype)
+            grad_x = ctx.ops.input_grad(x, quantized, grad)
         grad_B, grad_A = lora_grads(ctx.ops, x, grad, lora_B, lora_A, clipped)
         return grad_x, grad_B, grad_A, None

@@ -103,13 +103,17 @@ class _FakeQuantize(torch.autograd.Function):
 
 
 @torch.no_grad()
-def fake_quantize_and_clipped(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                              qmin: int, qmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`fake_quantize`'s value (for an integer `zero_point`), and where its backward passes
-    no gradient to `x` (the complement of its strict "inside"), from one x/s + zp."""
-    v = x / scale + zero_point
-    clipped = ~(v > qmin).logical_and_(v < qmax)
-    return v.clamp_(qmin, qmax).round_().sub_(zero_point).mul_(scale), clipped
+def grid_codes_and_clipped(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                           qmin: int, qmax: int, overwrite: bool = False
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`grid_codes`, and where `fake_quantize`'s backward passes no gradient to `x` (the
+    complement of its strict "inside"), from one x/s + zp. `overwrite`: compute in `x`'s own
+    memory where its dtype allows (`x` is a temporary the caller no longer needs), which
+    spares allocating, and first touching, a weight-sized tensor."""
+    in_place = overwrite and x.dtype == torch.result_type(x, scale)
+    v = torch.addcdiv(zero_point, x, scale, out=x if in_place else None)
+    clipped = (v > qmin).logical_and_(v < qmax).logical_not_()
+    return v.clamp_(qmin, qmax).round_(), clipped
 
 
 def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
@@ -118,7 +122,7 @@ def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     up to the multiply back, and what the export's weight and activation codes must equal.
     The zero point is added before rounding: `round(x/s) + zp` would differ at halves
     (round half to even: round(2.5) + 1 = 3, round(3.5) = 4)."""
-    return torch.clamp(x / scale + zero_point, qmin, qmax).round_()
+    return torch.addcdiv(zero_point, x, scale).clamp_(qmin, qmax).round_()  # zp + x / s in one pass
 
 
 def per_token_grid(tokens: torch.Tensor, ratio: torch.Tensor, qmin: int, qmax: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import (fake_quantize, fake_quantize_and_clipped, grad_scale, grid_codes,
+from .primitives import (fake_quantize, grad_scale, grid_codes, grid_codes_and_clipped,
                          init_scale, int_range, lsq_gradient_factor)
 
 
@@ -67,14 +67,32 @@ class LSQWeightQuantizer(nn.Module):
         return grid_codes(weight, scale, zero_point.round(), self.qmin, self.qmax).to(torch.int16)
 
     @torch.no_grad()
-    def quantize_and_clipped(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward`'s value, and True where its backward passes no gradient to `weight`
-        (on or past an end code)."""
+    def quantize_and_clipped(self, weight: torch.Tensor, overwrite: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward`'s value, its codes (`code_dtype`) and True where its backward passes no
+        gradient to `weight` (on or past an end code). `overwrite`: `weight` is a temporary
+        it may compute in."""
         scale, zero_point = self._params(weight)
-        return fake_quantize_and_clipped(weight, scale, zero_point.round(), self.qmin, self.qmax)
+        codes, clipped = grid_codes_and_clipped(weight, scale, zero_point.round(), self.qmin,
+                                                self.qmax, overwrite)
+        small_codes = codes.to(self.code_dtype)
+        return codes.sub_(zero_point.round()).mul_(scale), small_codes, clipped
+
+    @torch.no_grad()
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The value `quantize_and_clipped` gave with these `codes`, bit for bit (`dtype`: the
+        float dtype that value had)."""
+        scale, zero_point = self._params(codes)
+        return codes.to(dtype).sub_(zero_point.round()).mul_(scale)
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """The smallest integer dtype that holds every code of the grid (a byte up to 8 bits)."""
+        return next(dtype for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32)
+                    if torch.iinfo(dtype).min <= self.qmin and self.qmax <= torch.iinfo(dtype).max)
 
     def clipped(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.quantize_and_clipped(weight)[1]
+        return self.quantize_and_clipped(weight)[2]
 
     def trains(self) -> bool:
         """Whether a step size or zero point takes gradients."""
