@@ -16,7 +16,9 @@ no gradient checkpointing, the teacher in float32, batch 1 with guidance):
 - optimizer: gradient clipping, AdamW's step and zeroing the gradients.
 
 Each phase is the median of `--repeats` steps after one warm-up step; the methods run in
-this process, one after the other. qdiff runs with float and with packed W0, each with
+this process, taking turns within each repeat, so that a drift of the machine's speed
+moves them alike (run one after the other, the teacher's same forward took 0.96-1.33 s
+across rows). qdiff runs with float and with packed W0, each with
 autograd's backward and with `lora.low_rank_backward` (weight step sizes frozen; B and A
 get their gradients from rank-r products plus a correction at the clipped weights,
 qdiff/quant/lora_backward.py). "No weight gradient (bound)" trains only its activation
@@ -90,7 +92,8 @@ def time_step(family, student, optimizer, point, cfg) -> dict[str, float]:
     return times
 
 
-def measure(pipe, pipe_dir: Path, workdir: Path, method: str, repeats: int) -> dict:
+def prepare(pipe, pipe_dir: Path, workdir: Path, method: str) -> tuple:
+    """(config, family, student, optimizer, trajectory point) of one method."""
     cfg = run_config(pipe_dir, workdir / "run", 4, METHODS[method])
     family = family_for(pipe, cfg.model)
     student = build_student(pipe, cfg).model
@@ -98,12 +101,25 @@ def measure(pipe, pipe_dir: Path, workdir: Path, method: str, repeats: int) -> d
     labels = torch.zeros(1, dtype=torch.long)
     walk = teacher_trajectory(family, labels, cfg.distill.trajectory_steps, cfg.distill.eta,
                               cfg.distill.guidance_scale, [torch.Generator().manual_seed(0)])
-    point = next(walk)
-    steps = [time_step(family, student, optimizer, point, cfg) for _ in range(repeats + 1)][1:]
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    return {"method": method, "trainable_params": trainable, **clipping(student),
-            **{phase: statistics.median(step[phase] for step in steps) for phase in PHASES},
-            "step": statistics.median(sum(step.values()) for step in steps)}
+    return cfg, family, student, optimizer, next(walk)
+
+
+def measure(pipe, pipe_dir: Path, workdir: Path, methods: list[str], repeats: int) -> dict[str, dict]:
+    """Every method's phases, the methods taking turns within each repeat (as eval/speed.py's
+    variants do), so a drift of the machine's speed during the run moves them alike."""
+    runs = {method: prepare(pipe, pipe_dir, workdir / str(i), method) for i, method in enumerate(methods)}
+    steps: dict[str, list] = {method: [] for method in methods}
+    for _ in range(repeats + 1):  # the first round warms up
+        for method, (cfg, family, student, optimizer, point) in runs.items():
+            steps[method].append(time_step(family, student, optimizer, point, cfg))
+    rows = {}
+    for method, timed in steps.items():
+        student, timed = runs[method][2], timed[1:]
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        rows[method] = {"method": method, "trainable_params": trainable, **clipping(student),
+                        **{phase: statistics.median(step[phase] for step in timed) for phase in PHASES},
+                        "step": statistics.median(sum(step.values()) for step in timed)}
+    return rows
 
 
 def clipping(student) -> dict[str, float]:
@@ -175,15 +191,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.normal_weights:
             redraw_normal(pipe.unet)
         pipe.save_pretrained(Path(tmp) / "sd")  # the config names the model by its folder
-        rows = {method: measure(pipe, Path(tmp) / "sd", Path(tmp) / str(i), method, args.repeats)
-                for i, method in enumerate(reversed(METHODS) if args.reverse else METHODS)}
+        methods = list(reversed(METHODS) if args.reverse else METHODS)
+        rows = measure(pipe, Path(tmp) / "sd", Path(tmp), methods, args.repeats)
     params = sum(p.numel() for p in pipe.unet.parameters())
     describe = (f"SD-1.5-shaped pipeline, UNet at {args.width:g}x{' a tenth of' if args.quick else ''} "
                 f"SD-1.5's width ({params / 1e6:.0f} M parameters, random weights"
                 f"{', every matrix and kernel normal' if args.normal_weights else ''}), "
                 f"configs/sd15-w4a4.yaml with min-max weight grids, the teacher in float32, batch 1 with "
                 f"guidance, the first denoising step of one trajectory; median of {args.repeats} "
-                f"steps after a warm-up; {torch.get_num_threads()} thread(s), torch {torch.__version__}.")
+                f"steps after a warm-up, the methods taking turns within each repeat; {torch.get_num_threads()} thread(s), torch {torch.__version__}.")
     command = shlex.join(["python", "eval/step_phases.py", *(argv if argv is not None else sys.argv[1:])])
     suffix = ("-quick" if args.quick else "") + ("-normal" if args.normal_weights else "") + \
         ("-reversed" if args.reverse else "")
