@@ -75,7 +75,12 @@ METHODS: dict[str, list[str]] = {
     "qdiff, packed W0, low-rank backward": LOW_RANK,
     "qdiff, packed W0, low-rank backward, gradient checkpointing": LOW_RANK + CHECKPOINTING,
 }
-FULL_QAT_ROWS = {False: "full QAT", True: "full QAT, gradient checkpointing"}  # by checkpointing
+
+
+def full_qat_row(method: str) -> str:
+    """The full QAT row that `method` is compared with: the one with its checkpointing."""
+    checkpointed = CHECKPOINTING[0] in METHODS[method]
+    return "full QAT, gradient checkpointing" if checkpointed else "full QAT"
 
 
 @torch.no_grad()
@@ -131,16 +136,13 @@ def in_fresh_process(pipe_dir: Path, run_dir: Path, steps: int, method: str, thr
 
 
 def report(rows: list[dict], describe: str, command: str, suffix: str) -> None:
-    def checkpointed(row: dict) -> bool:
-        return CHECKPOINTING[0] in METHODS[row["method"]]
-
-    full_qat = {checkpointed(r): r for r in rows if FULL_QAT[0] in METHODS[r["method"]]}
+    by_method = {r["method"]: r for r in rows}
     lines = ["# Fine-tuning cost at Stable Diffusion's size: full QAT against qdiff", "",
              f"Command: `{command}`", "", describe, "",
              "| method | peak MB | vs full QAT | s / step | vs full QAT | trainable |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        qat = full_qat[checkpointed(r)]
+        qat = by_method[full_qat_row(r["method"])]
         lines.append(f"| {r['method']} | {r['peak_mb']:,.0f} | {r['peak_mb'] / qat['peak_mb']:.2f}x | "
                      f"{r['step_s']:.1f} | {r['step_s'] / qat['step_s']:.2f}x | "
                      f"{r['trainable_params'] / 1e6:.1f} M |")
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in methods if name not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    baselines = {FULL_QAT_ROWS[CHECKPOINTING[0] in METHODS[name]] for name in methods}
+    baselines = {full_qat_row(name) for name in methods}
     if not baselines <= set(methods):
         raise SystemExit(f"--methods: the ratios need {sorted(baselines - set(methods))} too")
     if args.child:

@@ -73,10 +73,11 @@ class LSQWeightQuantizer(nn.Module):
         gradient to `weight` (on or past an end code). `overwrite`: `weight` is a temporary
         it may compute in."""
         scale, zero_point = self._params(weight)
-        codes, clipped = grid_codes_and_clipped(weight, scale, zero_point.round(), self.qmin,
-                                                self.qmax, overwrite)
+        zero_point = zero_point.round()
+        codes, clipped = grid_codes_and_clipped(weight, scale, zero_point, self.qmin, self.qmax,
+                                                overwrite)
         small_codes = codes.to(self.code_dtype)
-        return codes.sub_(zero_point.round()).mul_(scale), small_codes, clipped
+        return codes.sub_(zero_point).mul_(scale), small_codes, clipped
 
     @torch.no_grad()
     def dequantize(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -91,8 +92,11 @@ class LSQWeightQuantizer(nn.Module):
         return next(dtype for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32)
                     if torch.iinfo(dtype).min <= self.qmin and self.qmax <= torch.iinfo(dtype).max)
 
+    @torch.no_grad()
     def clipped(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.quantize_and_clipped(weight)[2]
+        """True where `forward`'s backward passes no gradient to `weight`."""
+        scale, zero_point = self._params(weight)
+        return grid_codes_and_clipped(weight, scale, zero_point.round(), self.qmin, self.qmax)[1]
 
     def trains(self) -> bool:
         """Whether a step size or zero point takes gradients."""
