@@ -242,8 +242,16 @@ def test_two_processes_train_the_same_student_as_one_with_the_whole_batch(
     assert one.keys() == two.keys()
     moved = 0
     for key in one:
-        # float sums differ with the batch split; Adam turns that into ~1e-6 on steps of 5e-4
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+        if ".attn2.to_q." in key or ".attn2.to_k." in key:
+            # the class is one context token: softmax over one key is 1 whatever q and k are,
+            # so their gradients are rounding noise (zero or not by the CPU's kernels), which
+            # Adam scales up to steps of up to lr: bounded, but not comparable
+            assert two[key].sub(one[key]).abs().max() <= 2 * 4 * 5e-4, key
+            continue
+        # float sums differ with the batch split, and Adam divides by the gradients' size:
+        # an entry whose gradient is tiny can move ~1e-5 apart, a tensor stays within 1e-3
+        difference = two[key].sub(one[key]).norm()
+        assert difference <= 1e-3 * one[key].norm() + 1e-6, (key, difference)
         moved += "lora_B" in key and one[key].abs().sum().item() > 0
     assert moved > 0  # training happened
 
