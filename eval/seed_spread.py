@@ -27,6 +27,8 @@ from pathlib import Path
 
 import qdiff
 from qdiff.config import load_config
+from qdiff.distill.checkpoint import latest_checkpoint
+from qdiff.distill.ema import EMA_FILE
 from qdiff.eval.sampling import SamplingSettings
 from qdiff.families import family_for
 
@@ -105,6 +107,12 @@ def last_loss(run_dir: Path) -> float:
     return next(record["loss"] for record in reversed(records) if "loss" in record)
 
 
+def students_of(run_dir: Path) -> list[bool]:
+    """A run with `distill.ema_decay` is scored twice: its average (what it exports) and its
+    last step's weights, the same training without the average."""
+    return [True, False] if (latest_checkpoint(run_dir) / EMA_FILE).is_file() else [True]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="1,2")
@@ -129,14 +137,18 @@ def main() -> None:
                                 base.eval.seed, 250)
     net, real, fp, _ = evaluate_teacher(pipe, settings)
     family = family_for(pipe, base.model)
-    rows = []
+    rows, labels = [], [label for label, _ in variants]
     for (label, seed), (name, _) in jobs.items():
-        student, _ = distilled_student(family, OUTPUT / name)
-        scores, _ = evaluate_row(type(pipe)(**{**pipe.components, "unet": student}), settings, net,
-                                 real, fp)
-        rows.append({"variant": label, "seed": seed, "loss": last_loss(OUTPUT / name), **scores})
-        print(rows[-1], flush=True)
-    write_report(rows, [label for label, _ in variants], settings,
+        for averaged in students_of(OUTPUT / name):
+            student, _ = distilled_student(family, OUTPUT / name, averaged)
+            scores, _ = evaluate_row(type(pipe)(**{**pipe.components, "unet": student}), settings,
+                                     net, real, fp)
+            row_label = label if averaged else f"{label}, last step's weights"
+            labels += [row_label] if row_label not in labels else []
+            rows.append({"variant": row_label, "seed": seed, "loss": last_loss(OUTPUT / name),
+                         **scores})
+            print(rows[-1], flush=True)
+    write_report(rows, labels, settings,
                  "python " + shlex.join(["eval/seed_spread.py", *sys.argv[1:]]), args.report)
 
 

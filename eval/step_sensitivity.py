@@ -29,9 +29,8 @@ import torch
 
 import qdiff
 from qdiff.config import LayerOverride, load_config
-from qdiff.distill.checkpoint import latest_checkpoint, load_checkpoint
+from qdiff.distill.checkpoint import latest_checkpoint, load_trained_student
 from qdiff.distill.loop import build_student
-from qdiff.distill.optim import build_optimizer
 from qdiff.distill.trajectory import TrajectoryWalk
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
@@ -74,15 +73,16 @@ def sample(family, student, student_steps: range) -> torch.Tensor:
     return family.decode(walk.latents)
 
 
-def distilled_student(family, run_dir: Path) -> tuple[torch.nn.Module, Path]:
-    """The student of `run_dir` at its last checkpoint, built from the run's own config."""
+def distilled_student(family, run_dir: Path, averaged: bool = True) -> tuple[torch.nn.Module, Path]:
+    """The student of `run_dir` at its last checkpoint, built from the run's own config (with
+    `averaged=False`, the last step's weights of a run that keeps an average)."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise SystemExit(f"{run_dir} has no checkpoint: run `python -m qdiff.finetune "
                          f"configs/tiny-ldm-w4a4.yaml` first, or pass its run directory.")
     cfg = load_config(run_dir / "config.yaml")
     student = build_student(family, cfg, calibrated=False).model
-    load_checkpoint(checkpoint, student, build_optimizer(student, cfg))
+    load_trained_student(checkpoint, student, averaged)
     return student, checkpoint
 
 

@@ -185,6 +185,10 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, then linear decay to 0 (as EfficientDM)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    # > 0: the run's student (grids, export) is the exponential moving average of the trained
+    # parameters, its decay ramping as (1 + step) / (10 + step) up to this cap, e.g. 0.995
+    # (qdiff.distill.ema); 0: the last step's
+    ema_decay: float = 0.0
     # recompute each block's activations in the backward pass instead of keeping them
     # (diffusers' own switch): at SD's layout qdiff's peak -30%, its step time +23%
     gradient_checkpointing: bool = False
@@ -210,6 +214,9 @@ class DistillConfig:
         _check_range("distill.weight_decay", self.weight_decay, 0.0)
         _check_range("distill.warmup_steps", self.warmup_steps, 0)
         _check_range("distill.grad_clip", self.grad_clip, 0.0)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"distill.ema_decay={self.ema_decay} is out of range; allowed: "
+                              f"0 (no average) or a decay in (0, 1), e.g. 0.995.")
         _check_choice("distill.loss", self.loss, ("x0", "mse", "l1", "update"))
         _check_choice("distill.target", self.target, ("guided", "branches"))
         _check_choice("distill.walker", self.walker, ("student", "teacher"))

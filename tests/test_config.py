@@ -67,6 +67,8 @@ def test_command_line_overrides_win():
      "distill.checkpoint_every=30 must be a multiple of distill.trajectory_steps=100 when "
      "distill.walker='student'"),
     (["distill.walker=pupil"], "distill.walker='pupil' is not allowed"),
+    (["distill.ema_decay=1"], "distill.ema_decay=1.0 is out of range; allowed: 0 (no average) "
+                              "or a decay in (0, 1), e.g. 0.995."),
     (["distill.base_weight_lr=1e-5", "quant.packed_base_weight=true"],
      "Set quant.packed_base_weight=false for full QAT, or distill.base_weight_lr=0."),
 ])

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from qdiff.config import ConfigError, load_config
 from qdiff.distill import loop
-from qdiff.distill.checkpoint import _trainable_state, list_checkpoints
+from qdiff.distill.checkpoint import _trainable_state, list_checkpoints, load_trained_student
 from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches
 from qdiff.quant import nonpositive_step_tables
@@ -68,6 +68,8 @@ FULL_QAT = ("lora.enabled=false", "distill.base_weight_lr=1e-3")
     ("student", 4, 7, "step-0000004", FULL_QAT),  # the trained base weights are checkpointed
     # frozen weight step sizes are rebuilt, not checkpointed; the low-rank LoRA backward
     ("student", 4, 7, "step-0000004", ("distill.weight_scale_lr=0", "lora.low_rank_backward=true")),
+    # the run ends with the parameters' average: the checkpoint carries it beside the live ones
+    ("student", 4, 7, "step-0000004", ("distill.ema_decay=0.9",)),
 ])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
         random_class_ldm_pipeline, tmp_path, monkeypatch, walker, checkpoint_every, crash_at,
@@ -96,6 +98,47 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert resumed.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def _trained(student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in student.named_parameters() if p.requires_grad}
+
+
+def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
+        random_class_ldm_pipeline, tmp_path, monkeypatch):
+    pipe = random_class_ldm_pipeline
+    cfg = _config(tmp_path, "distill.steps=4", "distill.checkpoint_every=4", "distill.ema_decay=0.5",
+                  "distill.lr=1e-2")
+    original, seen = loop._train_step, []
+
+    def recording(family, student, *rest):
+        seen.extend([] if seen else [_trained(student)])  # the calibrated start
+        result = original(family, student, *rest)
+        seen.append(_trained(student))
+        return result
+
+    monkeypatch.setattr(loop, "_train_step", recording)
+    student = loop.distill(pipe, cfg, cfg.run_dir)
+    expected = seen[0]
+    for step, live in enumerate(seen[1:]):
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = {name: decay * expected[name] + (1 - decay) * live[name] for name in expected}
+    returned = _trained(student)
+    assert returned.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(returned[name], expected[name], msg=name)
+    assert any(not torch.allclose(returned[name], seen[-1][name]) for name in expected)
+
+    checkpoint = list_checkpoints(cfg.run_dir)[-1]
+    for averaged, reference in ((True, returned), (False, seen[-1])):
+        fresh = loop.build_student(pipe, cfg, calibrated=False).model
+        load_trained_student(checkpoint, fresh, averaged)
+        for name, value in _trained(fresh).items():
+            torch.testing.assert_close(value, reference[name], rtol=0, atol=0, msg=name)
+
+    without = _config(tmp_path, "distill.steps=8", "distill.checkpoint_every=4")
+    with pytest.raises(RuntimeError, match="written with an average.*set distill.ema_decay"):
+        loop.distill(pipe, without, without.run_dir, resume=True)
 
 
 def test_full_qat_trains_every_base_weight_and_no_lora(random_class_ldm_pipeline, tmp_path):

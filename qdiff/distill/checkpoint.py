@@ -1,7 +1,8 @@
 """Checkpoints of a distillation run: safetensors for tensors, JSON for the rest.
 
 A checkpoint holds only what training changes: the student's trainable parameters and
-its buffers (activation tables, packed codes), and the optimizer state. The frozen base
+its buffers (activation tables, packed codes), the optimizer state and, with
+`distill.ema_decay`, the parameters' average (`qdiff.distill.ema`). The frozen base
 weights come back from the teacher when the student is rebuilt. Each checkpoint is
 written to `<name>.tmp` and renamed when complete, so a crash never leaves one that
 looks finished; the two newest are kept.
@@ -17,6 +18,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from qdiff.distill.ema import EMA_FILE, ParameterEMA
 
 KEEP_LAST = 2
 META_FILE = "meta.json"
@@ -53,7 +56,8 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, student: nn.Module,
-                    optimizer: torch.optim.Optimizer, meta: dict) -> Path:
+                    optimizer: torch.optim.Optimizer, meta: dict,
+                    ema: Optional[ParameterEMA] = None) -> Path:
     final = checkpoint_dir(run_dir) / f"step-{step:07d}"
     partial = final.with_name(final.name + ".tmp")
     shutil.rmtree(partial, ignore_errors=True)
@@ -62,6 +66,8 @@ def save_checkpoint(run_dir: Path, step: int, student: nn.Module,
     tensors, rest = _optimizer_tensors_and_rest(optimizer.state_dict())
     save_file(tensors, partial / "optimizer.safetensors")
     (partial / "optimizer.json").write_text(json.dumps(rest))
+    if ema is not None:
+        save_file(ema.state_dict(), partial / EMA_FILE)
     (partial / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
@@ -83,8 +89,37 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore student and optimizer in place; returns the checkpoint's meta (with `step`)."""
+def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: Optional[ParameterEMA] = None) -> dict:
+    """Restore student, optimizer and average in place; returns the checkpoint's meta (with
+    `step`)."""
+    _load_student(path, student)
+    saved_average = (path / EMA_FILE).is_file()
+    if saved_average != (ema is not None):
+        raise RuntimeError(f"{path} was written {'with' if saved_average else 'without'} an "
+                           f"average of the parameters, and this run is configured "
+                           f"{'without' if saved_average else 'with'} one: set distill.ema_decay "
+                           f"as the run started (its config.yaml), or start a new run.")
+    if ema is not None:
+        ema.load_state_dict(load_file(path / EMA_FILE))
+    rest = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), rest))
+    return json.loads((path / META_FILE).read_text())
+
+
+@torch.no_grad()
+def load_trained_student(path: Path, student: nn.Module, averaged: bool = True) -> None:
+    """The student the run would export from this checkpoint: the parameters' average where
+    the run keeps one, the live parameters otherwise or with `averaged=False` (for
+    evaluating a checkpoint)."""
+    _load_student(path, student)
+    if averaged and (path / EMA_FILE).is_file():
+        params = dict(student.named_parameters())
+        for name, value in load_file(path / EMA_FILE).items():
+            params[name].copy_(value)
+
+
+def _load_student(path: Path, student: nn.Module) -> None:
     state = load_file(path / "student.safetensors")
     missing, unexpected = student.load_state_dict(state, strict=False)
     frozen = {name for name, p in student.named_parameters() if not p.requires_grad}
@@ -92,6 +127,3 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
         raise RuntimeError(f"{path} does not match this student (missing "
                            f"{sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}); "
                            f"was the config changed since the run started?")
-    rest = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), rest))
-    return json.loads((path / META_FILE).read_text())

@@ -5,13 +5,15 @@ Phi rank decay; then for every denoising step of every trajectory, ask teacher a
 student the same question (x_t, t, condition) and move the student towards the
 teacher's answer -- one optimizer step per denoising step, as in EfficientDM. Whoever
 `distill.walker` names takes the step to the next x_t: the student by default, so it
-learns on the path it will sample. The run directory keeps the
+learns on the path it will sample. With `distill.ema_decay`, the run's student is the
+moving average of the trained parameters (`qdiff.distill.ema`). The run directory keeps the
 resolved config, a JSONL log, checkpoints and sample grids, so a stopped run resumes
 where it stopped and ends with the weights it would have had.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -31,6 +33,7 @@ from qdiff.calibrate import calibrate
 from qdiff.config import ConfigError, RunConfig
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qdiff.distill.ema import ParameterEMA
 from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, lr_factor,
                                  set_learning_rates)
 from qdiff.distill.samples import save_comparison_grid
@@ -143,14 +146,15 @@ def _train_step(family, student: nn.Module, step, cfg: RunConfig, accelerator: A
     return accelerator.reduce(loss.detach(), reduction="mean").item(), student_output.detach()
 
 
-def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[RankDecay]) -> int:
+def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[RankDecay],
+                 ema: Optional[ParameterEMA]) -> int:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return 0
     step = json.loads((checkpoint / "meta.json").read_text())["step"]
     if decay is not None:
         decay.step(step)  # shrink Phi to the saved ranks before loading it
-    load_checkpoint(checkpoint, student, optimizer)
+    load_checkpoint(checkpoint, student, optimizer, ema)
     logger.info("resumed from %s (step %d)", checkpoint, step)
     return step
 
@@ -174,7 +178,8 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     optimizer = build_optimizer(model, cfg)
     total, per_trajectory = cfg.distill.steps, cfg.distill.trajectory_steps
     decay = RankDecay(model, cfg.aux, total, optimizer) if cfg.aux.enabled else None
-    step = _resume_step(run_dir, model, optimizer, decay) if resuming else 0
+    ema = ParameterEMA(model, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
+    step = _resume_step(run_dir, model, optimizer, decay, ema) if resuming else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if main:
@@ -208,6 +213,8 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
                     f"Stopped at step {step}: {error}. The last good checkpoint is {last}; "
                     f"resume with a lower distill.lr (or act_lr), or check the teacher.") from None
             walk.advance(student_output if cfg.distill.walker == "student" else point.teacher_output)
+            if ema is not None:
+                ema.update(step)
             step += 1
             recent = (recent + [loss])[-50:]
             rank = decay.current_rank if decay is not None else 0
@@ -217,12 +224,14 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
             if step % cfg.distill.log_every == 0 or step == total:
                 log.write({"step": step, "loss": loss, "lr": lr, "aux_rank": rank})
                 _warn_collapsed_tables(model, collapsed, step, main)
-            _periodic(step, cfg, run_dir, family, accelerator, model, optimizer, recent)
+            _periodic(step, cfg, run_dir, family, accelerator, model, optimizer, recent, ema)
             if step >= total:
                 break
     progress.close()
     if decay is not None:
         decay.finish()
+    if ema is not None:
+        ema.copy_to_model()
     return accelerator.unwrap_model(model)
 
 
@@ -238,19 +247,22 @@ def _warn_collapsed_tables(model: nn.Module, warned: set[str], step: int, main: 
 
 
 def _periodic(step: int, cfg: RunConfig, run_dir: Path, family, accelerator: Accelerator,
-              model: nn.Module, optimizer, recent: list[float]) -> None:
-    """Checkpoints and sample grids every N steps (and at the end), by the main process."""
+              model: nn.Module, optimizer, recent: list[float], ema: Optional[ParameterEMA]) -> None:
+    """Checkpoints and sample grids every N steps (and at the end), by the main process.
+
+    The grids show the student the run would export now: the average, with an EMA."""
     if not accelerator.is_main_process:
         return
     done = step == cfg.distill.steps
     if step % cfg.distill.checkpoint_every == 0 or done:
         save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer,
-                        {"loss_mean_last_50": sum(recent) / len(recent)})
+                        {"loss_mean_last_50": sum(recent) / len(recent)}, ema)
     if step % cfg.distill.sample_every == 0 or done:
-        save_comparison_grid(family, accelerator.unwrap_model(model),
-                             run_dir / "samples" / f"step-{step:07d}.png",
-                             cfg.eval.steps, cfg.eval.guidance_scale, seed=cfg.eval.seed,
-                             batch_size=cfg.distill.batch_size)
+        with ema.averaged() if ema is not None else contextlib.nullcontext():
+            save_comparison_grid(family, accelerator.unwrap_model(model),
+                                 run_dir / "samples" / f"step-{step:07d}.png",
+                                 cfg.eval.steps, cfg.eval.guidance_scale, seed=cfg.eval.seed,
+                                 batch_size=cfg.distill.batch_size)
 
 
 def mean_recent_loss(run_dir: Path, last: int = 50) -> float:
