@@ -10,7 +10,9 @@ So a single run per recipe cannot tell changes of that size apart. This trains
 configs/tiny-ldm-w4a4.yaml once per (variant, seed) -- `--parallel` runs at a time, one
 thread each, which on 2 cores finishes two runs in about the time of one 2-thread run --
 then scores every student as eval/finetune.py does (1000 samples, the FP row's seeds,
-FID to the FP samples) and reports each variant's mean and range.
+FID to the FP samples) and reports each variant's mean and range. A run that keeps a moving
+average (`distill.ema_decay`) is scored twice, its average and its last step's weights: the
+same training, so their difference is the average's alone.
 Writes eval/results/seed-spread.md and .json (or --report's name).
 """
 
