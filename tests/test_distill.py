@@ -137,7 +137,7 @@ def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
             torch.testing.assert_close(value, reference[name], rtol=0, atol=0, msg=name)
 
     without = _config(tmp_path, "distill.steps=8", "distill.checkpoint_every=4")
-    with pytest.raises(RuntimeError, match="written with an average.*set distill.ema_decay"):
+    with pytest.raises(ConfigError, match="written with an average.*resume with distill.ema_decay"):
         loop.distill(pipe, without, without.run_dir, resume=True)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
+from qdiff.config import AuxConfig, ConfigError, LoRAConfig, QuantConfig
 from qdiff.distill.ema import ParameterEMA
 from qdiff.quant import quant_parameters, quantize_
 
@@ -92,5 +92,5 @@ def test_a_saved_average_of_another_student_is_refused():
     ema = ParameterEMA(_student(), decay=0.9)
     state = ema.state_dict()
     state["a.extra"] = torch.zeros(1)
-    with pytest.raises(RuntimeError, match="unexpected \\['a.extra'\\].*config changed"):
+    with pytest.raises(ConfigError, match="unexpected \\['a.extra'\\].*config changed"):
         ema.load_state_dict(state)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qdiff.config import ConfigError
 from qdiff.distill.ema import EMA_FILE, ParameterEMA
 
 KEEP_LAST = 2
@@ -96,10 +97,10 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
     _load_student(path, student)
     saved_average = (path / EMA_FILE).is_file()
     if saved_average != (ema is not None):
-        raise RuntimeError(f"{path} was written {'with' if saved_average else 'without'} an "
+        raise ConfigError(f"{path} was written {'with' if saved_average else 'without'} an "
                            f"average of the parameters, and this run is configured "
-                           f"{'without' if saved_average else 'with'} one: set distill.ema_decay "
-                           f"as the run started (its config.yaml), or start a new run.")
+                           f"{'without' if saved_average else 'with'} one: resume with distill.ema_decay "
+                           f"as the run started, or start a new run (--overwrite).")
     if ema is not None:
         ema.load_state_dict(load_file(path / EMA_FILE))
     rest = json.loads((path / "optimizer.json").read_text())
@@ -124,6 +125,6 @@ def _load_student(path: Path, student: nn.Module) -> None:
     missing, unexpected = student.load_state_dict(state, strict=False)
     frozen = {name for name, p in student.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:
-        raise RuntimeError(f"{path} does not match this student (missing "
+        raise ConfigError(f"{path} does not match this student (missing "
                            f"{sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}); "
                            f"was the config changed since the run started?")

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from qdiff.config import ConfigError
 from qdiff.quant import quant_parameters
 
 EMA_FILE = "ema.safetensors"
@@ -59,7 +60,7 @@ class ParameterEMA:
         if state.keys() != self.shadow.keys():
             missing = sorted(self.shadow.keys() - state.keys())[:5]
             unexpected = sorted(state.keys() - self.shadow.keys())[:5]
-            raise RuntimeError(f"the saved average does not match this student (missing "
+            raise ConfigError(f"the saved average does not match this student (missing "
                                f"{missing}, unexpected {unexpected}); was the config changed "
                                f"since the run started?")
         for name, value in state.items():
