@@ -110,8 +110,7 @@ def last_loss(run_dir: Path) -> float:
 
 
 def students_of(run_dir: Path) -> list[bool]:
-    """A run with `distill.ema_decay` is scored twice: its average (what it exports) and its
-    last step's weights, the same training without the average."""
+    """`averaged` for each student of a run: [True, False] where it keeps an average."""
     return [True, False] if (latest_checkpoint(run_dir) / EMA_FILE).is_file() else [True]
 
 

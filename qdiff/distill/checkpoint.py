@@ -98,9 +98,9 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
     saved_average = (path / EMA_FILE).is_file()
     if saved_average != (ema is not None):
         raise ConfigError(f"{path} was written {'with' if saved_average else 'without'} an "
-                           f"average of the parameters, and this run is configured "
-                           f"{'without' if saved_average else 'with'} one: resume with distill.ema_decay "
-                           f"as the run started, or start a new run (--overwrite).")
+                          f"average of the parameters, and this run is configured "
+                          f"{'without' if saved_average else 'with'} one: resume with "
+                          f"distill.ema_decay as the run started, or start a new run (--overwrite).")
     if ema is not None:
         ema.load_state_dict(load_file(path / EMA_FILE))
     rest = json.loads((path / "optimizer.json").read_text())
@@ -126,5 +126,5 @@ def _load_student(path: Path, student: nn.Module) -> None:
     frozen = {name for name, p in student.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:
         raise ConfigError(f"{path} does not match this student (missing "
-                           f"{sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}); "
-                           f"was the config changed since the run started?")
+                          f"{sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]}); "
+                          f"was the config changed since the run started?")

@@ -61,25 +61,26 @@ class ParameterEMA:
             missing = sorted(self.shadow.keys() - state.keys())[:5]
             unexpected = sorted(state.keys() - self.shadow.keys())[:5]
             raise ConfigError(f"the saved average does not match this student (missing "
-                               f"{missing}, unexpected {unexpected}); was the config changed "
-                               f"since the run started?")
+                              f"{missing}, unexpected {unexpected}); was the config changed "
+                              f"since the run started?")
         for name, value in state.items():
             self.shadow[name].copy_(value)
 
-    @torch.no_grad()
     def copy_to_model(self) -> None:
         """Replace the live parameters by their average (for good: the end of a run)."""
-        for name, param in self.live.items():
-            param.copy_(self.shadow[name])
+        self._assign(self.shadow)
 
     @contextmanager
     def averaged(self) -> Iterator[None]:
         """The averaged parameters inside the block, the live ones again after it."""
         kept = {name: param.detach().clone() for name, param in self.live.items()}
-        self.copy_to_model()
+        self._assign(self.shadow)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, param in self.live.items():
-                    param.copy_(kept[name])
+            self._assign(kept)
+
+    @torch.no_grad()
+    def _assign(self, values: dict[str, torch.Tensor]) -> None:
+        for name, param in self.live.items():
+            param.copy_(values[name])
