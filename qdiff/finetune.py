@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from qdiff.config import ConfigError, RunConfig, load_config, save_config
+from qdiff.config import ConfigError, RunConfig, load_config
 from qdiff.distill.checkpoint import latest_checkpoint
 from qdiff.distill.loop import NonFiniteLossError, distill, mean_recent_loss
 from qdiff.export import export_pipeline
@@ -53,8 +53,6 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> P
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPU-only hosts
     run_dir = prepare_run_dir(cfg, resume, overwrite) if accelerator.is_main_process else cfg.run_dir
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
     start = time.time()
     pipe = load_pipeline(cfg.model.path)
     pipe.set_progress_bar_config(disable=True)

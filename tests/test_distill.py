@@ -139,6 +139,8 @@ def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
     without = _config(tmp_path, "distill.steps=8", "distill.checkpoint_every=4")
     with pytest.raises(ConfigError, match="written with an average.*resume with distill.ema_decay"):
         loop.distill(pipe, without, without.run_dir, resume=True)
+    # the refused resume left the run's config as the run wrote it
+    assert load_config(cfg.run_dir / "config.yaml").distill.ema_decay == 0.5
 
 
 def test_full_qat_trains_every_base_weight_and_no_lora(random_class_ldm_pipeline, tmp_path):

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qdiff.calibrate import calibrate
-from qdiff.config import ConfigError, RunConfig
+from qdiff.config import ConfigError, RunConfig, save_config
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from qdiff.distill.ema import ParameterEMA
@@ -180,10 +180,11 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     decay = RankDecay(model, cfg.aux, total, optimizer) if cfg.aux.enabled else None
     ema = ParameterEMA(model, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
     step = _resume_step(run_dir, model, optimizer, decay, ema) if resuming else 0
+    if main:  # only now: a refused resume leaves the run's saved config as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir / "log.jsonl", main)
     progress = tqdm(total=total, initial=step, desc=f"distilling {cfg.name}", unit="step",
                     disable=not main)
