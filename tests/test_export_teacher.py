@@ -68,6 +68,8 @@ def test_recipe_bits_are_recorded_per_layer(w4a4):
     assert layers["down_blocks.1.attentions.0.proj_in"]["weight_bits"] == 4
     assert layers["up_blocks.1.resnets.2.conv_shortcut"]["act_split"] == [64, 32]  # decoder, skip
     assert layers["up_blocks.1.resnets.2.conv1"]["act_split"] == []
+    assert layers["mid_block.attentions.0.transformer_blocks.0.ff.net.2"]["input_rotation"] == "hadamard"
+    assert layers["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"]["input_rotation"] == "none"
 
 
 @torch.no_grad()
