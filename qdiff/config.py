@@ -186,9 +186,12 @@ class DistillConfig:
     warmup_steps: int = 0  # linear warm-up, then linear decay to 0 (as EfficientDM)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     # > 0: the run's student (grids, export) is the exponential moving average of the trained
-    # parameters, its decay ramping as (1 + step) / (10 + step) up to this cap, e.g. 0.995
+    # parameters, its decay ramping as (1 + step) / (ema_ramp + step) up to this cap, e.g. 0.995
     # (qdiff.distill.ema); 0: the last step's
     ema_decay: float = 0.0
+    # under the cap the average weights step s about as s^(ema_ramp - 2), so it is on average
+    # steps / ema_ramp old: 10 (diffusers' EMAModel) about a tenth of the run, 3 a third
+    ema_ramp: float = 10.0
     # recompute each block's activations in the backward pass instead of keeping them
     # (diffusers' own switch): at SD's layout qdiff's peak -30%, its step time +23%
     gradient_checkpointing: bool = False
@@ -217,6 +220,9 @@ class DistillConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"distill.ema_decay={self.ema_decay} is out of range; allowed: "
                               f"0 (no average) or a decay in (0, 1), e.g. 0.995.")
+        if self.ema_ramp < 2.0:
+            raise ConfigError(f"distill.ema_ramp={self.ema_ramp} would weight the first steps "
+                              f"most; allowed: 2 (every step alike) or more, e.g. 10.")
         _check_choice("distill.loss", self.loss, ("x0", "mse", "l1", "update"))
         _check_choice("distill.target", self.target, ("guided", "branches"))
         _check_choice("distill.walker", self.walker, ("student", "teacher"))

@@ -69,6 +69,8 @@ def test_command_line_overrides_win():
     (["distill.walker=pupil"], "distill.walker='pupil' is not allowed"),
     (["distill.ema_decay=1"], "distill.ema_decay=1.0 is out of range; allowed: 0 (no average) "
                               "or a decay in (0, 1), e.g. 0.995."),
+    (["distill.ema_ramp=1.5"], "distill.ema_ramp=1.5 would weight the first steps most; "
+                               "allowed: 2 (every step alike) or more, e.g. 10."),
     (["distill.base_weight_lr=1e-5", "quant.packed_base_weight=true"],
      "Set quant.packed_base_weight=false for full QAT, or distill.base_weight_lr=0."),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -57,6 +59,25 @@ def test_the_average_follows_the_live_parameters_with_the_warmed_up_decay():
     assert ema.shadow.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(ema.shadow[name], expected[name], msg=name)
+
+
+@pytest.mark.parametrize("ramp", [2, 4])
+def test_a_ramp_of_k_weights_step_s_as_s_to_the_k_minus_2(ramp):
+    """Uncapped, the average after steps 0..n-1 of a value that is 0 at the start and s after
+    step s: step s weighs (s + 2)...(s + k - 1), about s^(k-2) (k = 2: all alike), and the
+    start what is left, n! (k - 1)! / (n + k - 1)!."""
+    net = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    ema = ParameterEMA(net, decay=0.9999, ramp=float(ramp))
+    n = 40
+    for step in range(n):
+        with torch.no_grad():
+            net.weight.fill_(step)
+        ema.update(step)
+    weights = [math.prod(range(s + 2, s + ramp)) for s in range(n)]
+    start = math.factorial(n) * math.factorial(ramp - 1) / math.factorial(n + ramp - 1)
+    expected = sum(w * s for s, w in enumerate(weights)) / sum(weights) * (1 - start)
+    assert ema.shadow["weight"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_averaged_swaps_the_average_in_and_the_live_parameters_back():

@@ -27,23 +27,23 @@ EMA_FILE = "ema.safetensors"
 class ParameterEMA:
     """`shadow = d * shadow + (1 - d) * live` after every optimizer step.
 
-    d ramps up as min(decay, (1 + step) / (10 + step)) (diffusers' EMAModel warm-up), so the
-    first steps do not leave the average stuck near the calibrated start. The ramp reaches
-    0.99 at step 890 and 0.995 at step 1790: in shorter runs it is the ramp that averages,
-    weighting step s about as s^8, so the average is on average a tenth of the run old; `decay`
-    caps longer runs."""
+    d ramps up as min(decay, (1 + step) / (ramp + step)), so the first steps do not leave the
+    average stuck near the calibrated start. At ramp 10 (diffusers' EMAModel) it reaches 0.99
+    at step 890 and 0.995 at step 1790: in shorter runs it is the ramp that averages,
+    weighting step s about as s^(ramp - 2), so the average is on average steps / ramp old;
+    `decay` caps longer runs."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, ramp: float = 10.0) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay={decay}: an average needs 0 < decay < 1")
-        self.decay = decay
+        self.decay, self.ramp = decay, ramp
         phi = {id(param) for param in quant_parameters(model).aux}
         self.live = {name: param for name, param in model.named_parameters()
                      if param.requires_grad and id(param) not in phi}
         self.shadow = {name: param.detach().clone() for name, param in self.live.items()}
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        return min(self.decay, (1 + step) / (self.ramp + step))
 
     @torch.no_grad()
     def update(self, step: int) -> None:

@@ -178,7 +178,8 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     optimizer = build_optimizer(model, cfg)
     total, per_trajectory = cfg.distill.steps, cfg.distill.trajectory_steps
     decay = RankDecay(model, cfg.aux, total, optimizer) if cfg.aux.enabled else None
-    ema = ParameterEMA(model, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
+    ema = (ParameterEMA(model, cfg.distill.ema_decay, cfg.distill.ema_ramp)
+           if cfg.distill.ema_decay > 0 else None)
     step = _resume_step(run_dir, model, optimizer, decay, ema) if resuming else 0
     if main:  # only now: a refused resume leaves the run's saved config as it was
         run_dir.mkdir(parents=True, exist_ok=True)
