@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qdiff.config import ConfigError, load_config
 from qdiff.distill import loop
 from qdiff.distill.checkpoint import _trainable_state, list_checkpoints, load_trained_student
+from qdiff.distill.ema import EMA_FILE
 from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches
 from qdiff.quant import nonpositive_step_tables
@@ -135,6 +137,13 @@ def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
         load_trained_student(checkpoint, fresh, averaged)
         for name, value in _trained(fresh).items():
             torch.testing.assert_close(value, reference[name], rtol=0, atol=0, msg=name)
+    # an average of another student's parameters is refused by name, not by a KeyError
+    foreign = tmp_path / "foreign"
+    shutil.copytree(checkpoint, foreign)
+    save_file({**load_file(foreign / EMA_FILE), "down_blocks.9.lora_A": torch.zeros(1)},
+              foreign / EMA_FILE)
+    with pytest.raises(ConfigError, match=r"lacks \(\['down_blocks.9.lora_A'\]\).*config changed"):
+        load_trained_student(foreign, loop.build_student(pipe, cfg, calibrated=False).model)
 
     without = _config(tmp_path, "distill.steps=8", "distill.checkpoint_every=4")
     with pytest.raises(ConfigError, match="written with an average.*resume with distill.ema_decay"):

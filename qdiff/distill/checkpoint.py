@@ -90,10 +90,14 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The number of optimizer steps the checkpoint at `path` was written after."""
+    return json.loads((path / META_FILE).read_text())["step"]
+
+
 def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
-                    ema: Optional[ParameterEMA] = None) -> dict:
-    """Restore student, optimizer and average in place; returns the checkpoint's meta (with
-    `step`)."""
+                    ema: Optional[ParameterEMA] = None) -> None:
+    """Restore student, optimizer and average in place."""
     _load_student(path, student)
     saved_average = (path / EMA_FILE).is_file()
     if saved_average != (ema is not None):
@@ -105,7 +109,6 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
         ema.load_state_dict(load_file(path / EMA_FILE))
     rest = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), rest))
-    return json.loads((path / META_FILE).read_text())
 
 
 @torch.no_grad()
@@ -116,7 +119,12 @@ def load_trained_student(path: Path, student: nn.Module, averaged: bool = True) 
     _load_student(path, student)
     if averaged and (path / EMA_FILE).is_file():
         params = dict(student.named_parameters())
-        for name, value in load_file(path / EMA_FILE).items():
+        average = load_file(path / EMA_FILE)
+        unknown = sorted(average.keys() - params.keys())
+        if unknown:
+            raise ConfigError(f"{path / EMA_FILE} averages parameters this student lacks "
+                              f"({unknown[:5]}); was the config changed since the run started?")
+        for name, value in average.items():
             params[name].copy_(value)
 
 

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from qdiff.calibrate import calibrate
 from qdiff.config import ConfigError, RunConfig, save_config
 from qdiff.distill.batches import trajectory_batch
-from qdiff.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qdiff.distill.checkpoint import (checkpoint_step, latest_checkpoint, load_checkpoint,
+                                     save_checkpoint)
 from qdiff.distill.ema import ParameterEMA
 from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, lr_factor,
                                  set_learning_rates)
@@ -151,7 +152,7 @@ def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[R
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return 0
-    step = json.loads((checkpoint / "meta.json").read_text())["step"]
+    step = checkpoint_step(checkpoint)
     if decay is not None:
         decay.step(step)  # shrink Phi to the saved ranks before loading it
     load_checkpoint(checkpoint, student, optimizer, ema)
