@@ -35,6 +35,7 @@ from torchvision.utils import save_image
 
 import qdiff
 from qdiff.config import load_config
+from qdiff.distill.checkpoint import latest_checkpoint, load_trained_student
 from qdiff.distill.loop import build_student, distill
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.sampling import SamplingSettings, balanced_labels
@@ -61,20 +62,37 @@ QUICK = ["distill.steps=40", "quant.calibration_samples=2", "distill.checkpoint_
 STRIP_CLASSES = (0, 3, 7)
 
 
-def run_row(pipe, name: str, workdir: Path, extra: list[str]) -> tuple[object, dict]:
-    """The exported pipeline of one row, and where its training log is."""
+def run_row(pipe, name: str, workdir: Path, extra: list[str]) -> list[tuple[str, object, dict]]:
+    """The exported pipelines of one row, each with where its training log is: the run's
+    student and, where the run keeps an average (`distill.ema_decay`), its last step's
+    weights too (the same training, so their difference is the average's alone)."""
     bits, trained, overrides = ROWS[name]
     run = "video-" + name.lower().replace(" ", "-").replace("+", "plus")
-    cfg = load_config(CONFIGS / f"tiny-wan-{bits}.yaml",
-                      ["output_dir=runs", f"name={run}", "export.enabled=false",
-                       "distill.sample_every=100000", "distill.log_every=1", *overrides, *extra])
+    settings = ["output_dir=runs", f"name={run}", "export.enabled=false",
+                "distill.sample_every=100000", "distill.log_every=1", *overrides, *extra]
+    cfg = load_config(CONFIGS / f"tiny-wan-{bits}.yaml", settings)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run, not a resumed one
-    student = distill(pipe, cfg, cfg.run_dir) if trained else build_student(pipe, cfg).model
-    folder = export_pipeline(pipe, student, workdir / run, cfg.quant)  # refuses a Phi left over
-    exported = qdiff.load_pipeline(folder)
-    if any("aux" in key or "lora" in key for key in exported.transformer.state_dict()):
-        raise RuntimeError(f"the export of {name} carries Phi or LoRA tensors")
-    return exported, {"log": str(cfg.run_dir / "log.jsonl") if trained else None}
+    students = {name: distill(pipe, cfg, cfg.run_dir) if trained else build_student(pipe, cfg).model}
+    if trained and cfg.distill.ema_decay > 0:
+        students[f"{name}, last step's weights"] = last_step_student(pipe, bits, settings, cfg.run_dir)
+    fields = {"log": str(cfg.run_dir / "log.jsonl") if trained else None}
+    exported = []
+    for label, student in students.items():
+        folder = export_pipeline(pipe, student, workdir / f"{run}-{len(exported)}", cfg.quant)
+        loaded = qdiff.load_pipeline(folder)  # the export above refuses a Phi left over
+        if any("aux" in key or "lora" in key for key in loaded.transformer.state_dict()):
+            raise RuntimeError(f"the export of {label} carries Phi or LoRA tensors")
+        exported.append((label, loaded, fields))
+    return exported
+
+
+def last_step_student(pipe, bits: str, settings: list[str], run_dir: Path) -> torch.nn.Module:
+    """The live parameters of the run's last checkpoint. Rank decay has removed Phi by then,
+    so the student is rebuilt without it."""
+    cfg = load_config(CONFIGS / f"tiny-wan-{bits}.yaml", [*settings, "aux.enabled=false"])
+    student = build_student(pipe, cfg, calibrated=False).model
+    load_trained_student(latest_checkpoint(run_dir), student, averaged=False)
+    return student
 
 
 def gap_closed(row: dict, ptq: dict, fp: dict, key: str) -> float:
@@ -120,15 +138,18 @@ def plot_training(rows: list[dict], path: Path, window: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (loss_ax, rank_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    logged: dict[str, str] = {}  # each run once (a run with an average scores two rows)
     for row in (r for r in rows if r.get("log")):
-        log = [json.loads(line) for line in Path(row["log"]).read_text().splitlines()]
+        logged.setdefault(row["log"], row["name"])
+    for log_path, name in logged.items():
+        log = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
         steps = [entry["step"] for entry in log]
         losses = torch.tensor([entry["loss"] for entry in log])
         # from the first full window on: a partial one holds only the first trajectory's
         # noisiest steps, whose loss differs from the rest's
         smoothed = [losses[i + 1 - window:i + 1].mean().item() for i in range(window - 1, len(losses))]
-        loss_ax.plot(steps[window - 1:], smoothed, label=row["name"], lw=0.8)
-        rank_ax.plot(steps, [entry.get("aux_rank", 0) for entry in log], label=row["name"])
+        loss_ax.plot(steps[window - 1:], smoothed, label=name, lw=0.8)
+        rank_ax.plot(steps, [entry.get("aux_rank", 0) for entry in log], label=name)
     loss_ax.set(xlabel="step", ylabel="loss", yscale="log",
                 title=f"distillation loss (mean of {window} steps)")
     rank_ax.set(xlabel="step", ylabel="Phi rank", title="auxiliary rank")
@@ -182,11 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     strips = {"FP (teacher)": fp_videos}
     with tempfile.TemporaryDirectory(prefix="qdiff-video-") as tmp:
         for name in names:
-            exported, fields = run_row(pipe, name, Path(tmp), extra)
-            videos = sample_videos(exported, labels, settings)
-            rows.append(scored(name, videos, fields))
-            strips[name] = videos
-            write_table(rows, cfg, num_videos, command, report)  # a crash keeps the rows so far
+            for label, exported, fields in run_row(pipe, name, Path(tmp), extra):
+                videos = sample_videos(exported, labels, settings)
+                rows.append(scored(label, videos, fields))
+                strips[label] = videos
+                write_table(rows, cfg, num_videos, command, report)  # a crash keeps the rows so far
     plot_training(rows, RESULTS / f"{report}-training.png", cfg.distill.trajectory_steps)
     shown = [n for n in ("FP (teacher)", "W4A4 calibrated PTQ", "W4A4 qdiff + Phi") if n in strips]
     picks = torch.tensor([int((labels == c).nonzero()[0]) for c in STRIP_CLASSES])
