@@ -55,7 +55,8 @@ ABLATION = {
     "+ split concatenated inputs": ["lora.rank=8"],
 }
 # The baseline: weights by an Lp search of clipping ratios, activations per tensor
-# and timestep (one step size for a concatenated input too).
+# and timestep (one step size for a concatenated input too). The recipe's input rotations
+# stay: they are a fixed transform of PTQ's, not something distillation learns.
 CALIBRATED_PTQ = ["quant.weight_init=mse", "quant.lp_norm=2.4", "quant.split_concat_inputs=false"]
 
 
