@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qdiff.config import ConfigError
-from qdiff.distill.ema import EMA_FILE, ParameterEMA
+from qdiff.distill.ema import EMA_FILE, ParameterEMA, averaged_parameters, copy_average
 
 KEEP_LAST = 2
 META_FILE = "meta.json"
@@ -106,26 +106,18 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
                           f"{'without' if saved_average else 'with'} one: resume with "
                           f"distill.ema_decay as the run started, or start a new run (--overwrite).")
     if ema is not None:
-        ema.load_state_dict(load_file(path / EMA_FILE))
+        ema.load_state_dict(load_file(path / EMA_FILE), str(path / EMA_FILE))
     rest = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), rest))
 
 
-@torch.no_grad()
 def load_trained_student(path: Path, student: nn.Module, averaged: bool = True) -> None:
     """The student the run would export from this checkpoint: the parameters' average where
     the run keeps one, the live parameters otherwise or with `averaged=False` (for
     evaluating a checkpoint)."""
     _load_student(path, student)
     if averaged and (path / EMA_FILE).is_file():
-        params = dict(student.named_parameters())
-        average = load_file(path / EMA_FILE)
-        unknown = sorted(average.keys() - params.keys())
-        if unknown:
-            raise ConfigError(f"{path / EMA_FILE} averages parameters this student lacks "
-                              f"({unknown[:5]}); was the config changed since the run started?")
-        for name, value in average.items():
-            params[name].copy_(value)
+        copy_average(averaged_parameters(student), load_file(path / EMA_FILE), str(path / EMA_FILE))
 
 
 def _load_student(path: Path, student: nn.Module) -> None:

@@ -37,9 +37,7 @@ class ParameterEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay={decay}: an average needs 0 < decay < 1")
         self.decay, self.ramp = decay, ramp
-        phi = {id(param) for param in quant_parameters(model).aux}
-        self.live = {name: param for name, param in model.named_parameters()
-                     if param.requires_grad and id(param) not in phi}
+        self.live = averaged_parameters(model)
         self.shadow = {name: param.detach().clone() for name, param in self.live.items()}
 
     def decay_at(self, step: int) -> float:
@@ -55,16 +53,9 @@ class ParameterEMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: value.contiguous() for name, value in self.shadow.items()}
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state.keys() != self.shadow.keys():
-            missing = sorted(self.shadow.keys() - state.keys())[:5]
-            unexpected = sorted(state.keys() - self.shadow.keys())[:5]
-            raise ConfigError(f"the saved average does not match this student (missing "
-                              f"{missing}, unexpected {unexpected}); was the config changed "
-                              f"since the run started?")
-        for name, value in state.items():
-            self.shadow[name].copy_(value)
+    def load_state_dict(self, state: dict[str, torch.Tensor],
+                        source: str = "the saved average") -> None:
+        copy_average(self.shadow, state, source)
 
     def copy_to_model(self) -> None:
         """Replace the live parameters by their average (for good: the end of a run)."""
@@ -80,7 +71,27 @@ class ParameterEMA:
         finally:
             self._assign(kept)
 
-    @torch.no_grad()
     def _assign(self, values: dict[str, torch.Tensor]) -> None:
-        for name, param in self.live.items():
-            param.copy_(values[name])
+        copy_average(self.live, values, "the average")
+
+
+def averaged_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters an average follows: the trained ones, less Phi."""
+    phi = {id(param) for param in quant_parameters(model).aux}
+    return {name: param for name, param in model.named_parameters()
+            if param.requires_grad and id(param) not in phi}
+
+
+@torch.no_grad()
+def copy_average(targets: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
+                 source: str) -> None:
+    """Copy `values` into the tensors of the same names; a `ConfigError` naming `source`
+    where the two name sets differ (a checkpoint of another config)."""
+    if values.keys() != targets.keys():
+        missing = sorted(targets.keys() - values.keys())[:5]
+        unexpected = sorted(values.keys() - targets.keys())[:5]
+        raise ConfigError(f"{source} does not match this student (missing {missing}, "
+                          f"unexpected {unexpected}); was the config changed since the run "
+                          f"started?")
+    for name, target in targets.items():
+        target.copy_(values[name])
