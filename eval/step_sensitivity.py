@@ -29,8 +29,8 @@ import torch
 
 import qdiff
 from qdiff.config import LayerOverride, load_config
-from qdiff.distill.checkpoint import latest_checkpoint, load_trained_student
-from qdiff.distill.loop import build_student
+from qdiff.distill.checkpoint import latest_checkpoint
+from qdiff.distill.loop import build_student, student_at
 from qdiff.distill.trajectory import TrajectoryWalk
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
@@ -80,10 +80,7 @@ def distilled_student(family, run_dir: Path, averaged: bool = True) -> tuple[tor
     if checkpoint is None:
         raise SystemExit(f"{run_dir} has no checkpoint: run `python -m qdiff.finetune "
                          f"configs/tiny-ldm-w4a4.yaml` first, or pass its run directory.")
-    cfg = load_config(run_dir / "config.yaml")
-    student = build_student(family, cfg, calibrated=False).model
-    load_trained_student(checkpoint, student, averaged)
-    return student, checkpoint
+    return student_at(family, load_config(run_dir / "config.yaml"), checkpoint, averaged), checkpoint
 
 
 def feature_distance(net, images: torch.Tensor, teacher_features: torch.Tensor) -> float:

@@ -13,9 +13,10 @@ digits, `python -m qdiff.models.zoo.video_digits`). Rows, each from configs/tiny
   (same steps, trajectories and seeds as qdiff).
 Every row's *exported* pipeline (Phi gone, integer weights) samples the same seeds as the
 FP teacher, and is scored frame by frame in the digits feature network's space:
-class accuracy, per-frame FID against real held-out moving-digit frames and against the
-FP frames, and over time the feature similarity of consecutive frames and the error of
-the digit's motion (centre of mass) against the FP video of the same seed.
+class accuracy, per-frame FID against real held-out moving-digit frames, against the FP
+frames of the same seeds and against FP frames of other seeds (distributions alone), and
+over time the feature similarity of consecutive frames and the error of the digit's motion
+(centre of mass) against the FP video of the same seed.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from torchvision.utils import save_image
 
 import qdiff
 from qdiff.config import load_config
-from qdiff.distill.checkpoint import latest_checkpoint, load_trained_student
-from qdiff.distill.loop import build_student, distill
+from qdiff.distill.checkpoint import latest_checkpoint
+from qdiff.distill.loop import build_student, distill, student_at
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.sampling import SamplingSettings, balanced_labels
 from qdiff.eval.video_eval import real_frames_pool, sample_videos
-from qdiff.eval.video_metrics import video_metrics
+from qdiff.eval.video_metrics import frame_features, frame_fid, video_metrics
 from qdiff.export import export_pipeline
 from qdiff.families.class_wan import frames_side_by_side
 
@@ -74,7 +75,8 @@ def run_row(pipe, name: str, workdir: Path, extra: list[str]) -> list[tuple[str,
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run, not a resumed one
     students = {name: distill(pipe, cfg, cfg.run_dir) if trained else build_student(pipe, cfg).model}
     if trained and cfg.distill.ema_decay > 0:
-        students[f"{name}, last step's weights"] = last_step_student(pipe, bits, settings, cfg.run_dir)
+        students[f"{name}, last step's weights"] = student_at(
+            pipe, cfg, latest_checkpoint(cfg.run_dir), averaged=False)
     fields = {"log": str(cfg.run_dir / "log.jsonl") if trained else None}
     exported = []
     for label, student in students.items():
@@ -84,15 +86,6 @@ def run_row(pipe, name: str, workdir: Path, extra: list[str]) -> list[tuple[str,
             raise RuntimeError(f"the export of {label} carries Phi or LoRA tensors")
         exported.append((label, loaded, fields))
     return exported
-
-
-def last_step_student(pipe, bits: str, settings: list[str], run_dir: Path) -> torch.nn.Module:
-    """The live parameters of the run's last checkpoint. Rank decay has removed Phi by then,
-    so the student is rebuilt without it."""
-    cfg = load_config(CONFIGS / f"tiny-wan-{bits}.yaml", [*settings, "aux.enabled=false"])
-    student = build_student(pipe, cfg, calibrated=False).model
-    load_trained_student(latest_checkpoint(run_dir), student, averaged=False)
-    return student
 
 
 def gap_closed(row: dict, ptq: dict, fp: dict, key: str) -> float:
@@ -112,20 +105,27 @@ def write_table(rows: list[dict], cfg, num_videos: int, command: str, report: st
              "feature network on every frame. `FID` against real held-out moving-digit "
              "frames, `FID to FP` against the FP frames; `similarity`: cosine of consecutive "
              "frames' features; `motion err`: pixels per frame between the digit's motion and "
-             "the FP video's of the same seed. `closed`: share of the same bits' PTQ "
-             "distance to FP that the row closes, per metric. `FP, other seeds`: the teacher "
-             "on other seeds, the noise floor of `FID to FP` (its motion error compares "
-             "different videos and means nothing).", "",
-             "| row | accuracy | FID | FID to FP | similarity | motion err | closed: FID to FP "
-             "| closed: similarity | closed: motion |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "the FP video's of the same seed. `FP, other seeds`: the teacher on other "
+             "seeds, the noise floor of `FID to FP` (its motion error compares different "
+             "videos and means nothing). `FID to FP's other seeds`: against that row's "
+             "frames, a distance between distributions alone, where `FID to FP` also counts "
+             "how far each video strays from the FP video of its seed; the FP row's value is "
+             "the floor. `closed`: share of the same bits' PTQ distance to the FP row that "
+             "the row closes, per metric.", "",
+             "| row | accuracy | FID | FID to FP | FID to FP's other seeds | similarity | "
+             "motion err | closed: FID to FP | closed: FID to other seeds | closed: similarity "
+             "| closed: motion |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = ("frame_fid", "frame_fid_other_seeds", "consecutive_similarity", "motion_error")
     for row in rows:
         ptq = next((r for r in rows if r["name"] == row["name"][:4] + " calibrated PTQ"), None)
         closed = [f"{gap_closed(row, ptq, fp, key):.0%}" if ptq and row is not ptq else ""
-                  for key in ("frame_fid", "consecutive_similarity", "motion_error")]
+                  for key in keys]
+        other = row.get("frame_fid_other_seeds")
         lines.append(f"| {row['name']} | {row['frame_accuracy']:.1%} | {row['frame_fid_real']:.2f} | "
-                     f"{max(row['frame_fid'], 0.0):.2f} | {row['consecutive_similarity']:.4f} | "
-                     f"{row['motion_error']:.3f} | " + " | ".join(closed) + " |")
+                     f"{max(row['frame_fid'], 0.0):.2f} | {'' if other is None else f'{other:.2f}'} | "
+                     f"{row['consecutive_similarity']:.4f} | {row['motion_error']:.3f} | "
+                     + " | ".join(closed) + " |")
     lines += ["", f"![loss and Phi rank]({report}-training.png)", "",
               f"![frames: FP, PTQ, qdiff + Phi]({report}-frames.png)"]
     (RESULTS / f"{report}.md").write_text("\n".join(lines) + "\n")
@@ -186,20 +186,24 @@ def main(argv: list[str] | None = None) -> None:
     settings = SamplingSettings(num_videos, cfg.eval.steps, cfg.eval.guidance_scale, cfg.eval.seed,
                                 batch_size=50)
     fp_videos = sample_videos(pipe, labels, settings)
+    # The same teacher on other seeds: how far two FP samples lie apart (the noise floor).
+    # Batch b draws from seed + b, so these start after the FP row's last seed.
+    other_seeds = dataclasses.replace(
+        settings, seed=settings.seed + math.ceil(num_videos / settings.batch_size))
+    fp_other_videos = sample_videos(pipe, labels, other_seeds)
+    fp_other_pool = frame_features(net, fp_other_videos).pool
     command = "python " + shlex.join(["eval/video.py", *(sys.argv[1:] if argv is None else argv)])
 
     def scored(name: str, videos: torch.Tensor, extra_fields: dict) -> dict:
         metrics = video_metrics(net, videos, labels, reference=fp_videos, real_pool=real)
+        if videos is not fp_other_videos:  # against itself it would read 0
+            metrics["frame_fid_other_seeds"] = frame_fid(frame_features(net, videos).pool,
+                                                         fp_other_pool)
         row = {"name": name, "frames": videos.shape[1], **metrics, **extra_fields}
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
         return row
 
-    rows = [scored("FP (teacher)", fp_videos, {})]
-    # The same teacher on other seeds: how far two FP samples lie apart (the noise floor).
-    # Batch b draws from seed + b, so the floor starts after the FP row's last seed.
-    floor = dataclasses.replace(settings,
-                                seed=settings.seed + math.ceil(num_videos / settings.batch_size))
-    rows.append(scored("FP, other seeds", sample_videos(pipe, labels, floor), {}))
+    rows = [scored("FP (teacher)", fp_videos, {}), scored("FP, other seeds", fp_other_videos, {})]
     strips = {"FP (teacher)": fp_videos}
     with tempfile.TemporaryDirectory(prefix="qdiff-video-") as tmp:
         for name in names:

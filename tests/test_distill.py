@@ -72,6 +72,9 @@ FULL_QAT = ("lora.enabled=false", "distill.base_weight_lr=1e-3")
     ("student", 4, 7, "step-0000004", ("distill.weight_scale_lr=0", "lora.low_rank_backward=true")),
     # the run ends with the parameters' average: the checkpoint carries it beside the live ones
     ("student", 4, 7, "step-0000004", ("distill.ema_decay=0.9",)),
+    # Phi's last phase ends at step 8 (rank 2 for 4 steps, rank 1 for 4): the checkpoint there
+    # holds no Phi, as the resumed student builds none
+    ("student", 8, 9, "step-0000008", ("aux.enabled=true", "aux.rank=2", "aux.phase_steps=4")),
 ])
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
         random_class_ldm_pipeline, tmp_path, monkeypatch, walker, checkpoint_every, crash_at,
@@ -133,9 +136,7 @@ def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
 
     checkpoint = list_checkpoints(cfg.run_dir)[-1]
     for averaged, reference in ((True, returned), (False, seen[-1])):
-        fresh = loop.build_student(pipe, cfg, calibrated=False).model
-        load_trained_student(checkpoint, fresh, averaged)
-        for name, value in _trained(fresh).items():
+        for name, value in _trained(loop.student_at(pipe, cfg, checkpoint, averaged)).items():
             torch.testing.assert_close(value, reference[name], rtol=0, atol=0, msg=name)
     # an average of another student's parameters is refused by name, not by a KeyError
     foreign = tmp_path / "foreign"
@@ -151,6 +152,42 @@ def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
         loop.distill(pipe, without, without.run_dir, resume=True)
     # the refused resume left the run's config as the run wrote it
     assert load_config(cfg.run_dir / "config.yaml").distill.ema_decay == 0.5
+
+
+@torch.no_grad()
+def _guided_output(pipe, student: torch.nn.Module) -> torch.Tensor:
+    point = next(iter(teacher_trajectory(pipe, torch.arange(4), 4, 1.0, 2.0,
+                                         torch.Generator().manual_seed(12345))))
+    return pipe.guided_noise(point.model_input, point.timestep, point.context, 2.0, denoiser=student)
+
+
+def _phi_ranks(student: torch.nn.Module) -> set[int]:
+    return {m.aux.rank for m in student.modules() if getattr(m, "aux", None) is not None}
+
+
+def test_the_student_at_a_checkpoint_is_the_one_that_trained_on(random_class_ldm_pipeline,
+                                                                 tmp_path, monkeypatch):
+    """Phi at rank 2 for steps 0-3, rank 1 for 4-7, gone from 8: each checkpoint's student,
+    rebuilt from the config, answers as the run's student did when the step began."""
+    pipe = random_class_ldm_pipeline
+    cfg = _config(tmp_path, "distill.steps=12", "distill.checkpoint_every=4", "aux.enabled=true",
+                  "aux.rank=2", "aux.phase_steps=4", "distill.lr=1e-2")
+    original, outputs, ranks = loop._train_step, [], []
+
+    def recording(family, student, *rest):
+        outputs.append(_guided_output(pipe, student))
+        ranks.append(_phi_ranks(student))
+        return original(family, student, *rest)
+
+    monkeypatch.setattr(loop, "_train_step", recording)
+    returned = loop.distill(pipe, cfg, cfg.run_dir)
+    assert ranks[4] == {1} and ranks[8] == set()
+    outputs.append(_guided_output(pipe, returned))
+    for checkpoint in list_checkpoints(cfg.run_dir):
+        step = int(checkpoint.name.removeprefix("step-"))
+        rebuilt = loop.student_at(pipe, cfg, checkpoint)
+        assert _phi_ranks(rebuilt) == ranks[min(step, 11)]
+        torch.testing.assert_close(_guided_output(pipe, rebuilt), outputs[step], msg=checkpoint.name)
 
 
 def test_full_qat_trains_every_base_weight_and_no_lora(random_class_ldm_pipeline, tmp_path):

@@ -33,7 +33,7 @@ from qdiff.calibrate import calibrate
 from qdiff.config import ConfigError, RunConfig, save_config
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.checkpoint import (checkpoint_step, latest_checkpoint, load_checkpoint,
-                                     save_checkpoint)
+                                     load_trained_student, save_checkpoint)
 from qdiff.distill.ema import ParameterEMA
 from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, lr_factor,
                                  set_learning_rates)
@@ -74,6 +74,17 @@ def build_student(pipe, cfg: RunConfig, calibrated: bool = True) -> Student:
         set_timesteps(model, trajectory_timesteps(family, cfg.distill.trajectory_steps))
     freeze_all_but_quant_params(model, cfg.distill.base_weight_lr > 0, cfg.distill.weight_scale_lr > 0)
     return Student(model, report)
+
+
+def student_at(pipe, cfg: RunConfig, checkpoint: Path, averaged: bool = True) -> nn.Module:
+    """The student of a run of `cfg` at `checkpoint`, with Phi at the ranks it had there (as
+    a resume builds it): the parameters' average where the run keeps one, the live
+    parameters otherwise or with `averaged=False`."""
+    model = build_student(pipe, cfg, calibrated=False).model
+    if cfg.aux.enabled:
+        RankDecay(model, cfg.aux, cfg.distill.steps).step(checkpoint_step(checkpoint))
+    load_trained_student(checkpoint, model, averaged)
+    return model
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -182,6 +193,8 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     ema = (ParameterEMA(model, cfg.distill.ema_decay, cfg.distill.ema_ramp)
            if cfg.distill.ema_decay > 0 else None)
     step = _resume_step(run_dir, model, optimizer, decay, ema) if resuming else 0
+    if decay is not None:
+        decay.step(step)  # Phi as the first step starts (where a resume has already put it)
     if main:  # only now: a refused resume leaves the run's saved config as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -204,8 +217,6 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
             if index * per_trajectory + point.index < step:
                 walk.advance(point.teacher_output)  # a resumed run replays up to where it stopped
                 continue
-            if decay is not None:
-                decay.step(step)
             set_learning_rates(optimizer, lr_factor(step, cfg.distill.warmup_steps, total))
             try:
                 loss, student_output = _train_step(family, model, point, cfg, accelerator,
@@ -218,9 +229,13 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
             walk.advance(student_output if cfg.distill.walker == "student" else point.teacher_output)
             if ema is not None:
                 ema.update(step)
+            rank = decay.current_rank if decay is not None else 0  # the rank this step trained
             step += 1
+            if decay is not None:
+                # Phi as the next step starts, before a checkpoint of `step` saves it: where
+                # Phi's last phase ends, resuming there builds no Phi and finds none saved
+                decay.step(step)
             recent = (recent + [loss])[-50:]
-            rank = decay.current_rank if decay is not None else 0
             lr = cfg.distill.lr * lr_factor(step - 1, cfg.distill.warmup_steps, total)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", rank=rank)
