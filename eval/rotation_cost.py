@@ -44,14 +44,15 @@ SHAPES = {
 TIMESTEP = torch.tensor([500.0])
 
 
-def exported_layer(in_features: int, out_features: int, rotate: bool) -> nn.Module:
+def exported_layer(in_features: int, out_features: int, rotate: bool, act_group_size: int = 0) -> nn.Module:
     """The W4A4 (per-token dynamic activations) integer layer that an export would hold."""
-    cfg = QuantConfig(weight_bits=4, act_bits=4, act_mode="dynamic_per_token")
+    cfg = QuantConfig(weight_bits=4, act_bits=4, act_mode="dynamic_per_token", act_group_size=act_group_size)
     context = TimestepContext()
     linear = nn.Linear(in_features, out_features)
     student = QuantLinear.from_module(linear, 4, 4, cfg, None, None, context, rotate_input=rotate)
     layer = freeze_layer("layer", student, context)
-    layer.set_kernel("auto")
+    for part in getattr(layer, "parts", [layer]):  # a grouped input exports as slices
+        part.set_kernel("auto")
     return layer
 
 
@@ -102,20 +103,26 @@ def write(rows: dict[str, dict], command: str) -> None:
     (RESULTS / "rotation-cost.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_shapes(description: str, shapes: dict[str, tuple[int, int]],
+               measure: Callable[[int, int, int, int], dict],
+               write: Callable[[dict[str, dict], str], None], command: str) -> None:
+    """The command line of a layer-cost script: every shape measured, then written."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="256 tokens, 3 repeats")
     args = parser.parse_args()
     tokens, repeats = (256, 3) if args.quick else (1024, 15)
     rows = {}
-    for name, (in_features, out_features) in SHAPES.items():
+    for name, (in_features, out_features) in shapes.items():
         rows[name] = measure(in_features, out_features, tokens, repeats)
-        print(name, rows[name]["ms"], rows[name]["rotated_over_plain"], flush=True)
-    command = "python eval/rotation_cost.py" + (" --quick" if args.quick else "")
+        print(name, rows[name]["ms"], flush=True)
     if args.quick:
         print("--quick: results not written")
         return
     write(rows, command)
+
+
+def main() -> None:
+    run_shapes(__doc__.splitlines()[0], SHAPES, measure, write, "python eval/rotation_cost.py")
 
 
 if __name__ == "__main__":

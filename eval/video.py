@@ -126,8 +126,9 @@ def write_table(rows: list[dict], cfg, num_videos: int, command: str, report: st
                      f"{max(row['frame_fid'], 0.0):.2f} | {'' if other is None else f'{other:.2f}'} | "
                      f"{row['consecutive_similarity']:.4f} | {row['motion_error']:.3f} | "
                      + " | ".join(closed) + " |")
-    lines += ["", f"![loss and Phi rank]({report}-training.png)", "",
-              f"![frames: FP, PTQ, qdiff + Phi]({report}-frames.png)"]
+    if any(row.get("log") for row in rows):
+        lines += ["", f"![loss and Phi rank]({report}-training.png)"]
+    lines += ["", f"![frames: FP, PTQ, qdiff + Phi]({report}-frames.png)"]
     (RESULTS / f"{report}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(scored(label, videos, fields))
                 strips[label] = videos
                 write_table(rows, cfg, num_videos, command, report)  # a crash keeps the rows so far
-    plot_training(rows, RESULTS / f"{report}-training.png", cfg.distill.trajectory_steps)
+    if any(row.get("log") for row in rows):  # PTQ rows alone have no training to plot
+        plot_training(rows, RESULTS / f"{report}-training.png", cfg.distill.trajectory_steps)
     shown = [n for n in ("FP (teacher)", "W4A4 calibrated PTQ", "W4A4 qdiff + Phi") if n in strips]
     picks = torch.tensor([int((labels == c).nonzero()[0]) for c in STRIP_CLASSES])
     strip = torch.cat([frames_side_by_side(strips[n][picks].transpose(1, 2)) for n in shown])

@@ -5,7 +5,8 @@
 Each row is configs/tiny-wan-w4a4.yaml's calibrated PTQ student (no training) with the bits
 changed: all layers at W4A4, W8A4 and W4A8, then activations at 8 bits except one group of
 layers at 4; the rows marked "rotated" rotate the inputs of the named layers by a Hadamard
-matrix (quant.rotate_inputs, qdiff.quant.rotation). Every student answers the teacher's
+matrix (quant.rotate_inputs, qdiff.quant.rotation); the last row also quantizes each token's
+activations in groups of 16 channels (quant.act_group_size). Every student answers the teacher's
 questions along the same teacher trajectories (16 videos, the recipe's 20 Euler steps and
 guidance), and the row reports its guided velocity's squared error relative to the
 teacher's, per step. The noisy first half of the trajectory decides what the video shows;
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -31,23 +33,33 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 NUM_VIDEOS, SEED = 16, 1234
 FFN_IN, QKV, FFN_OUT, ATTN_OUT = "*ffn.net.0.proj", "*attn1.to_[qkv]", "*ffn.net.2", "*attn1.to_out.0"
-# row -> (weight bits, activation bits, the one layer group whose activations get 4 bits,
-#         the layers whose inputs are rotated)
-ROWS: dict[str, tuple[int, int, str | None, list[str]]] = {
-    "W4A4": (4, 4, None, []),
-    "W8A4": (8, 4, None, []),
-    "W4A8": (4, 8, None, []),
-    "W4A8, A4 at self-attention q/k/v": (4, 8, QKV, []),
-    "W4A8, A4 at self-attention out": (4, 8, ATTN_OUT, []),
-    "W4A8, A4 at cross-attention": (4, 8, "*attn2.*", []),
-    "W4A8, A4 at FFN in": (4, 8, FFN_IN, []),
-    "W4A8, A4 at FFN out": (4, 8, FFN_OUT, []),
-    "W4A8, A4 at self-attention q/k/v, rotated": (4, 8, QKV, [QKV]),
-    "W4A8, A4 at FFN in, rotated": (4, 8, FFN_IN, [FFN_IN]),
-    "W4A8, A4 at FFN out, rotated": (4, 8, FFN_OUT, [FFN_OUT]),
-    "W4A8, A4 at self-attention out, rotated": (4, 8, ATTN_OUT, [ATTN_OUT]),
-    "W4A4, FFN in and self-attention q/k/v rotated": (4, 4, None, [FFN_IN, QKV]),
-    "W4A4, FFN in, self-attention q/k/v and out rotated": (4, 4, None, [FFN_IN, QKV, ATTN_OUT]),
+
+
+class Row(NamedTuple):
+    weight_bits: int
+    act_bits: int
+    four_bit_group: str | None  # the one layer group whose activations get 4 bits
+    rotated: list[str]  # the layers whose inputs are rotated
+    act_group_size: int = 0  # quant.act_group_size
+
+
+ROWS: dict[str, Row] = {
+    "W4A4": Row(4, 4, None, []),
+    "W8A4": Row(8, 4, None, []),
+    "W4A8": Row(4, 8, None, []),
+    "W4A8, A4 at self-attention q/k/v": Row(4, 8, QKV, []),
+    "W4A8, A4 at self-attention out": Row(4, 8, ATTN_OUT, []),
+    "W4A8, A4 at cross-attention": Row(4, 8, "*attn2.*", []),
+    "W4A8, A4 at FFN in": Row(4, 8, FFN_IN, []),
+    "W4A8, A4 at FFN out": Row(4, 8, FFN_OUT, []),
+    "W4A8, A4 at self-attention q/k/v, rotated": Row(4, 8, QKV, [QKV]),
+    "W4A8, A4 at FFN in, rotated": Row(4, 8, FFN_IN, [FFN_IN]),
+    "W4A8, A4 at FFN out, rotated": Row(4, 8, FFN_OUT, [FFN_OUT]),
+    "W4A8, A4 at self-attention out, rotated": Row(4, 8, ATTN_OUT, [ATTN_OUT]),
+    "W4A4, FFN in and self-attention q/k/v rotated": Row(4, 4, None, [FFN_IN, QKV]),
+    "W4A4, FFN in, self-attention q/k/v and out rotated": Row(4, 4, None, [FFN_IN, QKV, ATTN_OUT]),
+    "W4A4, FFN in and self-attention q/k/v rotated, activations in groups of 16":
+        Row(4, 4, None, [FFN_IN, QKV], act_group_size=16),
 }
 
 
@@ -69,11 +81,11 @@ def main() -> None:
     family = family_for(qdiff.load_pipeline(recipe.model.path), recipe.model)
     steps, guidance = recipe.distill.trajectory_steps, recipe.distill.guidance_scale
     rows = []
-    for name, (weight_bits, act_bits, four_bit_group, rotated) in ROWS.items():
-        overrides = [LayerOverride(four_bit_group, act_bits=4)] if four_bit_group else []
-        quant = dataclasses.replace(recipe.quant, weight_bits=weight_bits, act_bits=act_bits,
+    for name, row in ROWS.items():
+        overrides = [LayerOverride(row.four_bit_group, act_bits=4)] if row.four_bit_group else []
+        quant = dataclasses.replace(recipe.quant, weight_bits=row.weight_bits, act_bits=row.act_bits,
                                     overrides=overrides + list(recipe.quant.overrides),
-                                    rotate_inputs=rotated)
+                                    rotate_inputs=row.rotated, act_group_size=row.act_group_size)
         student = build_student(family, dataclasses.replace(recipe, quant=quant)).model
         errors = relative_errors(family, student, guidance, steps)
         rows.append({"name": name, "per_step": errors,
@@ -94,7 +106,8 @@ def write(rows: list[dict], steps: int) -> None:
              "except one group of layers at 4. Cross-attention attends to one class token, "
              "so its softmax is 1 whatever the query: only the value path can carry error. "
              "`rotated`: those layers' inputs are multiplied by a Hadamard matrix before they "
-             "are quantized (quant.rotate_inputs).", "",
+             "are quantized (quant.rotate_inputs). `groups of 16`: each token's activations on one "
+             "grid per 16 channels (quant.act_group_size).", "",
              "| row | mean, first half | " + " | ".join(f"step {i}" for i in shown) + " |",
              "|---|---:|" + "---:|" * len(shown)]
     for row in rows:

@@ -109,6 +109,9 @@ class QuantConfig:
     act_init: str = "mse"  # temporal: "mse" (Lp search) or "minmax" over the observed range
     act_per_timestep: bool = True  # temporal: False starts every timestep from one pooled range
     act_timestep_groups: int = 10  # dynamic_per_token: clipping ratios per bucket of timesteps
+    # dynamic_per_token: each token's channels in consecutive groups of this many, each group
+    # on its own grid (as NVFP4's 16-wide blocks); 0: one grid per token
+    act_group_size: int = 0
     include: List[str] = field(default_factory=lambda: ["*"])  # fnmatch on layer names
     exclude: List[str] = field(default_factory=list)  # layers kept in full precision
     overrides: List[LayerOverride] = field(default_factory=list)
@@ -131,6 +134,11 @@ class QuantConfig:
         _check_range("quant.lp_norm", self.lp_norm, 1.0)
         _check_range("quant.calibration_samples", self.calibration_samples, 1)
         _check_range("quant.act_timestep_groups", self.act_timestep_groups, 1)
+        _check_range("quant.act_group_size", self.act_group_size, 0)
+        if self.act_group_size and self.act_mode != "dynamic_per_token":
+            raise ConfigError(f"quant.act_group_size={self.act_group_size} needs "
+                              f"quant.act_mode=dynamic_per_token (a per-tensor step size has no "
+                              f"token to group); set act_group_size=0 or change act_mode.")
 
 
 @dataclass

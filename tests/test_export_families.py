@@ -152,6 +152,9 @@ FAMILIES = {
     "wan-w4a4-rotated": Family(_wan, "wan", QuantConfig(
         weight_bits=4, act_bits=4, act_mode="dynamic_per_token",
         rotate_inputs=["*ffn.net.0.proj", "*attn1.to_[qkv]"])),
+    "wan-w4a4-rotated-act-groups": Family(_wan, "wan", QuantConfig(
+        weight_bits=4, act_bits=4, act_mode="dynamic_per_token", act_group_size=4,
+        rotate_inputs=["*ffn.net.0.proj", "*attn1.to_[qkv]"])),
     "cogvideox-w8a8": Family(_cogvideox, "cogvideox", QuantConfig(weight_bits=8, act_bits=8)),
 }
 PIPELINES = [name for name, family in FAMILIES.items() if family.sample]
@@ -224,12 +227,22 @@ def test_export_loads_as_the_teachers_class_with_an_integer_denoiser(exported):
     assert rotated == {name for name, layer in iter_quant_layers(student) if layer.input_rotation is not None}
     assert len(rotated) == (4 if family.quant.rotate_inputs else 0)  # one block: FFN in, q, k, v
     splits = {name: tuple(spec["act_split"]) for name, spec in qconfig["layers"].items() if spec["act_split"]}
-    assert splits == (concat_input_splits(student) if family.quant.split_concat_inputs else {})
+    assert splits == _expected_splits(student, family.quant)
     assert len(int_layers) == len(qconfig["layers"]) + sum(len(split) - 1 for split in splits.values())
     for layer in int_layers:  # no float copy of a weight: packed codes only
         assert layer.weight_packed.dtype == torch.uint8
         assert not any(t.is_floating_point() and tuple(t.shape) == layer.weight_shape
                        for t in layer.state_dict().values())
+
+
+def _expected_splits(student, quant: QuantConfig) -> dict[str, tuple[int, ...]]:
+    """Concatenations (split_concat_inputs), or one slice per channel group of inputs wider
+    than a group (act_group_size)."""
+    if quant.split_concat_inputs:
+        return concat_input_splits(student)
+    group = quant.act_group_size
+    return {name: (group,) * (layer.weight_shape[1] // group) for name, layer in iter_quant_layers(student)
+            if group and layer.weight_shape[1] > group}
 
 
 def test_every_integer_layer_reproduces_its_student_layer_in_float32(exported):

@@ -149,5 +149,5 @@ def test_layer_spec_reads_old_files_as_unrotated_and_refuses_bad_rotations():
     with pytest.raises(ExportFormatError, match="c.json: layer 'x': input_rotation 'random' is not one of"):
         LayerSpec.from_json("x", {**spec.to_json(), "input_rotation": "random"}, Path("c.json"))
     conv = {**spec.to_json(), "type": "Conv2d", "weight_shape": [8, 12, 1, 1]}
-    with pytest.raises(ExportFormatError, match="only an unsplit Linear layer can rotate its input"):
+    with pytest.raises(ExportFormatError, match="only a Linear layer can rotate its input"):
         LayerSpec.from_json("x", conv, Path("c.json"))

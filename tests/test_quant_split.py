@@ -175,8 +175,13 @@ def test_split_integer_layer_reproduces_the_student_layer(kind, bits, mode, symm
     int_layer = freeze_layer("layer", layer, export_context)
     assert isinstance(int_layer, SplitIntLayer) and int_layer.spec.act_split == widths
     assert [part.bias is not None for part in int_layer.parts] == [layer.base_layer.bias is not None] + [False] * (len(widths) - 1)
-    x = _input(layer, 3, seed=2)
-    timesteps = torch.tensor([900, 120, 480])
+    assert_reproduces(int_layer, export_context, layer, context, _input(layer, 3, seed=2),
+                      torch.tensor([900, 120, 480]))
+
+
+def assert_reproduces(int_layer: SplitIntLayer, export_context: TimestepContext, layer: nn.Module,
+                      context: TimestepContext, x: torch.Tensor, timesteps: torch.Tensor) -> None:
+    """The split integer layer gives the student layer's output on every kernel."""
     with torch.no_grad(), context.use(timesteps):
         expected = layer(x)
     for kernel in KERNELS:

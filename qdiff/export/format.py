@@ -16,7 +16,10 @@ slices, each with its own activation table (`SplitIntLayer`); empty for one tabl
 Version 2 added it; version 1 files (no `act_split`) still load. `input_rotation` is
 "hadamard" for a Linear that rotates its input by `qdiff.quant.rotation.HadamardRotation`
 before quantizing it (its codes are those of the rotated weight), else "none". Version 3
-added it; older files (no `input_rotation`) load as "none".
+added it; older files (no `input_rotation`) load as "none". Version 4 lets a split Linear
+rotate its input (the whole input, before it is sliced): per-token activations quantized
+in channel groups (`quant.act_group_size`) export as equal slices, each slice with a copy
+of the layer's one clip-ratio table.
 
 Config files are data: this module only reads and checks JSON-shaped dicts, and every
 problem is an `ExportFormatError` that names the file and what is wrong with it.
@@ -29,8 +32,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 QUANT_METHOD = "qdiff"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 ACT_GRANULARITIES = ("per_tensor_per_timestep", "per_token")
 LAYER_TYPES = ("Linear", "Conv2d", "Conv3d")
@@ -61,9 +64,10 @@ class LayerSpec:
                 "act_split": list(self.act_split)}
 
     def part(self, width: int) -> "LayerSpec":
-        """The spec of one input slice of `width` channels (a plain layer, one table)."""
+        """The spec of one input slice of `width` channels (a plain layer, one table; the
+        whole layer rotates its input before slicing it)."""
         shape = (self.weight_shape[0], width) + self.weight_shape[2:]
-        return replace(self, weight_shape=shape, act_split=())
+        return replace(self, weight_shape=shape, act_split=(), input_rotation="none")
 
     @classmethod
     def from_json(cls, name: str, data: Any, source: Path) -> "LayerSpec":
@@ -90,8 +94,8 @@ class LayerSpec:
             and "act_split must be empty or two or more positive widths that add up to weight_shape[1]",
             data["input_rotation"] not in INPUT_ROTATIONS
             and f"input_rotation {data['input_rotation']!r} is not one of {INPUT_ROTATIONS}",
-            data["input_rotation"] != "none" and (data["type"] != "Linear" or split != [])
-            and "only an unsplit Linear layer can rotate its input",
+            data["input_rotation"] != "none" and data["type"] != "Linear"
+            and "only a Linear layer can rotate its input",
         ]
         problems = [p for p in problems if p]
         if problems:

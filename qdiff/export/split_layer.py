@@ -6,13 +6,21 @@ Each slice has its own activation table (the student's `SplitActQuantizer`), so 
 integer sum cannot run over all channels at once; but a Linear or (ungrouped) Conv is a
 sum over its input channels, so slicing its weight along them and adding the slices'
 outputs is the same layer. Each part is an ordinary `IntLayer` (packed codes, every
-kernel); the per-output-channel weight grid is shared, the bias is added once.
+kernel); the per-output-channel weight grid is shared, the bias is added once. A Linear
+whose input is rotated rotates the whole input first, then slices it (the parts do not
+rotate): that is the student's order, rotation before quantization.
+
+Two kinds of student layer export this way: a concatenated input whose parts have their
+own tables (`SplitActQuantizer`), and per-token activations quantized in channel groups
+(`quant.act_group_size`), one slice per group, each with a copy of the layer's table.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from qdiff.quant.rotation import HadamardRotation
 
 from .act_codes import ActCodesModule
 from .format import LayerSpec
@@ -27,6 +35,8 @@ class SplitIntLayer(nn.Module):
         self.spec = spec
         self.parts = nn.ModuleList(parts)
         self.channel_dim = -1 if spec.type == "Linear" else 1
+        self.input_rotation = (HadamardRotation(spec.weight_shape[1])
+                               if spec.input_rotation == "hadamard" else None)
 
     @classmethod
     def like(cls, module: nn.Module, spec: LayerSpec, acts: list[ActCodesModule]) -> "SplitIntLayer":
@@ -50,6 +60,8 @@ class SplitIntLayer(nn.Module):
         return torch.split(x, list(self.spec.act_split), dim=self.channel_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         slices = self.slices(x)
         y = self.parts[0](slices[0])
         for part, piece in zip(self.parts[1:], slices[1:]):
@@ -57,4 +69,5 @@ class SplitIntLayer(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"act_split={list(self.spec.act_split)}"
+        rotated = ", input rotated" if self.input_rotation is not None else ""
+        return f"act_split={list(self.spec.act_split)}{rotated}"

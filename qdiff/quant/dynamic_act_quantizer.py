@@ -3,7 +3,9 @@
 Transformer activations differ strongly from token to token, so each token gets its own
 step size, computed on the fly from its (clipped) range; only the clipping ratio is
 learned, one per timestep group (a bucket of timestep values), because the range
-statistics drift along the trajectory.
+statistics drift along the trajectory. With `group_size`, a token's channels are cut into
+consecutive groups and each group gets its own grid (as NVFP4's 16-wide blocks): a few
+large channels then coarsen the grid of their own group only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ MAX_TIMESTEP = 1000.0  # diffusers' denoisers take timesteps on a 0..1000 scale
 class DynamicActQuantizer(KeyedObservations, nn.Module):
     """Per-token fake-quantizer: scale = ratio[group(t)] * range(token) / levels.
 
+    `group_size` > 0: the range is each group's of `group_size` consecutive channels within
+    the token (the ratio is shared by them); the channel count must be a multiple of it.
+
     `channel_dim` is the feature dim that a token spans: -1 for (B, tokens, C) inputs of
     Linear layers, 1 for (B, C, ...) inputs of convolutions (a token is a position).
     Calibration (`start_calibration` / `finish_calibration`) searches each group's ratio
@@ -32,9 +37,10 @@ class DynamicActQuantizer(KeyedObservations, nn.Module):
 
     def __init__(self, bits: int, context: TimestepContext, symmetric: bool = False,
                  num_groups: int = 10, channel_dim: int = -1, lsq_grad_scale: bool = True,
-                 p: float = 2.4, sample_size: int = 256) -> None:
+                 p: float = 2.4, sample_size: int = 256, group_size: int = 0) -> None:
         super().__init__()
         self.bits = bits
+        self.group_size = group_size
         self.symmetric = symmetric
         self.qmin, self.qmax = int_range(bits, symmetric)
         self.context = context
@@ -48,7 +54,8 @@ class DynamicActQuantizer(KeyedObservations, nn.Module):
         self.register_buffer("group_edges", torch.linspace(0, MAX_TIMESTEP, num_groups + 1)[1:-1])
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}, groups={self.clip_ratio.numel()}"
+        grouping = f", group_size={self.group_size}" if self.group_size else ""
+        return f"bits={self.bits}, symmetric={self.symmetric}, groups={self.clip_ratio.numel()}{grouping}"
 
     def group_of(self, batch_size: int) -> torch.Tensor:
         """Timestep group of every row of the batch."""
@@ -61,7 +68,14 @@ class DynamicActQuantizer(KeyedObservations, nn.Module):
         return torch.bucketize(timesteps, self.group_edges, right=True)
 
     def _quantize_tokens(self, tokens: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize (..., C) tokens, each on its own grid, clipped by `ratio` (broadcast)."""
+        """Fake-quantize (..., C) tokens, each (or each channel group) on its own grid, clipped
+        by `ratio` (broadcast against the tokens)."""
+        if self.group_size:
+            groups = tokens.unflatten(-1, (-1, self.group_size))
+            return self._quantize_tokens_whole(groups, ratio.unsqueeze(-1)).flatten(-2)
+        return self._quantize_tokens_whole(tokens, ratio)
+
+    def _quantize_tokens_whole(self, tokens: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
         scale, zero_point = per_token_grid(tokens.detach(), ratio, self.qmin, self.qmax,
                                            self.symmetric)
         return fake_quantize(tokens, scale, zero_point, self.qmin, self.qmax)

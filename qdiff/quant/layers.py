@@ -63,8 +63,8 @@ class QuantLayer(nn.Module):
             weight.shape[0], weight_bits, quant_cfg.weight_symmetric, quant_cfg.learn_zero_point,
             quant_cfg.lsq_grad_scale).to(weight.device)
         self.weight_quantizer.init_from(weight, quant_cfg.weight_init, quant_cfg.lp_norm)
-        self.act_quantizer = self._make_act_quantizer(act_bits, quant_cfg).to(weight.device)
         self.base_layer = base_layer.requires_grad_(False)
+        self.act_quantizer = self._make_act_quantizer(act_bits, quant_cfg, self.weight_shape[1]).to(weight.device)
         self.packed = quant_cfg.packed_base_weight
         if self.packed:
             self._pack_base(weight, self.weight_quantizer)
@@ -98,13 +98,33 @@ class QuantLayer(nn.Module):
         base_layer.weight = nn.Parameter(rotation(weight.float()).to(weight.dtype), requires_grad=False)
         self.input_rotation = rotation
 
-    def _make_act_quantizer(self, bits: int, cfg: QuantConfig) -> ActQuantizer:
+    def _make_act_quantizer(self, bits: int, cfg: QuantConfig, width: int) -> ActQuantizer:
+        """The quantizer of an input (slice) of `width` channels."""
         if cfg.act_mode == "dynamic_per_token":
             return DynamicActQuantizer(bits, self.context, cfg.act_symmetric, cfg.act_timestep_groups,
-                                       self.channel_dim, cfg.lsq_grad_scale, cfg.lp_norm)
+                                       self.channel_dim, cfg.lsq_grad_scale, cfg.lp_norm,
+                                       group_size=self._act_group_size(cfg.act_group_size, width))
         return TemporalActQuantizer(bits, self.context, cfg.act_symmetric, cfg.learn_zero_point,
                                     cfg.lsq_grad_scale, cfg.lp_norm, init_method=cfg.act_init,
                                     per_timestep=cfg.act_per_timestep)
+
+    def _act_group_size(self, group_size: int, width: int) -> int:
+        """`group_size`, or 0 (one grid per token) where the input is no wider than a group.
+        `width` is the weight's input width: a grouped convolution's input is `groups` times it."""
+        conv_groups = getattr(self.base_layer, "groups", 1)
+        if group_size == 0 or width * conv_groups <= group_size:
+            return 0
+        if conv_groups != 1:
+            raise ValueError(f"Cannot quantize the input of the grouped {self.base_layer} in channel "
+                             f"groups (quant.act_group_size={group_size}): the export computes a "
+                             f"grouped input as one layer per slice, which a grouped convolution is "
+                             f"not. Keep it out of quantization (quant.exclude) or set act_group_size=0.")
+        if width % group_size:
+            raise ValueError(f"Cannot quantize the {width}-channel input of {self.base_layer} in "
+                             f"groups of quant.act_group_size={group_size}: {width} is not a "
+                             f"multiple of it. Pick a group size that divides the model's widths, "
+                             f"or keep this layer out of quantization (quant.exclude).")
+        return group_size
 
     def split_input(self, widths: Sequence[int], cfg: QuantConfig) -> None:
         """Quantize the input in channel slices of `widths` (e.g. a concatenation's parts),
@@ -121,7 +141,7 @@ class QuantLayer(nn.Module):
                              f"{list(widths)}: they add up to {sum(widths)}, not its {in_channels} "
                              f"input channels.")
         device = self.weight_quantizer.scale.device
-        parts = [self._make_act_quantizer(self.act_bits, cfg).to(device) for _ in widths]
+        parts = [self._make_act_quantizer(self.act_bits, cfg, width).to(device) for width in widths]
         self.act_quantizer = SplitActQuantizer(parts, widths, self.channel_dim)
 
     def _init_lora(self, weight: torch.Tensor, cfg: Optional[LoRAConfig]) -> None:
