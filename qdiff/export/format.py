@@ -1,7 +1,7 @@
 """The export format: the `quantization_config` that the denoiser's config.json carries.
 
     "quantization_config": {
-      "quant_method": "qdiff", "format_version": 2,
+      "quant_method": "qdiff", "format_version": 4,
       "weight_granularity": "per_output_channel", "weight_packing": "dense_le",
       "weights_file": "diffusion_pytorch_model.safetensors", "weights_sha256": "...",
       "recipe": {...the QuantConfig the student was built from...},
