@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
-
 import torch
 
-from rotation_cost import TIMESTEP, exported_layer, milliseconds, run_shapes
+from rotation_cost import RESULTS, TIMESTEP, exported_layer, integer_parts, milliseconds, run_shapes
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     "tiny Wan q/k/v": (96, 96),
     "tiny Wan FFN in": (96, 256),
@@ -34,7 +31,7 @@ GROUPS = (0, 16, 128)  # 0: one grid per token
 
 def _context(layer: torch.nn.Module):
     """The timestep context that the layer's activation tables read (slices share one)."""
-    return getattr(layer, "parts", [layer])[0].act.context
+    return integer_parts(layer)[0].act.context
 
 
 def measure(in_features: int, out_features: int, tokens: int, repeats: int) -> dict:
