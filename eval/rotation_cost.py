@@ -51,15 +51,8 @@ def exported_layer(in_features: int, out_features: int, rotate: bool, act_group_
     linear = nn.Linear(in_features, out_features)
     student = QuantLinear.from_module(linear, 4, 4, cfg, None, None, context, rotate_input=rotate)
     layer = freeze_layer("layer", student, context)
-    for part in integer_parts(layer):
-        part.set_kernel("auto")
+    layer.set_kernel("auto")
     return layer
-
-
-def integer_parts(layer: nn.Module) -> list[nn.Module]:
-    """The integer layers that compute `layer`: its slices (a grouped input exports as
-    slices, `SplitIntLayer`), or the layer itself."""
-    return list(getattr(layer, "parts", [layer]))
 
 
 def milliseconds(run: Callable[[], torch.Tensor]) -> float:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import shlex
@@ -32,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
 import qdiff
@@ -86,6 +88,25 @@ def run_row(pipe, name: str, workdir: Path, extra: list[str]) -> list[tuple[str,
             raise RuntimeError(f"the export of {label} carries Phi or LoRA tensors")
         exported.append((label, loaded, fields))
     return exported
+
+
+def teacher_videos(pipe, labels: torch.Tensor, settings: SamplingSettings, teacher: Path,
+                   cache: Path) -> torch.Tensor:
+    """The teacher's videos for `settings`, sampled once per teacher weights and settings
+    and kept in `cache`: every variant scores against the same FP videos, whose two rows
+    cost about ten minutes of a run."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+    for weights in sorted(teacher.rglob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    path = cache / f"fp-videos-{digest.hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        return load_file(path)["videos"]
+    videos = sample_videos(pipe, labels, settings)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")  # a crash mid-write never leaves a cache that loads
+    save_file({"videos": videos.contiguous()}, partial)
+    partial.replace(path)
+    return videos
 
 
 def gap_closed(row: dict, ptq: dict, fp: dict, key: str) -> float:
@@ -186,12 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     labels = balanced_labels(num_videos)
     settings = SamplingSettings(num_videos, cfg.eval.steps, cfg.eval.guidance_scale, cfg.eval.seed,
                                 batch_size=50)
-    fp_videos = sample_videos(pipe, labels, settings)
+    cache = Path("runs") / "video-fp-cache"
+    fp_videos = teacher_videos(pipe, labels, settings, Path(cfg.model.path), cache)
     # The same teacher on other seeds: how far two FP samples lie apart (the noise floor).
     # Batch b draws from seed + b, so these start after the FP row's last seed.
     other_seeds = dataclasses.replace(
         settings, seed=settings.seed + math.ceil(num_videos / settings.batch_size))
-    fp_other_videos = sample_videos(pipe, labels, other_seeds)
+    fp_other_videos = teacher_videos(pipe, labels, other_seeds, Path(cfg.model.path), cache)
     fp_other_pool = frame_features(net, fp_other_videos).pool
     command = "python " + shlex.join(["eval/video.py", *(sys.argv[1:] if argv is None else argv)])
 

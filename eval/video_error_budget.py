@@ -5,12 +5,14 @@
 Each row is configs/tiny-wan-w4a4.yaml's calibrated PTQ student (no training) with the bits
 changed: all layers at W4A4, W8A4 and W4A8, then activations at 8 bits except one group of
 layers at 4; the rows marked "rotated" rotate the inputs of the named layers by a Hadamard
-matrix (quant.rotate_inputs, qdiff.quant.rotation); the last row also quantizes each token's
-activations in groups of 16 channels (quant.act_group_size). Every student answers the teacher's
-questions along the same teacher trajectories (16 videos, the recipe's 20 Euler steps and
-guidance), and the row reports its guided velocity's squared error relative to the
-teacher's, per step. The noisy first half of the trajectory decides what the video shows;
-the last steps have small velocities, so their relative error is large and matters little.
+matrix (quant.rotate_inputs, qdiff.quant.rotation); the last rows also quantize each token's
+activations in groups of 16 or 8 channels (quant.act_group_size), with and without the
+rotations, and with 8-bit weights (what the weights still cost once activations are
+grouped). Every student answers the teacher's questions along the same teacher
+trajectories (16 videos, the recipe's 20 Euler steps and guidance), and the row reports
+its guided velocity's squared error relative to the teacher's, per step. The noisy first
+half of the trajectory decides what the video shows; the last steps have small
+velocities, so their relative error is large and matters little.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ ROWS: dict[str, Row] = {
     "W4A4, FFN in, self-attention q/k/v and out rotated": Row(4, 4, None, [FFN_IN, QKV, ATTN_OUT]),
     "W4A4, FFN in and self-attention q/k/v rotated, activations in groups of 16":
         Row(4, 4, None, [FFN_IN, QKV], act_group_size=16),
+    "W4A4, activations in groups of 16, none rotated": Row(4, 4, None, [], act_group_size=16),
+    "W8A4, FFN in and self-attention q/k/v rotated, activations in groups of 16":
+        Row(8, 4, None, [FFN_IN, QKV], act_group_size=16),
+    "W4A4, FFN in and self-attention q/k/v rotated, activations in groups of 8":
+        Row(4, 4, None, [FFN_IN, QKV], act_group_size=8),
 }
 
 
@@ -107,7 +114,7 @@ def write(rows: list[dict], steps: int) -> None:
              "so its softmax is 1 whatever the query: only the value path can carry error. "
              "`rotated`: those layers' inputs are multiplied by a Hadamard matrix before they "
              "are quantized (quant.rotate_inputs). `groups of 16`: each token's activations on one "
-             "grid per 16 channels (quant.act_group_size).", "",
+             "grid per 16 channels (quant.act_group_size); likewise of 8.", "",
              "| row | mean, first half | " + " | ".join(f"step {i}" for i in shown) + " |",
              "|---|---:|" + "---:|" * len(shown)]
     for row in rows:

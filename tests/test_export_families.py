@@ -227,7 +227,9 @@ def test_export_loads_as_the_teachers_class_with_an_integer_denoiser(exported):
     assert rotated == {name for name, layer in iter_quant_layers(student) if layer.input_rotation is not None}
     assert len(rotated) == (4 if family.quant.rotate_inputs else 0)  # one block: FFN in, q, k, v
     splits = {name: tuple(spec["act_split"]) for name, spec in qconfig["layers"].items() if spec["act_split"]}
-    assert splits == _expected_splits(student, family.quant)
+    assert splits == (concat_input_splits(student) if family.quant.split_concat_inputs else {})
+    grouped = {name: spec["act_group_size"] for name, spec in qconfig["layers"].items() if spec["act_group_size"]}
+    assert grouped == _expected_groups(student, family.quant)
     assert len(int_layers) == len(qconfig["layers"]) + sum(len(split) - 1 for split in splits.values())
     for layer in int_layers:  # no float copy of a weight: packed codes only
         assert layer.weight_packed.dtype == torch.uint8
@@ -235,13 +237,10 @@ def test_export_loads_as_the_teachers_class_with_an_integer_denoiser(exported):
                        for t in layer.state_dict().values())
 
 
-def _expected_splits(student, quant: QuantConfig) -> dict[str, tuple[int, ...]]:
-    """Concatenations (split_concat_inputs), or one slice per channel group of inputs wider
-    than a group (act_group_size)."""
-    if quant.split_concat_inputs:
-        return concat_input_splits(student)
+def _expected_groups(student, quant: QuantConfig) -> dict[str, int]:
+    """The group size of every input wider than a channel group (act_group_size)."""
     group = quant.act_group_size
-    return {name: (group,) * (layer.weight_shape[1] // group) for name, layer in iter_quant_layers(student)
+    return {name: group for name, layer in iter_quant_layers(student)
             if group and layer.weight_shape[1] > group}
 
 

@@ -3,6 +3,7 @@ group, what it buys against a loud channel, refusals, and the exported integer l
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 from torch import nn
 
 from qdiff.config import ConfigError, LoRAConfig, QuantConfig
-from qdiff.export.format import LayerSpec
-from qdiff.export.freeze import freeze_layer
+from qdiff.export.format import ExportFormatError, LayerSpec
+from qdiff.export.freeze import empty_int_layer, freeze_layer, layer_spec, weight_codes
+from qdiff.export.int_layers import IntLayer
 from qdiff.export.split_layer import SplitIntLayer
 from qdiff.quant import DynamicActQuantizer, QuantConv2d, QuantLinear, TimestepContext, calibrating
 
@@ -115,21 +117,70 @@ def _input(layer: nn.Module, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", MODULES)
 def test_grouped_integer_layer_reproduces_the_student_layer(kind):
-    """One slice per group, each with the layer's clip-ratio table; a rotated input is
-    rotated whole before it is sliced, as the student does."""
+    """One integer layer with the layer's one clip-ratio table; a rotated input is rotated
+    before its groups are quantized, as the student does."""
     torch.manual_seed(0)
     layer, context = _grouped_student(kind)
     export_context = TimestepContext()
     int_layer = freeze_layer("layer", layer, export_context)
-    assert isinstance(int_layer, SplitIntLayer)
-    assert int_layer.spec.act_split == (8,) * (layer.weight_shape[1] // 8)
-    assert (int_layer.input_rotation is not None) == (kind == "linear-rotated")
-    assert all(getattr(part, "input_rotation", None) is None for part in int_layer.parts)
-    assert_reproduces(int_layer, export_context, layer, context, _input(layer, seed=2),
-                      torch.tensor([900, 120]))
+    assert isinstance(int_layer, IntLayer) and int_layer.spec.act_group_size == 8
+    assert int_layer.spec.act_split == () and int_layer.act.group_size == 8
+    assert int_layer.act.clip_ratio.numel() == 3
+    assert (getattr(int_layer, "input_rotation", None) is not None) == (kind == "linear-rotated")
+    x = _input(layer, seed=2)
+    assert_reproduces(int_layer, export_context, layer, context, x, torch.tensor([900, 120]))
+    if kind == "conv1x1":  # one position: a step size per group still, not one per sample
+        assert_reproduces(int_layer, export_context, layer, context, x[:, :, :1], torch.tensor([900, 120]))
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_version_four_files_split_per_group_still_compute_the_grouped_layer(kind):
+    """Format version 4 stored a grouped layer as equal slices, each with a copy of the
+    clip-ratio table; such a layer, built from its spec as a loader does, computes what
+    the student layer computes."""
+    torch.manual_seed(0)
+    layer, context = _grouped_student(kind)
+    spec = replace(layer_spec("layer", layer), act_group_size=0,
+                   act_split=(8,) * (layer.weight_shape[1] // 8))
+    export_context = TimestepContext()
+    split = empty_int_layer(layer.base_layer, spec, export_context)
+    assert isinstance(split, SplitIntLayer)
+    split.set_weight(*weight_codes("layer", layer))
+    for part in split.parts:
+        part.act.load_state_dict({"clip_ratio": layer.act_quantizer.clip_ratio.detach(),
+                                  "group_edges": layer.act_quantizer.group_edges})
+    assert_reproduces(split, export_context, layer, context, _input(layer, seed=2), torch.tensor([900, 120]))
 
 
 def test_a_split_rotated_linear_spec_round_trips():
     spec = LayerSpec("Linear", 4, False, 4, False, "per_token", 10, (16, 32), (8,) * 4, "hadamard")
     assert LayerSpec.from_json("x", spec.to_json(), Path("c.json")) == spec
     assert spec.part(8).input_rotation == "none" and spec.part(8).weight_shape == (16, 8)
+
+
+def test_a_grouped_spec_round_trips_and_older_specs_have_no_groups():
+    spec = LayerSpec("Linear", 4, False, 4, False, "per_token", 10, (16, 32), (), "hadamard", 8)
+    assert LayerSpec.from_json("x", spec.to_json(), Path("c.json")) == spec
+    older = {key: value for key, value in spec.to_json().items() if key != "act_group_size"}
+    assert LayerSpec.from_json("x", older, Path("c.json")).act_group_size == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"act_group_size": 12}, r"act_group_size 12 must divide the input width"),
+    ({"act_group_size": -1}, r"act_group_size must be a non-negative integer"),
+    ({"act_granularity": "per_tensor_per_timestep"}, r"act_group_size > 0 needs act_granularity 'per_token'"),
+    ({"act_split": [16, 16], "act_group_size": 32}, r"act_group_size 32 must divide the input width .*each act_split width"),
+])
+def test_bad_group_sizes_in_a_file_are_refused_by_name(change, message):
+    spec = LayerSpec("Linear", 4, False, 4, False, "per_token", 10, (16, 32), (), "none", 8)
+    with pytest.raises(ExportFormatError, match=r"c.json: layer 'x': " + message):
+        LayerSpec.from_json("x", {**spec.to_json(), **change}, Path("c.json"))
+
+
+def test_split_inputs_that_would_mix_grouped_and_ungrouped_slices_are_refused():
+    layer = QuantConv2d.from_module(nn.Conv2d(24, 8, 1), 4, 4,
+                                    QuantConfig(act_mode="dynamic_per_token", act_group_size=8))
+    with pytest.raises(ValueError, match=r"slices \[16, 8\].* Pick a group size below the narrowest slice \(8\)"):
+        layer.split_input((16, 8), QuantConfig(act_mode="dynamic_per_token", act_group_size=8))
+    layer.split_input((16, 8), QuantConfig(act_mode="dynamic_per_token", act_group_size=4))
+    assert [part.group_size for part in layer.act_quantizer.parts] == [4, 4]

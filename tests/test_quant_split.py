@@ -179,13 +179,13 @@ def test_split_integer_layer_reproduces_the_student_layer(kind, bits, mode, symm
                       torch.tensor([900, 120, 480]))
 
 
-def assert_reproduces(int_layer: SplitIntLayer, export_context: TimestepContext, layer: nn.Module,
+def assert_reproduces(int_layer: nn.Module, export_context: TimestepContext, layer: nn.Module,
                       context: TimestepContext, x: torch.Tensor, timesteps: torch.Tensor) -> None:
-    """The split integer layer gives the student layer's output on every kernel."""
+    """The integer layer (every part, where split) gives the student layer's output on every kernel."""
     with torch.no_grad(), context.use(timesteps):
         expected = layer(x)
     for kernel in KERNELS:
-        for part in int_layer.parts:
+        for part in (m for m in int_layer.modules() if isinstance(m, IntLayer)):
             part.set_kernel(kernel)
         with torch.no_grad(), export_context.use(timesteps):
             got = int_layer(x)
@@ -216,7 +216,7 @@ def test_a_split_layer_with_a_slice_uncalibrated_or_tabled_apart_is_refused():
     layer, _ = _split_layer(nn.Conv2d(12, 8, 1), (6, 6))
     layer.act_quantizer.parts[1].set_timesteps([1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match=r"'up.shortcut': its input slices have activation tables of "
-                                         r"different kinds or sizes .*calibrate them together"):
+                                         r"different kinds, sizes or channel groups .*calibrate them together"):
         freeze_layer("up.shortcut", layer, TimestepContext())
     cfg = QuantConfig()
     fresh = QuantConv2d.from_module(nn.Conv2d(12, 8, 1), 4, 4, cfg)

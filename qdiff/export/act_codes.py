@@ -122,21 +122,28 @@ class TimestepActCodes(nn.Module):
 
 
 class TokenActCodes(nn.Module):
-    """Per-token grid from each token's clipped range; the clip ratio by timestep group."""
+    """Per-token grid from each token's clipped range; the clip ratio by timestep group.
+
+    With `group_size` > 0 each token has one grid per that many consecutive channels (the
+    student's `DynamicActQuantizer(group_size=...)`); `scale` and `zero_point` then have
+    the shape of the input, one value per channel (those of its group).
+    """
 
     granularity = "per_token"
 
     def __init__(self, bits: int, symmetric: bool, num_groups: int, channel_dim: int,
-                 context: Optional[TimestepContext] = None) -> None:
+                 context: Optional[TimestepContext] = None, group_size: int = 0) -> None:
         super().__init__()
         self.bits, self.symmetric, self.channel_dim = bits, symmetric, channel_dim
+        self.group_size = group_size
         self.qmin, self.qmax = int_range(bits, symmetric)
         self.context = context or TimestepContext()
         self.register_buffer("clip_ratio", torch.ones(num_groups))
         self.register_buffer("group_edges", torch.zeros(max(num_groups - 1, 0)))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, symmetric={self.symmetric}, groups={self.clip_ratio.numel()}"
+        grouping = f", group_size={self.group_size}" if self.group_size else ""
+        return f"bits={self.bits}, symmetric={self.symmetric}, groups={self.clip_ratio.numel()}{grouping}"
 
     def _ratio(self, x: torch.Tensor) -> torch.Tensor:
         timesteps = self.context.per_sample(x.shape[0])
@@ -150,11 +157,20 @@ class TokenActCodes(nn.Module):
         return self.clip_ratio[groups].view((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> ActCodes:
-        scale, zero_point = self.grid(x)
-        return ActCodes(grid_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
+        if not self.group_size:
+            scale, zero_point = self.grid(x)
+            return ActCodes(grid_codes(x, scale, zero_point, self.qmin, self.qmax), zero_point, scale)
+        groups = x.movedim(self.channel_dim, -1).unflatten(-1, (-1, self.group_size))
+        scale, zero_point = per_token_grid(groups, self._ratio(groups), self.qmin, self.qmax,
+                                           self.symmetric)
+        codes = grid_codes(groups, scale, zero_point, self.qmin, self.qmax)
+        scale, zero_point = (t.expand_as(groups) for t in (scale, zero_point))
+        return ActCodes(*(t.flatten(-2).movedim(-1, self.channel_dim)
+                          for t in (codes, zero_point, scale)))
 
     def grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero_point) of each token, shaped like `x` with a channel dim of size 1."""
+        """(scale, zero_point) of each token, shaped like `x` with a channel dim of size 1
+        (one grid per token: `group_size` 0)."""
         tokens = x.movedim(self.channel_dim, -1)
         scale, zero_point = per_token_grid(tokens, self._ratio(x), self.qmin, self.qmax,
                                            self.symmetric)

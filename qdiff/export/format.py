@@ -1,7 +1,7 @@
 """The export format: the `quantization_config` that the denoiser's config.json carries.
 
     "quantization_config": {
-      "quant_method": "qdiff", "format_version": 4,
+      "quant_method": "qdiff", "format_version": 5,
       "weight_granularity": "per_output_channel", "weight_packing": "dense_le",
       "weights_file": "diffusion_pytorch_model.safetensors", "weights_sha256": "...",
       "recipe": {...the QuantConfig the student was built from...},
@@ -9,7 +9,8 @@
                              "act_bits": 8, "act_symmetric": false,
                              "act_granularity": "per_tensor_per_timestep",
                              "act_table_size": 50, "weight_shape": [32, 3, 3, 3],
-                             "act_split": [], "input_rotation": "none"}, ...}}
+                             "act_split": [], "input_rotation": "none",
+                             "act_group_size": 0}, ...}}
 
 `act_split` lists the input-channel widths of a layer whose input is quantized in
 slices, each with its own activation table (`SplitIntLayer`); empty for one table.
@@ -17,9 +18,12 @@ Version 2 added it; version 1 files (no `act_split`) still load. `input_rotation
 "hadamard" for a Linear that rotates its input by `qdiff.quant.rotation.HadamardRotation`
 before quantizing it (its codes are those of the rotated weight), else "none". Version 3
 added it; older files (no `input_rotation`) load as "none". Version 4 lets a split Linear
-rotate its input (the whole input, before it is sliced): per-token activations quantized
-in channel groups (`quant.act_group_size`) export as equal slices, each slice with a copy
-of the layer's one clip-ratio table.
+rotate its input (the whole input, before it is sliced): it exported per-token
+activations quantized in channel groups (`quant.act_group_size`) as equal slices, each
+with a copy of the layer's clip-ratio table; such files still load. Version 5 stores
+them as one layer instead: `act_group_size` > 0 (per-token layers only) gives each
+token one grid per that many consecutive input channels; 0 (older files) means one grid
+per token.
 
 Config files are data: this module only reads and checks JSON-shaped dicts, and every
 problem is an `ExportFormatError` that names the file and what is wrong with it.
@@ -32,8 +36,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 QUANT_METHOD = "qdiff"
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 ACT_GRANULARITIES = ("per_tensor_per_timestep", "per_token")
 LAYER_TYPES = ("Linear", "Conv2d", "Conv3d")
@@ -58,6 +62,7 @@ class LayerSpec:
     weight_shape: tuple[int, ...]
     act_split: tuple[int, ...] = ()  # input-channel widths of the slices, each with its own table
     input_rotation: str = "none"  # "hadamard": the input is multiplied by H before quantization
+    act_group_size: int = 0  # per-token grids over this many input channels each; 0: one per token
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "weight_shape": list(self.weight_shape),
@@ -72,8 +77,8 @@ class LayerSpec:
     @classmethod
     def from_json(cls, name: str, data: Any, source: Path) -> "LayerSpec":
         keys = [f.name for f in fields(cls)]
-        if isinstance(data, Mapping):  # fields that format versions 1 and 2 lack
-            data = {"act_split": [], "input_rotation": "none", **data}
+        if isinstance(data, Mapping):  # fields that format versions 1 to 4 lack
+            data = {"act_split": [], "input_rotation": "none", "act_group_size": 0, **data}
         if not isinstance(data, Mapping) or sorted(data) != sorted(keys):
             raise ExportFormatError(f"{source}: layer '{name}' must have exactly the keys {keys}, "
                                     f"got {sorted(data) if isinstance(data, Mapping) else data!r}.")
@@ -96,11 +101,28 @@ class LayerSpec:
             and f"input_rotation {data['input_rotation']!r} is not one of {INPUT_ROTATIONS}",
             data["input_rotation"] != "none" and data["type"] != "Linear"
             and "only a Linear layer can rotate its input",
+            _group_problem(data),
         ]
         problems = [p for p in problems if p]
         if problems:
             raise ExportFormatError(f"{source}: layer '{name}': {'; '.join(problems)}.")
         return cls(**{**data, "weight_shape": tuple(shape), "act_split": tuple(split)})
+
+
+def _group_problem(data: Mapping[str, Any]) -> str:
+    """What is wrong with a layer's `act_group_size`, or "" (checked after the other keys)."""
+    group, shape, split = data["act_group_size"], data["weight_shape"], data["act_split"]
+    if not _is_int(group, 0):
+        return "act_group_size must be a non-negative integer"
+    if group == 0:
+        return ""
+    if data["act_granularity"] != "per_token":
+        return "act_group_size > 0 needs act_granularity 'per_token'"
+    widths = split or (shape[1:2] if isinstance(shape, list) else [])
+    if not widths or any(not _is_int(w, 1) or w % group for w in widths):
+        return (f"act_group_size {group} must divide the input width (weight_shape[1], or each "
+                f"act_split width)")
+    return ""
 
 
 def _is_int(value: Any, low: int, high: float = float("inf")) -> bool:

@@ -35,15 +35,16 @@ def check_no_aux(layers: Iterable[tuple[str, QuantLayer]]) -> None:
             f"its end, which deletes it, before exporting.")
 
 
-def _act_table(name: str, quantizer: torch.nn.Module) -> tuple[str, int]:
-    """(granularity, table size) of one activation quantizer, checked to be exportable."""
+def _act_table(name: str, quantizer: torch.nn.Module) -> tuple[str, int, int]:
+    """(granularity, table size, channel group size) of one activation quantizer, checked
+    to be exportable."""
     if isinstance(quantizer, TemporalActQuantizer):
         if quantizer.calibrating or quantizer.timesteps.numel() == 0:
             raise ValueError(f"Cannot export layer '{name}': its activation step sizes are not "
                              f"calibrated (run qdiff.calibrate.calibrate, or finish calibration).")
-        return TimestepActCodes.granularity, quantizer.timesteps.numel()
+        return TimestepActCodes.granularity, quantizer.timesteps.numel(), 0
     if isinstance(quantizer, DynamicActQuantizer):
-        return TokenActCodes.granularity, quantizer.clip_ratio.numel()
+        return TokenActCodes.granularity, quantizer.clip_ratio.numel(), quantizer.group_size
     raise TypeError(f"Layer '{name}': unknown activation quantizer {type(quantizer).__name__}.")
 
 
@@ -52,15 +53,17 @@ def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
     tables = {_act_table(name, quantizer) for quantizer, _ in slices}
     if len(tables) > 1:  # one spec describes every slice's table
         raise ValueError(f"Cannot export layer '{name}': its input slices have activation tables "
-                         f"of different kinds or sizes {sorted(tables)}; calibrate them together.")
-    (granularity, table_size), = tables
+                         f"of different kinds, sizes or channel groups {sorted(tables)}; "
+                         f"calibrate them together.")
+    (granularity, table_size, group_size), = tables
     act_split = tuple(width for _, width in slices) if len(slices) > 1 else ()
     return LayerSpec(type=layer.base_type.__name__, weight_bits=layer.weight_bits,
                      weight_symmetric=layer.weight_quantizer.symmetric, act_bits=layer.act_bits,
                      act_symmetric=layer.act_quantizer.symmetric, act_granularity=granularity,
                      act_table_size=table_size, weight_shape=tuple(layer.weight_shape),
                      act_split=act_split,
-                     input_rotation="none" if layer.input_rotation is None else "hadamard")
+                     input_rotation="none" if layer.input_rotation is None else "hadamard",
+                     act_group_size=group_size)
 
 
 def empty_int_layer(module: torch.nn.Module, spec: LayerSpec, context: TimestepContext) -> ExportLayer:
@@ -76,7 +79,8 @@ def act_codes_module(spec: LayerSpec, context: TimestepContext) -> ActCodesModul
     if spec.act_granularity == TimestepActCodes.granularity:
         return TimestepActCodes(spec.act_bits, spec.act_symmetric, spec.act_table_size, context)
     channel_dim = -1 if spec.type == "Linear" else 1
-    return TokenActCodes(spec.act_bits, spec.act_symmetric, spec.act_table_size, channel_dim, context)
+    return TokenActCodes(spec.act_bits, spec.act_symmetric, spec.act_table_size, channel_dim, context,
+                         spec.act_group_size)
 
 
 @torch.no_grad()
@@ -114,14 +118,10 @@ def _act_modules(layer: ExportLayer) -> list[ActCodesModule]:
 
 
 def _act_slices(quantizer: torch.nn.Module, width: int) -> list[tuple[torch.nn.Module, int]]:
-    """(student quantizer, input-channel width) of each slice of the input with its own grid:
-    a split input's parts, and each channel group of a grouped per-token quantizer (which
-    stands for all its groups)."""
+    """(student quantizer, input-channel width) of each slice of the input with its own
+    activation table: a split input's parts, else the whole input."""
     if isinstance(quantizer, SplitActQuantizer):
-        return [piece for part, part_width in zip(quantizer.parts, quantizer.widths)
-                for piece in _act_slices(part, part_width)]
-    if isinstance(quantizer, DynamicActQuantizer) and quantizer.group_size:
-        return [(quantizer, quantizer.group_size)] * (width // quantizer.group_size)
+        return list(zip(quantizer.parts, quantizer.widths))
     return [(quantizer, width)]
 
 

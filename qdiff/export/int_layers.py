@@ -11,6 +11,10 @@ compute it, chosen by the layer's `kernel` (see `kernel_choice`):
   codes become an int8 matrix (`Int8Weight`) and the packed bytes are dropped, so the
   layer holds one copy of its codes either way; `state_dict()` packs them again.
 
+A Linear whose per-token activations are quantized in channel groups has a step size
+per token and group, which no single integer sum can factor out: it runs
+`IntLinear.grouped_forward` (dequantized activations times integer weights) instead.
+
 Convolutions keep the geometry of the module they replace (stride, padding, ...) as
 plain attributes: it comes from the model's config, not from the file.
 """
@@ -31,6 +35,7 @@ from .act_codes import ActCodes, ActCodesModule
 from .fast_path import conv_forward, linear_forward
 from .format import LayerSpec
 from .int8_acts import centres_codes
+from .int8_gemm import centred_weight
 from .int8_weight import Int8Weight
 from .int_ops import exact_conv, int8_offset, int_linear
 from .kernel_choice import check_kernel, default_kernel
@@ -162,7 +167,28 @@ class IntLinear(IntLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
             x = self.input_rotation(x)
+        if self.spec.act_group_size:
+            return self.grouped_forward(x)
         return super().forward(x)
+
+    def grouped_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token activations in channel groups (`spec.act_group_size`), on every kernel.
+
+        A step size per token and group cannot leave the sum over the input channels, so
+        the activations enter dequantized and the weights as exact integers, in one float
+        matmul; the result is the student's up to float rounding (as a per-token
+        convolution's). Block-scaled 4-bit tensor cores (NVFP4, MX) likewise scale each
+        block's products in float. Slicing the input per group instead (format version 4)
+        keeps every sum integer but runs one matmul per group, each too thin to be fast.
+        """
+        act: ActCodes = self.act(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        values = (act.codes - act.zero_point).mul_(act.scale).to(dtype)
+        if self.kernel == "reference":
+            weight = self.weight_codes().to(dtype) - self.weight_zero_point[:, None].to(dtype)
+        else:
+            weight = centred_weight(self.int8_weight(), dtype)
+        return self._rescale(F.linear(values, weight), x, (-1,))
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_forward(self, x)
@@ -209,11 +235,12 @@ class _IntConv(IntLayer):
         per_filter = (-1,) + (1,) * (x.dim() - 1)
         weight = self.weight_codes().int() - self.weight_zero_point.view(per_filter).int()
         centred = act.codes - act.zero_point
-        if act.scale.shape[2:] == (1,) * (x.dim() - 2):  # one step size per sample
+        if act.scale.shape[1:] == (1,) * (x.dim() - 1):  # one step size per sample
             acc = exact_conv(self._conv, centred, weight)
             return self._rescale(acc, x, channels, act.scale)
-        # A step size per position (per-token activations) cannot leave the sum: the
-        # activations enter dequantized, the weights as exact integers (float rounding).
+        # A step size per position (per-token activations; with channel groups, per position
+        # and group) cannot leave the sum: the activations enter dequantized, the weights as
+        # exact integers (float rounding).
         dtype = torch.promote_types(x.dtype, torch.float32)
         acc = self._conv((centred * act.scale).to(dtype), weight.to(dtype))
         return self._rescale(acc, x, channels)

@@ -10,9 +10,10 @@ kernel); the per-output-channel weight grid is shared, the bias is added once. A
 whose input is rotated rotates the whole input first, then slices it (the parts do not
 rotate): that is the student's order, rotation before quantization.
 
-Two kinds of student layer export this way: a concatenated input whose parts have their
-own tables (`SplitActQuantizer`), and per-token activations quantized in channel groups
-(`quant.act_group_size`), one slice per group, each with a copy of the layer's table.
+A concatenated input whose parts have their own tables (`SplitActQuantizer`) exports
+this way. Format version 4 stored per-token activations quantized in channel groups
+(`quant.act_group_size`) this way too, one slice per group, each with a copy of the
+layer's table; those files still load (version 5 stores them as one layer).
 """
 
 from __future__ import annotations

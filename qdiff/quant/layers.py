@@ -142,6 +142,12 @@ class QuantLayer(nn.Module):
                              f"input channels.")
         device = self.weight_quantizer.scale.device
         parts = [self._make_act_quantizer(self.act_bits, cfg, width).to(device) for width in widths]
+        if len({getattr(part, "group_size", 0) for part in parts}) > 1:
+            raise ValueError(f"Cannot quantize the input slices {list(widths)} of {self.base_layer} in "
+                             f"channel groups of quant.act_group_size={cfg.act_group_size}: a slice no "
+                             f"wider than a group keeps one grid per token, and one exported layer "
+                             f"cannot mix that with grouped slices. Pick a group size below the "
+                             f"narrowest slice ({min(widths)}), or act_group_size=0.")
         self.act_quantizer = SplitActQuantizer(parts, widths, self.channel_dim)
 
     def _init_lora(self, weight: torch.Tensor, cfg: Optional[LoRAConfig]) -> None:
