@@ -16,7 +16,6 @@ over repeats); the slices' output is checked against the grouped layer's.
 
 from __future__ import annotations
 
-import json
 import statistics
 from contextlib import ExitStack
 from dataclasses import replace
@@ -27,7 +26,7 @@ from torch import nn
 from qdiff.export.freeze import empty_int_layer
 from qdiff.export.int_layers import IntLinear
 from qdiff.export.split_layer import SplitIntLayer
-from rotation_cost import RESULTS, TIMESTEP, exported_layer, milliseconds, run_shapes
+from rotation_cost import TIMESTEP, exported_layer, milliseconds, run_shapes, write_report
 
 SHAPES = {
     "tiny Wan q/k/v": (96, 96),
@@ -84,26 +83,19 @@ def measure(in_features: int, out_features: int, tokens: int, repeats: int) -> d
 
 
 def write(rows: dict[str, dict], command: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "act-groups-cost.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["# The cost of activation channel groups at inference", "",
-             f"Command: `{command}` ({torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}, kernel \"auto\")", "",
-             "Exported W4A4 Linear layers (per-token dynamic 4-bit activations), one call on "
-             "(1, tokens, in) float32 inputs, median ms over repeats taken in turns; `x` is the "
-             "median ratio to the ungrouped layer. A grouped layer runs one float matmul of "
-             "dequantized activations by integer weights (`IntLinear.grouped_forward`, format "
-             "version 5); `16 sliced`: the same layer as format version 4 stored it, one integer "
-             "product per group (`SplitIntLayer`).", "",
-             "| layer | in x out | tokens | ungrouped ms | groups of 8 ms | groups of 16 ms | "
+    table = ["| layer | in x out | tokens | ungrouped ms | groups of 8 ms | groups of 16 ms | "
              "groups of 128 ms | groups of 16, sliced ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         cells = [f"{row['ms'][g]:.2f} ({row['over_ungrouped'][g]:.1f}x)" if g in row["ms"] else "-"
                  for g in COLUMNS]
-        lines.append(f"| {name} | {row['shape'][0]} x {row['shape'][1]} | {row['tokens']} | "
+        table.append(f"| {name} | {row['shape'][0]} x {row['shape'][1]} | {row['tokens']} | "
                      f"{row['ms']['0']:.2f} | " + " | ".join(cells) + " |")
-    (RESULTS / "act-groups-cost.md").write_text("\n".join(lines) + "\n")
+    write_report("act-groups-cost", "The cost of activation channel groups at inference", command,
+                 "; `x` is the median ratio to the ungrouped layer. A grouped layer runs one float "
+                 "matmul of dequantized activations by integer weights (`IntLinear.grouped_forward`, "
+                 "format version 5); `16 sliced`: the same layer as format version 4 stored it, one "
+                 "integer product per group (`SplitIntLayer`).", table, rows)
 
 
 def main() -> None:

@@ -82,24 +82,32 @@ def measure(in_features: int, out_features: int, tokens: int, repeats: int) -> d
             "rotated_over_plain": [min(ratios), statistics.median(ratios), max(ratios)]}
 
 
-def write(rows: dict[str, dict], command: str) -> None:
+def write_report(stem: str, title: str, command: str, description: str, table: list[str],
+                 rows: dict[str, dict]) -> None:
+    """RESULTS/stem.json (the rows) and stem.md: title, command with threads and torch
+    version, what was timed (`description`, after the common part), then `table`."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rotation-cost.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = ["# The cost of a Hadamard input rotation at inference", "",
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [f"# {title}", "",
              f"Command: `{command}` ({torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, kernel \"auto\")", "",
              "Exported W4A4 Linear layers (per-token dynamic 4-bit activations), one call on "
-             "(1, tokens, in) float32 inputs, median ms over repeats taken in turns. "
-             "`rotated / plain`: min / median / max over repeats.", "",
-             "| layer | in x out | tokens | float32 ms | W4A4 ms | W4A4 rotated ms | "
+             "(1, tokens, in) float32 inputs, median ms over repeats taken in turns" + description,
+             "", *table]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def write(rows: dict[str, dict], command: str) -> None:
+    table = ["| layer | in x out | tokens | float32 ms | W4A4 ms | W4A4 rotated ms | "
              "rotation alone ms | rotated / plain |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, row in rows.items():
         ms, (low, mid, high) = row["ms"], row["rotated_over_plain"]
-        lines.append(f"| {name} | {row['shape'][0]} x {row['shape'][1]} | {row['tokens']} | "
+        table.append(f"| {name} | {row['shape'][0]} x {row['shape'][1]} | {row['tokens']} | "
                      f"{ms['float32']:.2f} | {ms['W4A4']:.2f} | {ms['W4A4 rotated']:.2f} | "
                      f"{ms['rotation']:.2f} | {low:.2f} / **{mid:.2f}** / {high:.2f} |")
-    (RESULTS / "rotation-cost.md").write_text("\n".join(lines) + "\n")
+    write_report("rotation-cost", "The cost of a Hadamard input rotation at inference", command,
+                 ". `rotated / plain`: min / median / max over repeats.", table, rows)
 
 
 def run_shapes(description: str, shapes: dict[str, tuple[int, int]],

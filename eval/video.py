@@ -90,15 +90,21 @@ def run_row(pipe, name: str, workdir: Path, extra: list[str]) -> list[tuple[str,
     return exported
 
 
-def teacher_videos(pipe, labels: torch.Tensor, settings: SamplingSettings, teacher: Path,
+def weights_digest(folder: Path) -> str:
+    """SHA-256 of every safetensors file under `folder` (a pipeline's weights)."""
+    digest = hashlib.sha256()
+    for weights in sorted(folder.rglob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()
+
+
+def teacher_videos(pipe, labels: torch.Tensor, settings: SamplingSettings, teacher_digest: str,
                    cache: Path) -> torch.Tensor:
     """The teacher's videos for `settings`, sampled once per teacher weights and settings
     and kept in `cache`: every variant scores against the same FP videos, whose two rows
     cost about ten minutes of a run."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
-    for weights in sorted(teacher.rglob("*.safetensors")):
-        digest.update(weights.read_bytes())
-    path = cache / f"fp-videos-{digest.hexdigest()[:16]}.safetensors"
+    key = json.dumps({"teacher": teacher_digest, **dataclasses.asdict(settings)}, sort_keys=True)
+    path = cache / f"fp-videos-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         return load_file(path)["videos"]
     videos = sample_videos(pipe, labels, settings)
@@ -207,13 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     labels = balanced_labels(num_videos)
     settings = SamplingSettings(num_videos, cfg.eval.steps, cfg.eval.guidance_scale, cfg.eval.seed,
                                 batch_size=50)
-    cache = Path("runs") / "video-fp-cache"
-    fp_videos = teacher_videos(pipe, labels, settings, Path(cfg.model.path), cache)
+    cache, teacher = Path("runs") / "video-fp-cache", weights_digest(Path(cfg.model.path))
+    fp_videos = teacher_videos(pipe, labels, settings, teacher, cache)
     # The same teacher on other seeds: how far two FP samples lie apart (the noise floor).
     # Batch b draws from seed + b, so these start after the FP row's last seed.
     other_seeds = dataclasses.replace(
         settings, seed=settings.seed + math.ceil(num_videos / settings.batch_size))
-    fp_other_videos = teacher_videos(pipe, labels, other_seeds, Path(cfg.model.path), cache)
+    fp_other_videos = teacher_videos(pipe, labels, other_seeds, teacher, cache)
     fp_other_pool = frame_features(net, fp_other_videos).pool
     command = "python " + shlex.join(["eval/video.py", *(sys.argv[1:] if argv is None else argv)])
 

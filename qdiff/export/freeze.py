@@ -49,17 +49,17 @@ def _act_table(name: str, quantizer: torch.nn.Module) -> tuple[str, int, int]:
 
 
 def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
-    slices = _act_slices(layer.act_quantizer, layer.weight_shape[1])
-    tables = {_act_table(name, quantizer) for quantizer, _ in slices}
+    tables = {_act_table(name, quantizer) for quantizer in _act_quantizers(layer)}
     if len(tables) > 1:  # one spec describes every slice's table
         raise ValueError(f"Cannot export layer '{name}': its input slices have activation tables "
                          f"of different kinds, sizes or channel groups {sorted(tables)}; "
                          f"calibrate them together.")
     (granularity, table_size, group_size), = tables
-    act_split = tuple(width for _, width in slices) if len(slices) > 1 else ()
+    quantizer = layer.act_quantizer
+    act_split = quantizer.widths if isinstance(quantizer, SplitActQuantizer) else ()
     return LayerSpec(type=layer.base_type.__name__, weight_bits=layer.weight_bits,
                      weight_symmetric=layer.weight_quantizer.symmetric, act_bits=layer.act_bits,
-                     act_symmetric=layer.act_quantizer.symmetric, act_granularity=granularity,
+                     act_symmetric=quantizer.symmetric, act_granularity=granularity,
                      act_table_size=table_size, weight_shape=tuple(layer.weight_shape),
                      act_split=act_split,
                      input_rotation="none" if layer.input_rotation is None else "hadamard",
@@ -117,16 +117,9 @@ def _act_modules(layer: ExportLayer) -> list[ActCodesModule]:
     return [part.act for part in layer.parts] if isinstance(layer, SplitIntLayer) else [layer.act]
 
 
-def _act_slices(quantizer: torch.nn.Module, width: int) -> list[tuple[torch.nn.Module, int]]:
-    """(student quantizer, input-channel width) of each slice of the input with its own
-    activation table: a split input's parts, else the whole input."""
-    if isinstance(quantizer, SplitActQuantizer):
-        return list(zip(quantizer.parts, quantizer.widths))
-    return [(quantizer, width)]
-
-
 def _act_quantizers(layer: QuantLayer) -> list[torch.nn.Module]:
-    return [quantizer for quantizer, _ in _act_slices(layer.act_quantizer, layer.weight_shape[1])]
+    quantizer = layer.act_quantizer
+    return list(quantizer.parts) if isinstance(quantizer, SplitActQuantizer) else [quantizer]
 
 
 def freeze_layer(name: str, layer: QuantLayer, context: TimestepContext) -> ExportLayer:
