@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 
 from qdiff.config import ConfigError, RunConfig, load_config
 from qdiff.distill.checkpoint import latest_checkpoint
 from qdiff.distill.loop import NonFiniteLossError, distill, mean_recent_loss
-from qdiff.export import export_pipeline
+from qdiff.export import ExportMismatchError, check_export, export_pipeline, quantized_class_for
 from qdiff.families import family_for
 from qdiff.models.loading import load_pipeline
 
@@ -61,17 +62,29 @@ def finetune(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> P
     pipe.to(accelerator.device)
     student = distill(family, cfg, run_dir, resume=resume, accelerator=accelerator)
     if accelerator.is_main_process:
-        export_dir = _export(pipe, student, cfg, run_dir)
+        export_dir = _export(family, student, cfg, run_dir)
         logger.info("done in %.1f min: %d steps, mean loss of the last 50 %.4g%s",
                     (time.time() - start) / 60, cfg.distill.steps, mean_recent_loss(run_dir),
                     f", export in {export_dir}" if export_dir else "")
     return run_dir
 
 
-def _export(pipe, student, cfg: RunConfig, run_dir: Path) -> Path | None:
+def _export(family, student: nn.Module, cfg: RunConfig, run_dir: Path) -> Path | None:
+    """Export the student. The written denoiser is loaded back and each integer layer checked
+    against its student layer (`check_export`) before the folder is renamed into place, so
+    an export that does not compute what was trained is never left to be found."""
     if not cfg.export.enabled:
         return None
-    return export_pipeline(pipe, student, Path(cfg.export.dir or run_dir / "export"), cfg.quant)
+
+    def check(folder: Path) -> None:
+        exported = quantized_class_for(student).from_pretrained(folder / family.denoiser_name)
+        errors = check_export(family, student, exported.to(family.pipe.device),
+                              cfg.distill.guidance_scale)
+        logger.info("export checked: %d integer layers reproduce the student, worst relative "
+                    "error %.2g", len(errors), max(errors.values(), default=0.0))
+
+    out_dir = Path(cfg.export.dir or run_dir / "export")
+    return export_pipeline(family.pipe, student, out_dir, cfg.quant, check=check)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         finetune(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as error:
+    except (ConfigError, FileNotFoundError, NonFiniteLossError, ExportMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -14,11 +14,14 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 
 import qdiff
-from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
-from qdiff.export import FORMAT_VERSION, ExportFormatError, QuantizedUNet2DConditionModel, export_pipeline
+from qdiff.config import AuxConfig, ExportConfig, LoRAConfig, QuantConfig, RunConfig
+from qdiff.export import (FORMAT_VERSION, ExportFormatError, ExportMismatchError, QuantizedUNet2DConditionModel,
+                          check_export, export_pipeline)
 from qdiff.export.serialization import sha256_file
+from qdiff.families import family_for
+from qdiff.finetune import _export
 from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
-from qdiff.quant import calibrating, quantize_, set_timesteps
+from qdiff.quant import calibrating, iter_quant_layers, quantize_, set_timesteps
 
 QUANT = QuantConfig(weight_bits=4, act_bits=4, split_concat_inputs=True)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -210,3 +213,30 @@ def test_loaded_codes_do_not_depend_on_the_file(export):
         handle.write(b"\x00" * (path.stat().st_size - 4096))
     after = unet.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_a_runs_export_is_checked_against_its_student(pipe, tmp_path, caplog):
+    student, family = _student(pipe), family_for(pipe)
+    cfg = RunConfig(quant=QUANT, export=ExportConfig(dir=str(tmp_path / "export")))
+    with caplog.at_level("INFO", logger="qdiff.finetune"):
+        out = _export(family, student, cfg, tmp_path)
+    assert "export checked" in caplog.text
+    errors = check_export(family, student, _load_unet(out), guidance=2.0)
+    assert sorted(errors) == sorted(name for name, _ in iter_quant_layers(student))
+    assert max(errors.values()) < 2e-6
+
+
+def test_an_export_that_does_not_reproduce_its_student_is_refused_and_not_written(pipe, tmp_path):
+    """The check compares the export with a student whose one layer differs (its weight
+    negated): that layer is named, and nothing is left where the export was to go."""
+    student, family = _student(pipe), family_for(pipe)
+    other = copy.deepcopy(student)
+    name, layer = list(iter_quant_layers(other))[5]
+    with torch.no_grad():
+        layer.base_layer.weight.neg_()
+
+    def check(folder):
+        check_export(family, other, _load_unet(folder), guidance=2.0)
+    with pytest.raises(ExportMismatchError, match=rf"worst relative error {name} \(\d"):
+        export_pipeline(pipe, student, tmp_path / "export", QUANT, check=check)
+    assert not any(tmp_path.iterdir())

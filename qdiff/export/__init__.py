@@ -12,7 +12,7 @@ several activation tables, as a sum of integer layers), the fast kernels (`kerne
 int8 operands and exact sums on `torch._int_mm`), `freeze` (student layer -> integer layer),
 `serialization` (safetensors + integrity checks), `models` (the denoiser classes
 diffusers loads), `pipeline` (`export_pipeline`, atomic folder write), `verify`
-(exactness checks against the student).
+(exactness checks against the student; `check_export` runs on every export of a run).
 """
 
 from .format import FORMAT_VERSION, QUANT_METHOD, ExportFormatError, LayerSpec
@@ -23,12 +23,13 @@ from .models import (QUANTIZED_CLASSES, QuantizedCogVideoXTransformer3DModel, Qu
                      QuantizedWanTransformer3DModel, quantized_class_for)
 from .pipeline import export_pipeline
 from .split_layer import SplitIntLayer
-from .verify import layer_mismatch, on_grid_reference
+from .verify import EXPORT_TOLERANCE, ExportMismatchError, check_export, layer_mismatch, on_grid_reference
 
 __all__ = [
-    "FORMAT_VERSION", "QUANT_METHOD", "QUANTIZED_CLASSES", "ExportFormatError", "IntConv2d",
-    "IntConv3d", "IntLayer", "IntLinear", "KERNELS", "LayerSpec", "QuantizedCogVideoXTransformer3DModel",
-    "QuantizedDiTTransformer2DModel", "QuantizedModelMixin", "QuantizedUNet2DConditionModel",
-    "QuantizedUNet2DModel", "QuantizedWanTransformer3DModel", "SplitIntLayer", "export_pipeline",
+    "EXPORT_TOLERANCE", "FORMAT_VERSION", "KERNELS", "QUANTIZED_CLASSES", "QUANT_METHOD",
+    "ExportFormatError", "ExportMismatchError", "IntConv2d", "IntConv3d", "IntLayer", "IntLinear",
+    "LayerSpec", "QuantizedCogVideoXTransformer3DModel", "QuantizedDiTTransformer2DModel",
+    "QuantizedModelMixin", "QuantizedUNet2DConditionModel", "QuantizedUNet2DModel",
+    "QuantizedWanTransformer3DModel", "SplitIntLayer", "check_export", "export_pipeline",
     "layer_mismatch", "on_grid_reference", "quantized_class_for",
 ]

@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 from diffusers import DiffusionPipeline
 from torch import nn
@@ -53,12 +53,14 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
 
 
 def export_pipeline(pipe: DiffusionPipeline, student: nn.Module, out_dir: Union[str, Path],
-                    quant_cfg: QuantConfig) -> Path:
+                    quant_cfg: QuantConfig, check: Optional[Callable[[Path], None]] = None) -> Path:
     """Write `pipe` with `student` as packed integer denoiser to `out_dir`; return its path.
 
     `student` is a quantized, calibrated copy of the pipeline's denoiser (LoRA merged or
     not); it is not modified. Raises ValueError naming the layers if Phi remains.
     `quant_cfg` is recorded as the recipe in the denoiser's `quantization_config`.
+    `check(folder)` runs on the written folder before it is renamed into place; when it
+    raises, nothing is left at `out_dir` (an existing export there stays as it was).
     """
     name = denoiser_name(pipe, student)
     recipe: dict[str, Any] = dataclasses.asdict(quant_cfg)
@@ -70,6 +72,8 @@ def export_pipeline(pipe: DiffusionPipeline, student: nn.Module, out_dir: Union[
     staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         exported.save_pretrained(staging)
+        if check is not None:
+            check(staging)
         _replace_dir(staging, out_dir)
     finally:
         if staging.exists():

@@ -69,3 +69,44 @@ def layer_mismatch(student: nn.Module, model: nn.Module,
         for handle in handles:
             handle.remove()
     return errors
+
+
+# Float rounding leaves a layer 1e-7..4e-6 off its student (tests/test_export_*); a wrong
+# scale, a stale table or a mis-packed code is off by a quantization step, 1e-2 and more.
+EXPORT_TOLERANCE = 1e-4
+
+
+class ExportMismatchError(RuntimeError):
+    """An exported integer layer does not compute what its student layer computes."""
+
+
+@torch.no_grad()
+def check_export(family: Any, student: nn.Module, model: nn.Module, guidance: float,
+                 timesteps: int = 3, tolerance: float = EXPORT_TOLERANCE) -> dict[str, float]:
+    """`layer_mismatch` of the exported `model` on the student's inputs at `timesteps`
+    points of a walk (noisy start to clean end), for two of the family's preview conditions;
+    raises ExportMismatchError naming the worst layers when one is off by more than
+    `tolerance` (relative), else returns the per-layer errors.
+
+    `family` is the teacher's adapter (`qdiff.families`): its noise, conditions and denoiser
+    call are the ones the student was trained with.
+    """
+    sampler = family.trajectory_sampler(timesteps)
+    conditions = family.preview_conditions()[:2]
+    latents = family.prepare_latents(len(conditions), torch.Generator().manual_seed(0))
+    context = family.context(conditions, guidance)
+
+    def run(denoiser: nn.Module) -> None:
+        for timestep in sampler.timesteps:
+            family.branch_noise(sampler.model_input(latents, timestep), timestep, context,
+                                guidance, denoiser)
+
+    errors = layer_mismatch(student, model, run)
+    worst = sorted(errors.items(), key=lambda item: -item[1])[:3]
+    if worst and worst[0][1] > tolerance:
+        listed = ", ".join(f"{name} ({error:.2g})" for name, error in worst)
+        raise ExportMismatchError(
+            f"the exported integer layers do not reproduce the student: worst relative error "
+            f"{listed}, allowed {tolerance:g}. This is a bug in qdiff's export: please report "
+            f"it with the run's config.yaml.")
+    return errors
