@@ -240,3 +240,18 @@ def test_an_export_that_does_not_reproduce_its_student_is_refused_and_not_writte
     with pytest.raises(ExportMismatchError, match=rf"worst relative error {name} \(\d"):
         export_pipeline(pipe, student, tmp_path / "export", QUANT, check=check)
     assert not any(tmp_path.iterdir())
+
+
+def test_an_export_whose_layer_gives_nan_is_refused(pipe, tmp_path):
+    """NaN compares false with any tolerance: the check must not read it as a match."""
+    student, family = _student(pipe), family_for(pipe)
+    other = copy.deepcopy(student)
+    name, layer = list(iter_quant_layers(other))[5]
+    with torch.no_grad():
+        layer.base_layer.weight[0, 0] = float("nan")
+
+    def check(folder):
+        check_export(family, other, _load_unet(folder), guidance=2.0)
+    with pytest.raises(ExportMismatchError, match=rf"worst relative error \S+ \(nan\)"):
+        export_pipeline(pipe, student, tmp_path / "export", QUANT, check=check)
+    assert not any(tmp_path.iterdir())

@@ -16,6 +16,7 @@ both are right to float precision. Hence:
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable
 
 import torch
@@ -41,6 +42,12 @@ def on_grid_reference(student: nn.Module, dtype: torch.dtype = torch.float64) ->
     return reference.to(dtype)
 
 
+def _worse(a: float, b: float) -> float:
+    """The larger of two errors, NaN (a broken output) above any number: Python's max()
+    keeps its first argument when the other is NaN, so max(0.0, nan) would read 0."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
 @torch.no_grad()
 def layer_mismatch(student: nn.Module, model: nn.Module,
                    run_student: Callable[[nn.Module], Any]) -> dict[str, float]:
@@ -59,7 +66,7 @@ def layer_mismatch(student: nn.Module, model: nn.Module,
             with context.use(layer.context.timesteps):
                 exported = int_layer(args[0])
             error = float((exported - output).abs().max() / output.abs().max().clamp_min(1e-30))
-            errors[name] = max(errors.get(name, 0.0), error)
+            errors[name] = _worse(errors.get(name, 0.0), error)
         return hook
 
     handles = [layer.register_forward_hook(compare(name)) for name, layer in iter_quant_layers(student)]
@@ -102,8 +109,11 @@ def check_export(family: Any, student: nn.Module, model: nn.Module, guidance: fl
                                 guidance, denoiser)
 
     errors = layer_mismatch(student, model, run)
-    worst = sorted(errors.items(), key=lambda item: -item[1])[:3]
-    if worst and worst[0][1] > tolerance:
+    # `not error <= tolerance` also catches NaN, which compares false with everything
+    failing = [item for item in errors.items() if not item[1] <= tolerance]
+    if failing:
+        worst = sorted(failing, key=lambda item: math.inf if math.isnan(item[1]) else item[1],
+                       reverse=True)[:3]
         listed = ", ".join(f"{name} ({error:.2g})" for name, error in worst)
         raise ExportMismatchError(
             f"the exported integer layers do not reproduce the student: worst relative error "
