@@ -4,6 +4,9 @@
     python eval/video.py --quick    # smoke run: few videos and steps -> video-quick.*
     python eval/video.py --rows "W4A4 calibrated PTQ,W4A4 qdiff" --report video-branches \
         distill.target=branches    # a variant of every trained row -> video-branches.*
+    python eval/video.py --rows "W4A4 qdiff" --label "full QAT" --ptq-from video-act-groups-8 \
+        --report video-qat quant.act_group_size=8 lora.enabled=false distill.base_weight_lr=1e-5
+        # rows named "W4A4 qdiff (full QAT)", gap closed against that report's PTQ row
 
 The teacher is assets/tiny-wan-digits (a class-conditional Wan transformer on moving
 digits, `python -m qdiff.models.zoo.video_digits`). Rows, each from configs/tiny-wan-<bits>.yaml:
@@ -120,6 +123,31 @@ def gap_closed(row: dict, ptq: dict, fp: dict, key: str) -> float:
     return (ptq[key] - row[key]) / (ptq[key] - fp[key])
 
 
+def borrowed_ptq_rows(report: str, fp: dict, num_videos: int) -> list[dict]:
+    """The calibrated PTQ rows of an earlier report, to measure the gap this run's rows close
+    without sampling PTQ again; only when that report scored the same FP videos."""
+    path = RESULTS / f"{report}.json"
+    if not path.is_file():
+        raise SystemExit(f"--ptq-from {report}: {path} does not exist; name a report in {RESULTS}")
+    earlier = json.loads(path.read_text())
+    earlier_fp = earlier["rows"][0]
+    if earlier["num_videos"] != num_videos or not math.isclose(
+            earlier_fp["frame_fid_real"], fp["frame_fid_real"], rel_tol=1e-9):
+        raise SystemExit(f"--ptq-from {report}: its FP videos differ from this run's ({earlier['num_videos']} "
+                         f"videos, FID {earlier_fp['frame_fid_real']:.6f} against {num_videos}, "
+                         f"{fp['frame_fid_real']:.6f}); its gaps are not this run's. Run the PTQ row "
+                         "here (--rows) or name a report of the same teacher and settings")
+    ptq = [r for r in earlier["rows"] if " calibrated PTQ" in r["name"]]
+    if not ptq:
+        raise SystemExit(f"--ptq-from {report}: it has no calibrated PTQ row")
+    return [{**r, "name": f"{r['name']} (from {report})"} for r in ptq]
+
+
+def reference_ptq(row: dict, rows: list[dict]) -> dict | None:
+    """The calibrated PTQ row of `row`'s bits (this run's, or the one --ptq-from borrowed)."""
+    return next((r for r in rows if r["name"].startswith(row["name"][:4] + " calibrated PTQ")), None)
+
+
 def write_table(rows: list[dict], cfg, num_videos: int, command: str, report: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{report}.json").write_text(json.dumps(
@@ -145,7 +173,7 @@ def write_table(rows: list[dict], cfg, num_videos: int, command: str, report: st
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = ("frame_fid", "frame_fid_other_seeds", "consecutive_similarity", "motion_error")
     for row in rows:
-        ptq = next((r for r in rows if r["name"] == row["name"][:4] + " calibrated PTQ"), None)
+        ptq = reference_ptq(row, rows)
         closed = [f"{gap_closed(row, ptq, fp, key):.0%}" if ptq and row is not ptq else ""
                   for key in keys]
         other = row.get("frame_fid_other_seeds")
@@ -196,6 +224,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", default="video",
                         help="write eval/results/REPORT.md, .json and PNGs (a variant need not "
                              "replace the table)")
+    parser.add_argument("--label", help="appended to every sampled row's name, e.g. \"full QAT\" "
+                                         "when the overrides change what a row is")
+    parser.add_argument("--ptq-from", metavar="REPORT",
+                        help="measure the gaps closed against REPORT's calibrated PTQ rows "
+                             "(eval/results/REPORT.json, the same FP videos) where --rows has none")
     parser.add_argument("overrides", nargs="*", help="key=value for every row's recipe")
     args = parser.parse_args(argv)
     names = [n for n in ROWS if n.startswith("W4A4")] if args.quick else args.rows.split(",")
@@ -233,17 +266,24 @@ def main(argv: list[str] | None = None) -> None:
         return row
 
     rows = [scored("FP (teacher)", fp_videos, {}), scored("FP, other seeds", fp_other_videos, {})]
+    if args.ptq_from:
+        sampled_ptq = {name[:4] for name in names if "calibrated PTQ" in name}
+        rows += [r for r in borrowed_ptq_rows(args.ptq_from, rows[0], num_videos)
+                 if r["name"][:4] not in sampled_ptq]
+    suffix = f" ({args.label})" if args.label else ""
     strips = {"FP (teacher)": fp_videos}
     with tempfile.TemporaryDirectory(prefix="qdiff-video-") as tmp:
         for name in names:
             for label, exported, fields in run_row(pipe, name, Path(tmp), extra):
+                label += suffix
                 videos = sample_videos(exported, labels, settings)
                 rows.append(scored(label, videos, fields))
                 strips[label] = videos
                 write_table(rows, cfg, num_videos, command, report)  # a crash keeps the rows so far
     if any(row.get("log") for row in rows):  # PTQ rows alone have no training to plot
         plot_training(rows, RESULTS / f"{report}-training.png", cfg.distill.trajectory_steps)
-    shown = [n for n in ("FP (teacher)", "W4A4 calibrated PTQ", "W4A4 qdiff + Phi") if n in strips]
+    shown = [n for n in ("FP (teacher)", f"W4A4 calibrated PTQ{suffix}", f"W4A4 qdiff + Phi{suffix}")
+             if n in strips]
     picks = torch.tensor([int((labels == c).nonzero()[0]) for c in STRIP_CLASSES])
     strip = torch.cat([frames_side_by_side(strips[n][picks].transpose(1, 2)) for n in shown])
     save_image(strip, RESULTS / f"{report}-frames.png", nrow=1, padding=2, pad_value=0.5)
