@@ -47,6 +47,7 @@ FP = row("FP (teacher)", 0.0, 0.3, 0.98, 0.0, fid_real=5.5536)
 FP_OTHER = row("FP, other seeds", 0.3, None, 0.981, 0.7)
 W4_PTQ = row("W4A4 calibrated PTQ", 0.5, 0.7, 0.97, 0.2)
 W3_PTQ = row("W3A3 calibrated PTQ", 10.0, 9.3, 0.95, 0.4)
+CFG = SimpleNamespace(eval=SimpleNamespace(steps=20, guidance_scale=4.5))  # what the header reads
 
 
 def write_earlier_report(results: Path, name: str, rows: list[dict], num_videos: int = 400) -> None:
@@ -62,8 +63,7 @@ def closed_cells(table: str, name: str) -> list[str]:
 def test_closed_columns_against_this_runs_ptq(video, results):
     rows = [FP, FP_OTHER, W4_PTQ, row("W4A4 qdiff", 0.1, 0.4, 0.975, 0.15),
             row("W3A3 qdiff", 4.0, 3.3, 0.96, 0.3)]
-    cfg = SimpleNamespace(eval=SimpleNamespace(steps=20, guidance_scale=4.5))
-    video.write_table(rows, cfg, 400, "python eval/video.py", "report")
+    video.write_table(rows, CFG, 400, "python eval/video.py", "report")
     table = (results / "report.md").read_text()
     # (PTQ - row) / (PTQ - FP): 0.4/0.5, 0.3/0.4 above the other-seed floor, 0.005/0.01, 0.05/0.2
     assert closed_cells(table, "W4A4 qdiff") == ["80%", "75%", "50%", "25%"]
@@ -85,8 +85,7 @@ def test_borrowed_ptq_rows_fill_the_closed_columns(video, results):
     rows = [FP, FP_OTHER, *borrowed, labelled, row("W3A3 qdiff (full QAT)", 4.0, 3.3, 0.96, 0.3)]
     assert video.reference_ptq(labelled, rows) is borrowed[0]
     assert video.reference_ptq(rows[-1], rows) is borrowed[1]
-    cfg = SimpleNamespace(eval=SimpleNamespace(steps=20, guidance_scale=4.5))
-    video.write_table(rows, cfg, 400, "python eval/video.py", "variant")
+    video.write_table(rows, CFG, 400, "python eval/video.py", "variant")
     table = (results / "variant.md").read_text()
     assert closed_cells(table, "W4A4 qdiff (full QAT)") == ["80%", "75%", "50%", "25%"]
     # (10 - 4) / 10 = 60%, (9.3 - 3.3) / (9.3 - 0.3) = 67%
