@@ -241,7 +241,7 @@ def plot(summaries: list[dict], path: Path) -> None:
         ax.hlines(s["mark_fid"], x - 0.3, x + 0.3, color="red", lw=1, ls="--")
     ax.plot([], [], color="black", label="mean over seeds")
     ax.plot([], [], color="red", ls="--", label="80% of PTQ's distance closed")
-    ax.set_xticks(range(len(summaries)), [textwrap.fill(s["name"], 18) for s in summaries],
+    ax.set_xticks(range(len(summaries)), [textwrap.fill(s["name"], 15) for s in summaries],
                   fontsize=7)
     ax.set(ylabel="FID to FP", title="W4A4 students of the embedded video teacher, by training seed")
     handles, labels = ax.get_legend_handles_labels()
