@@ -51,6 +51,7 @@ from qdiff.export import export_pipeline
 from qdiff.families.class_wan import frames_side_by_side
 
 from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
+from video_gaps import gap_closed, same_fp_videos  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -66,7 +67,6 @@ ROWS: dict[str, tuple[str, bool, list[str]]] = {
 QUICK = ["distill.steps=40", "quant.calibration_samples=2", "distill.checkpoint_every=20",
          "aux.phase_steps=4"]
 STRIP_CLASSES = (0, 3, 7)
-FP_MATCH_TOLERANCE = 1e-5  # relative, on the FP row's FID to real (borrowed_ptq_rows)
 
 
 def run_row(pipe, name: str, workdir: Path, extra: list[str]) -> list[tuple[str, object, dict]]:
@@ -119,25 +119,16 @@ def teacher_videos(pipe, labels: torch.Tensor, settings: SamplingSettings, teach
     return videos
 
 
-def gap_closed(row: dict, ptq: dict, fp: dict, key: str) -> float:
-    """Share of calibrated PTQ's distance to FP that `row` closes on metric `key`."""
-    return (ptq[key] - row[key]) / (ptq[key] - fp[key])
-
-
 def borrowed_ptq_rows(report: str, fp: dict, num_videos: int) -> list[dict]:
     """The calibrated PTQ rows of an earlier report, to measure the gap this run's rows close
-    without sampling PTQ again; only when that report scored the same FP videos.
-
-    "The same" is to float rounding: the teacher's videos sampled on another CPU differ in
-    the last bits (FP FID to real 5.553609 on one machine, 5.553610 on another), where
-    another teacher, seed or setting moves it in the first digits."""
+    without sampling PTQ again; only when that report scored the same FP videos (to float
+    rounding: video_gaps.FP_MATCH_TOLERANCE)."""
     path = RESULTS / f"{report}.json"
     if not path.is_file():
         raise SystemExit(f"--ptq-from {report}: {path} does not exist; name a report in {RESULTS}")
     earlier = json.loads(path.read_text())
     earlier_fp = earlier["rows"][0]
-    if earlier["num_videos"] != num_videos or not math.isclose(
-            earlier_fp["frame_fid_real"], fp["frame_fid_real"], rel_tol=FP_MATCH_TOLERANCE):
+    if earlier["num_videos"] != num_videos or not same_fp_videos(earlier_fp, fp):
         raise SystemExit(f"--ptq-from {report}: its FP videos differ from this run's ({earlier['num_videos']} "
                          f"videos, FID {earlier_fp['frame_fid_real']:.6f} against {num_videos}, "
                          f"{fp['frame_fid_real']:.6f}); its gaps are not this run's. Run the PTQ row "
@@ -179,7 +170,7 @@ def write_table(rows: list[dict], cfg, num_videos: int, command: str, report: st
     keys = ("frame_fid", "frame_fid_other_seeds", "consecutive_similarity", "motion_error")
     for row in rows:
         ptq = reference_ptq(row, rows)
-        closed = [f"{gap_closed(row, ptq, fp, key):.0%}" if ptq and row is not ptq else ""
+        closed = [f"{gap_closed(row[key], ptq[key], fp[key]):.0%}" if ptq and row is not ptq else ""
                   for key in keys]
         other = row.get("frame_fid_other_seeds")
         lines.append(f"| {row['name']} | {row['frame_accuracy']:.1%} | {row['frame_fid_real']:.2f} | "

@@ -20,7 +20,6 @@ A new seed is one eval/video.py run (`seed=N --report NAME`) and one line in VAR
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 import statistics
@@ -31,11 +30,11 @@ from pathlib import Path
 from scipy.stats import t as student_t
 
 from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
+from video_gaps import gap_closed, same_fp_videos  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 REPORT = "video-seeds"
 MARK = 0.8  # issue 7: close at least 80% of calibrated PTQ's distance to FP
-FP_MATCH_TOLERANCE = 1e-5  # relative, as eval/video.py's --ptq-from (float rounding across CPUs)
 
 Run = tuple[str, str]  # (report in eval/results, row name in it)
 
@@ -111,27 +110,19 @@ def seed_of(command: str) -> int:
     return int(seeds[-1]) if seeds else 0
 
 
-def find_row(run: Run, seed: int | None = None) -> dict:
+def report_rows(run: Run, seed: int | None = None) -> tuple[dict, dict]:
+    """The report's FP row and its row named in `run`, refused where the report ran
+    another seed than `seed`."""
     report, name = run
     scored = load_report(report)
-    if seed is not None and seed_of(scored["command"]) != seed:
-        raise SystemExit(f"{report} ran seed {seed_of(scored['command'])} ({scored['command']}), "
+    ran = seed_of(scored["command"])
+    if seed is not None and ran != seed:
+        raise SystemExit(f"{report} ran seed {ran} ({scored['command']}), "
                          f"where VARIANTS files it under seed {seed}: fix its seed there")
     rows = {row["name"]: row for row in scored["rows"]}
     if name not in rows:
         raise SystemExit(f"{report} has no row {name!r}; its rows: {list(rows)}")
-    return rows[name]
-
-
-def closed(value: float, ptq: float, fp: float) -> float:
-    """Share of calibrated PTQ's distance to FP that `value` closes."""
-    return (ptq - value) / (ptq - fp)
-
-
-def fp_reference(variant: Variant) -> dict:
-    """The FP row of the variant's PTQ report: FID to FP 0, the other seeds' floor, FP's
-    similarity (every report of one teacher and settings scored the same FP videos)."""
-    return load_report(variant.ptq[0])["rows"][0]
+    return scored["rows"][0], rows[name]
 
 
 def mean_of(values: list[float | None]) -> float | None:
@@ -140,29 +131,26 @@ def mean_of(values: list[float | None]) -> float | None:
     return statistics.fmean(measured) if measured else None
 
 
-def check_same_fp(run: Run, fp: dict) -> None:
-    """Gaps closed against another report's PTQ mean something only on the same FP videos."""
-    own_fp = load_report(run[0])["rows"][0]
-    if not math.isclose(own_fp["frame_fid_real"], fp["frame_fid_real"], rel_tol=FP_MATCH_TOLERANCE):
-        raise SystemExit(f"{run[0]} scored other FP videos than its variant's PTQ report (FP FID to "
-                         f"real {own_fp['frame_fid_real']:.6f} against {fp['frame_fid_real']:.6f}): "
-                         "name a PTQ of the same teacher and settings")
-
-
 def variant_summary(variant: Variant) -> dict:
-    ptq, fp = find_row(variant.ptq), fp_reference(variant)
-    runs = {seed: find_row(run, seed) for seed, run in sorted(variant.runs.items())}
-    for run in variant.runs.values():
-        check_same_fp(run, fp)
+    # the PTQ report's FP row: FID to FP 0, the other seeds' floor, FP's similarity
+    fp, ptq = report_rows(variant.ptq)
+    runs = {}
+    for seed, run in sorted(variant.runs.items()):
+        own_fp, runs[seed] = report_rows(run, seed)
+        if not same_fp_videos(own_fp, fp):  # gaps against that PTQ would mean nothing
+            raise SystemExit(f"{run[0]} scored other FP videos than its variant's PTQ report (FP "
+                             f"FID to real {own_fp['frame_fid_real']:.6f} against "
+                             f"{fp['frame_fid_real']:.6f}): name a PTQ of the same teacher and settings")
     per_seed = {m.key: [row.get(m.key) for row in runs.values()] for m in METRICS}
     mean = {key: mean_of(values) for key, values in per_seed.items()}
     fids = per_seed["frame_fid"]
     return {"name": variant.name, "seeds": list(runs), "ptq": variant.ptq, "per_seed": per_seed,
             "mean": mean,
             "closed": {m.key: None if mean[m.key] is None else
-                       closed(mean[m.key], ptq[m.key], fp[m.key]) for m in METRICS},
+                       gap_closed(mean[m.key], ptq[m.key], fp[m.key]) for m in METRICS},
             "accuracy": statistics.fmean(row["frame_accuracy"] for row in runs.values()),
-            "seeds_at_mark": sum(closed(f, ptq["frame_fid"], fp["frame_fid"]) >= MARK for f in fids),
+            "seeds_at_mark": sum(gap_closed(f, ptq["frame_fid"], fp["frame_fid"]) >= MARK
+                                 for f in fids),
             "mark_fid": ptq["frame_fid"] - MARK * (ptq["frame_fid"] - fp["frame_fid"])}
 
 

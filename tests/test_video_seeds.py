@@ -123,7 +123,7 @@ def test_seed_of_reads_the_training_seed_override(seeds_script, command, seed):
 def test_a_report_filed_under_the_wrong_seed_is_refused(seeds_script, results):
     write_report(results, "r", [row("W4A4 qdiff", 0.1)], seed=1)
     with pytest.raises(SystemExit, match=r"r ran seed 1 .*files it under seed 2: fix its seed"):
-        seeds_script.find_row(("r", "W4A4 qdiff"), seed=2)
+        seeds_script.report_rows(("r", "W4A4 qdiff"), seed=2)
 
 
 def test_a_run_on_other_fp_videos_than_its_ptq_is_refused(seeds_script, results):
@@ -141,13 +141,13 @@ def test_a_missing_row_names_the_rows_there_are(seeds_script, results):
     write_report(results, "r", [row("W4A4 qdiff", 0.1)])
     with pytest.raises(SystemExit, match=r"r has no row 'W4A4 qdiff \+ Phi'; its rows: "
                                          r"\['FP \(teacher\)', 'W4A4 qdiff'\]"):
-        seeds_script.find_row(("r", "W4A4 qdiff + Phi"), seed=0)
+        seeds_script.report_rows(("r", "W4A4 qdiff + Phi"), seed=0)
 
 
 def test_a_missing_report_says_how_to_make_it(seeds_script, results):
     with pytest.raises(SystemExit, match=r"nowhere\.json does not exist: run eval/video.py with "
                                          r"--report nowhere"):
-        seeds_script.find_row(("nowhere", "W4A4 qdiff"), seed=0)
+        seeds_script.report_rows(("nowhere", "W4A4 qdiff"), seed=0)
 
 
 def test_the_committed_table_is_what_the_committed_reports_give(seeds_script):
