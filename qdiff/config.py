@@ -24,13 +24,15 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from qdiff.errors import QdiffError
+
 BITS_RANGE = (2, 8)
 FAMILIES = ("auto", "class-ldm", "sd", "dit", "class-wan", "wan", "cogvideox")
 PROMPT_FAMILIES = ("sd", "wan", "cogvideox")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(QdiffError, ValueError):
     """A config value or key is wrong; the message says which and how to fix it."""
 
 

@@ -26,6 +26,7 @@ import torch
 from diffusers import UNet2DConditionModel, VQModel
 from safetensors.torch import load_file
 
+from qdiff.errors import QdiffError
 from qdiff.models.class_embedder import ClassEmbedder
 from qdiff.models.class_ldm_pipeline import ClassConditionalLDMPipeline
 
@@ -35,7 +36,7 @@ from .ldm_schedule import SCHEDULE_BUFFERS, buffers_from_scheduler, scheduler_fr
 NORM_GROUPS = 32  # GroupNorm32 throughout latent-diffusion
 
 
-class ConversionError(ValueError):
+class ConversionError(QdiffError, ValueError):
     """The checkpoint does not match the layout; the message lists the offending keys."""
 
 

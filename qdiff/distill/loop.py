@@ -39,6 +39,7 @@ from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, l
                                  set_learning_rates)
 from qdiff.distill.samples import save_comparison_grid
 from qdiff.distill.trajectory import TrajectoryStep, TrajectoryWalk, trajectory_timesteps
+from qdiff.errors import QdiffError
 from qdiff.families import combine_branches, family_for
 from qdiff.quant import (QuantizationReport, RankDecay, nonpositive_step_tables, quantize_,
                          set_timesteps)
@@ -46,7 +47,7 @@ from qdiff.quant import (QuantizationReport, RankDecay, nonpositive_step_tables,
 logger = logging.getLogger("qdiff.distill")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(QdiffError, RuntimeError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from qdiff.errors import QdiffError
+
 QUANT_METHOD = "qdiff"
 FORMAT_VERSION = 5
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
@@ -44,7 +46,7 @@ LAYER_TYPES = ("Linear", "Conv2d", "Conv3d")
 INPUT_ROTATIONS = ("none", "hadamard")
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(QdiffError, ValueError):
     """An export folder is incomplete, damaged or of an unknown format version."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qdiff.errors import QdiffError
 from qdiff.quant import QuantLayer, iter_quant_layers, timestep_context
 
 
@@ -83,7 +84,7 @@ def layer_mismatch(student: nn.Module, model: nn.Module,
 EXPORT_TOLERANCE = 1e-4
 
 
-class ExportMismatchError(RuntimeError):
+class ExportMismatchError(QdiffError, RuntimeError):
     """An exported integer layer does not compute what its student layer computes."""
 
 
