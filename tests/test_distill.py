@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 
+from qdiff.checksums import describe_files
 from qdiff.config import ConfigError, load_config
 from qdiff.distill import loop
 from qdiff.distill.checkpoint import (_trainable_state, checkpoint_step, list_checkpoints,
@@ -144,6 +146,9 @@ def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
     shutil.copytree(checkpoint, foreign)
     save_file({**load_file(foreign / EMA_FILE), "down_blocks.9.lora_A": torch.zeros(1)},
               foreign / EMA_FILE)
+    meta = json.loads((foreign / "meta.json").read_text())  # its checksum as if written so
+    meta["files"].update(describe_files(foreign, [EMA_FILE]))
+    (foreign / "meta.json").write_text(json.dumps(meta))
     refusal = r"ema.safetensors does not match.*unexpected \['down_blocks.9.lora_A'\].*config changed"
     with pytest.raises(ConfigError, match=refusal):
         load_trained_student(foreign, loop.build_student(pipe, cfg, calibrated=False).model)

@@ -6,11 +6,23 @@ its buffers (activation tables, packed codes), the optimizer state and, with
 weights come back from the teacher when the student is rebuilt. Each checkpoint is
 written to `<name>.tmp` and renamed when complete, so a crash never leaves one that
 looks finished; the two newest are kept.
+
+`meta.json` is written last and records the size and SHA-256 of every other file of the
+checkpoint (`qdiff.checksums`): a flipped bit or a cut file would otherwise load into
+wrong numbers and train on. A resume takes the newest checkpoint that checks out: a
+damaged newer one is named in a warning and set aside as `<name>.damaged` (kept for
+inspection, never counted among the two kept nor loaded), so the next save cannot prune
+the good one in its favour; with none left the resume stops and says to start again.
+Loading one checkpoint for evaluation (`load_trained_student`) checks it the same way
+and refuses it when damaged. Checkpoints written before checksums load with a warning
+that they cannot be checked, so existing runs still resume.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -19,11 +31,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qdiff.checksums import describe_files, first_problem, well_formed
 from qdiff.config import ConfigError
 from qdiff.distill.ema import EMA_FILE, ParameterEMA, averaged_parameters, copy_average
+from qdiff.errors import QdiffError
 
 KEEP_LAST = 2
 META_FILE = "meta.json"
+CHECKSUMS_KEY = "files"  # in meta.json: {file name: {"size", "sha256"}}
+DAMAGED_SUFFIX = ".damaged"
+_REQUIRED = ("student.safetensors", "optimizer.safetensors", "optimizer.json")
+_NAME = re.compile(r"^step-(\d{7,})$")
+
+logger = logging.getLogger("qdiff.distill")
+
+
+class CheckpointError(QdiffError):
+    """A checkpoint is damaged (or none of a run's is usable); the message names it."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -69,18 +93,21 @@ def save_checkpoint(run_dir: Path, step: int, student: nn.Module,
     (partial / "optimizer.json").write_text(json.dumps(rest))
     if ema is not None:
         save_file(ema.state_dict(), partial / EMA_FILE)
-    (partial / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
+    files = describe_files(partial, [path.name for path in partial.iterdir()])
+    (partial / META_FILE).write_text(json.dumps({"step": step, **meta, CHECKSUMS_KEY: files},
+                                                indent=2))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
-    for old in list_checkpoints(run_dir)[:-KEEP_LAST]:
+    for old in list_checkpoints(run_dir)[:-KEEP_LAST]:  # only once the new one is complete
         shutil.rmtree(old)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp` folder is a crash, never a checkpoint)."""
+    """Complete checkpoints, oldest first (a `.tmp` folder is a crash, a `.damaged` one was
+    set aside by a resume: neither is a checkpoint)."""
     folder = checkpoint_dir(run_dir)
-    found = [path for path in folder.glob("step-*") if not path.name.endswith(".tmp")
+    found = [path for path in folder.glob("step-*") if _NAME.match(path.name)
              and (path / META_FILE).is_file()] if folder.is_dir() else []
     return sorted(found)
 
@@ -92,12 +119,92 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def checkpoint_step(path: Path) -> int:
     """The number of optimizer steps the checkpoint at `path` was written after."""
-    return json.loads((path / META_FILE).read_text())["step"]
+    meta, problem = _read_meta(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; use another checkpoint of the run.")
+    return meta["step"]
+
+
+def _read_meta(path: Path) -> tuple[dict, str]:
+    """meta.json's contents and "" or, when it is unreadable, {} and what is wrong."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        return {}, f"{META_FILE} missing (the checkpoint is incomplete)"
+    except (ValueError, UnicodeDecodeError) as error:
+        return {}, f"{META_FILE} is damaged ({type(error).__name__})"
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        return {}, f"{META_FILE} is damaged (no step)"
+    named = _NAME.match(path.name)
+    if named and int(named.group(1)) != step:
+        return {}, f"{META_FILE} is damaged (step {step} in folder {path.name})"
+    return meta, ""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint at `path`, or None when every file is as written.
+
+    A checkpoint written before checksums passes with a warning: it cannot be checked."""
+    meta, problem = _read_meta(path)
+    if problem:
+        return problem
+    if CHECKSUMS_KEY not in meta:
+        logger.warning("%s was written without checksums (by an older qdiff) and cannot be "
+                       "checked; loading it as it is", path)
+        return None
+    files = meta[CHECKSUMS_KEY]
+    if not well_formed(files):
+        return f"{META_FILE} is damaged (its file list)"
+    unlisted = [name for name in _REQUIRED if name not in files]
+    if unlisted:
+        return f"{META_FILE} is damaged ({unlisted[0]} not listed)"
+    return first_problem(path, files)
+
+
+def checked_checkpoint(path: Path) -> Path:
+    """`path` when it checks out; a one-line CheckpointError naming the problem otherwise."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; the checkpoint is damaged. Use another "
+                              f"checkpoint of the run (or retrain).")
+    return path
+
+
+def newest_good_checkpoint(run_dir: Path, set_aside: bool = True) -> Path | None:
+    """The newest checkpoint of the run that checks out (None when the run has none).
+
+    Damaged newer ones are named in a warning and (with `set_aside`: by one process only)
+    renamed `<name>.damaged`: they are not loaded, and not counted when the next save keeps
+    the newest two. With checkpoints but none good, a CheckpointError names each and says
+    to start again."""
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in damaged if set_aside else ():
+                logger.warning("%s: %s; resuming from %s instead (the damaged one is kept as "
+                               "%s)", bad, why, path.name, bad.name + DAMAGED_SUFFIX)
+                _set_aside(bad)
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        listing = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+        raise CheckpointError(f"No usable checkpoint in {checkpoint_dir(run_dir)} ({listing}); "
+                              f"start the run again with --overwrite.")
+    return None
+
+
+def _set_aside(path: Path) -> None:
+    target = path.with_name(path.name + DAMAGED_SUFFIX)
+    shutil.rmtree(target, ignore_errors=True)
+    path.rename(target)
 
 
 def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
                     ema: Optional[ParameterEMA] = None) -> None:
-    """Restore student, optimizer and average in place."""
+    """Restore student, optimizer and average in place (`path` checked by the caller:
+    `newest_good_checkpoint`)."""
     _load_student(path, student)
     saved_average = (path / EMA_FILE).is_file()
     if saved_average != (ema is not None):
@@ -114,8 +221,8 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optim
 def load_trained_student(path: Path, student: nn.Module, averaged: bool = True) -> None:
     """The student the run would export from this checkpoint: the parameters' average where
     the run keeps one, the live parameters otherwise or with `averaged=False` (for
-    evaluating a checkpoint)."""
-    _load_student(path, student)
+    evaluating a checkpoint). A damaged checkpoint is refused with a CheckpointError."""
+    _load_student(checked_checkpoint(path), student)
     if averaged and (path / EMA_FILE).is_file():
         copy_average(averaged_parameters(student), load_file(path / EMA_FILE), str(path / EMA_FILE))
 

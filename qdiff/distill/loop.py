@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch import nn
 from tqdm import tqdm
 
@@ -33,7 +33,8 @@ from qdiff.calibrate import calibrate
 from qdiff.config import ConfigError, RunConfig, save_config
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.checkpoint import (checkpoint_step, latest_checkpoint, load_checkpoint,
-                                     load_trained_student, save_checkpoint)
+                                     load_trained_student, newest_good_checkpoint,
+                                     save_checkpoint)
 from qdiff.distill.ema import ParameterEMA
 from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, lr_factor,
                                  set_learning_rates)
@@ -161,7 +162,9 @@ def _train_step(family, student: nn.Module, step, cfg: RunConfig, accelerator: A
 
 def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[RankDecay],
                  ema: Optional[ParameterEMA]) -> int:
-    checkpoint = latest_checkpoint(run_dir)
+    """Load the newest checkpoint that checks out (a damaged newer one is named and set
+    aside, by the main process); return its step, 0 without one."""
+    checkpoint = newest_good_checkpoint(run_dir, set_aside=PartialState().is_main_process)
     if checkpoint is None:
         return 0
     step = checkpoint_step(checkpoint)

@@ -16,7 +16,6 @@ them (see `int8_weight`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Mapping
@@ -25,17 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qdiff.checksums import sha256_file
+
 from .format import WEIGHTS_FILE, ExportFormatError
 
+__all__ = ["check_state", "load_weights", "save_weights", "sha256_file"]
+
 _HEADER_LEN_BYTES = 8  # safetensors: u64 little-endian header length, JSON header, data
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_weights(state: Mapping[str, torch.Tensor], folder: Path) -> str:
