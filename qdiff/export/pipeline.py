@@ -4,7 +4,10 @@ The folder is a normal diffusers pipeline: the teacher's other components (autoe
 text encoder, tokenizer, scheduler, class embedder) are saved as they are, and
 `model_index.json` names the integer denoiser class. It is written into a hidden
 temporary folder beside `out_dir` and renamed into place only when complete, so an
-interrupted export never looks like a finished one.
+interrupted export never looks like a finished one. The last file written there is
+`qdiff_manifest.json` (`manifest`): the size and SHA-256 of every other file, which
+`qdiff.load_pipeline` checks, so a damaged component is refused by name instead of
+sampling wrong images.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 
 from qdiff.config import QuantConfig
 
+from .manifest import write_manifest
 from .models import quantized_class_for
 
 DENOISER_NAMES = ("unet", "transformer")
@@ -61,6 +65,7 @@ def export_pipeline(pipe: DiffusionPipeline, student: nn.Module, out_dir: Union[
     `quant_cfg` is recorded as the recipe in the denoiser's `quantization_config`.
     `check(folder)` runs on the written folder before it is renamed into place; when it
     raises, nothing is left at `out_dir` (an existing export there stays as it was).
+    The folder's manifest lists every file written here; files added later are not in it.
     """
     name = denoiser_name(pipe, student)
     recipe: dict[str, Any] = dataclasses.asdict(quant_cfg)
@@ -74,6 +79,7 @@ def export_pipeline(pipe: DiffusionPipeline, student: nn.Module, out_dir: Union[
         exported.save_pretrained(staging)
         if check is not None:
             check(staging)
+        write_manifest(staging)
         _replace_dir(staging, out_dir)
     finally:
         if staging.exists():

@@ -1,4 +1,9 @@
-"""`load_pipeline`: the one loader every teacher and every export of qdiff goes through."""
+"""`load_pipeline`: the one loader every teacher and every export of qdiff goes through.
+
+An export's files are checked against its manifest before anything is loaded
+(`qdiff.export.manifest`); a folder without one (a teacher, any diffusers pipeline) loads
+unchecked, as diffusers would load it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 import qdiff.export  # noqa: F401  (model_index.json of exports names its denoiser classes)
+from qdiff.export.manifest import verify_manifest
 from qdiff.models.class_ldm_pipeline import ClassConditionalLDMPipeline
 from qdiff.models.class_video_pipeline import ClassConditionalVideoPipeline
 from qdiff.models.hub import hub_snapshot, looks_like_hub_id, missing_pipeline_files
@@ -35,10 +41,16 @@ def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
     return QDIFF_PIPELINES.get(class_name, DiffusionPipeline)
 
 
-def load_pipeline(path: str | Path, **kwargs: Any) -> DiffusionPipeline:
+def load_pipeline(path: str | Path, verify: bool = True, **kwargs: Any) -> DiffusionPipeline:
     """Load a pipeline folder (a qdiff teacher or export, or any diffusers pipeline).
 
-    Keyword arguments go to `from_pretrained` (for example `torch_dtype`).
+    With `verify` (the default), every file an export's `qdiff_manifest.json` lists is
+    checked first -- present, its size, its SHA-256 -- and the first that differs is an
+    `ExportFormatError` naming it: a damaged autoencoder would otherwise sample wrong images
+    without an error. This reads every weight once more; `verify=False` skips it, for
+    speed, where the folder is known to be intact (the denoiser's own checksum is checked
+    either way). Folders without a manifest load unchecked.
+    Other keyword arguments go to `from_pretrained` (for example `torch_dtype`).
     A name that is not a local path but looks like a hub id (`owner/name`) comes from the
     hub cache, downloaded first when there is a network (`qdiff.models.hub`).
     """
@@ -52,6 +64,8 @@ def load_pipeline(path: str | Path, **kwargs: Any) -> DiffusionPipeline:
                                     f"loaded as a hub id (those read owner/name). Give a local "
                                     f"pipeline folder.")
         folder = hub_snapshot(str(path))
+    if verify:
+        verify_manifest(folder)
     pipeline_class = _pipeline_class(folder)
     missing = missing_pipeline_files(folder)
     if missing:
