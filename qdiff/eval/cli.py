@@ -35,7 +35,7 @@ from qdiff.eval.evaluate import (Reference, check_metrics, held_out_digits_refer
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc, load_reference_stats, load_samples
-from qdiff.eval.sampling import SamplingSettings, generate
+from qdiff.eval.sampling import SamplingSettings, generate, model_content_id
 from qdiff.eval.video_eval import evaluate_video, is_video_pipeline
 from qdiff.models.loading import load_pipeline
 
@@ -65,9 +65,9 @@ def _samples_of(source: Path, settings: SamplingSettings, out_dir: Path) -> tupl
     """uint8 NHWC images and labels: read from an ADM .npz, or sampled from a pipeline."""
     if source.suffix == ".npz":
         return load_samples(source)
-    pipe = load_pipeline(source)
-    cache = out_dir / f"samples-{settings.cache_key(str(source))}.npz"
-    return generate(pipe, settings, cache)
+    pipe = load_pipeline(source)  # checks an export's files against its manifest
+    content = model_content_id(Path(pipe.name_or_path))  # a hub id's local snapshot
+    return generate(pipe, settings, out_dir / f"samples-{settings.cache_key(content)}.npz")
 
 
 def build_reference(kind: str, pipeline: Path, settings: SamplingSettings, net,
