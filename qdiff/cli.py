@@ -202,6 +202,15 @@ def component_config(folder: Path | str, component: str, name: str = "config.jso
     return _json_object(path, None, "re-export the pipeline") if path.is_file() else {}
 
 
+def check_steps(folder: Path | str, steps: int, option: str = "--steps") -> None:
+    """Refuse more sampling steps than the pipeline's scheduler has timesteps."""
+    train_steps = component_config(folder, "scheduler", "scheduler_config.json").get(
+        "num_train_timesteps")
+    if isinstance(train_steps, int) and steps > train_steps:
+        raise InputError(f"{option} {steps} exceeds the {train_steps} timesteps the pipeline "
+                         f"was trained with; give {option} {train_steps} or fewer.")
+
+
 def _json_object(path: Path, required: str | None, fix: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -18,6 +18,7 @@ from torchvision.utils import save_image
 from qdiff.cli import (
     InputError,
     add_debug_flag,
+    check_steps,
     component_config,
     nonnegative_float,
     nonnegative_int,
@@ -64,11 +65,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     num_classes = component_config(args.pipeline, "class_embedder").get("num_classes")
     if num_classes is not None:
         check_classes(args.classes, num_classes, args.pipeline)
-    train_steps = component_config(args.pipeline, "scheduler",
-                                    "scheduler_config.json").get("num_train_timesteps")
-    if train_steps is not None and args.steps > train_steps:
-        raise InputError(f"--steps {args.steps} exceeds the {train_steps} timesteps the "
-                         f"pipeline was trained with; give --steps {train_steps} or fewer.")
+    check_steps(args.pipeline, args.steps)
 
 
 def check_classes(classes: list[int], num_classes: int, pipeline: str) -> None:
