@@ -7,17 +7,21 @@
   error, a user's mistake included.
 
 The argparse types below refuse a number that is out of range or not finite before any
-work starts.
+work starts; `writable_output`, `writable_folder` and `pipeline_folder` refuse an output
+that cannot be written and a pipeline folder that is not one, also before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import os
 import sys
-from typing import Callable, Optional, TypeVar
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
 
 from qdiff.errors import QdiffError
 
@@ -27,6 +31,10 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EROFS: "the file system is read-only",
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+class InputError(QdiffError, ValueError):
+    """A command-line argument names a file or folder that cannot be used as asked."""
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -117,3 +125,98 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} must be more than 0")
     return value
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_creatable(folder: Path, option: str, shown: Path) -> None:
+    """`folder` exists as a folder or can be made, and a file can be written where it will be.
+
+    Nothing is left behind: the nearest existing folder is probed with a temporary file
+    (permission bits alone do not tell, e.g. on a read-only file system or as root).
+    """
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise InputError(f"{option} {shown}: {existing} is a file, so no folder can be made "
+                         f"there; choose another path.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        raise InputError(f"{option} {shown}: cannot write in {existing} ({reason}); choose a "
+                         f"folder you can write to (or fix its permissions).") from None
+
+
+def writable_output(path: Path, option: str = "--out") -> Path:
+    """Refuse an output file that cannot be written, before any work starts; create nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file path inside it.")
+    _check_creatable(path.parent, option, path)
+    return path
+
+
+def writable_folder(path: Path, option: str = "out") -> Path:
+    """Refuse an output folder that exists with files in it, or cannot be made or written.
+
+    A command that writes a whole folder never mixes its files into another one's.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} is a file; give the path of a new folder.")
+    if path.is_dir() and any(path.iterdir()):
+        raise InputError(f"{option} {path} exists and is not empty; remove it first or give "
+                         f"a new folder (nothing was written).")
+    _check_creatable(path, option, path)
+    return path
+
+
+def pipeline_folder(path: Path | str, option: str = "--pipeline") -> dict[str, Any]:
+    """The model index of a pipeline folder; refuse a path that is not one, before loading.
+
+    A missing path that reads as a hub id (`owner/name`) is left to the loader (empty dict).
+    """
+    from qdiff.models.hub import looks_like_hub_id
+
+    folder = Path(path)
+    if not folder.exists():
+        if looks_like_hub_id(str(path)):
+            return {}
+        raise InputError(f"{option} {path}: no such folder; give a pipeline folder (the one "
+                         f"holding model_index.json), e.g. assets/tiny-ldm-digits.")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"{option} {path} is not a pipeline folder: it has no model_index.json; "
+                         f"give the folder that save_pretrained wrote, e.g. assets/tiny-ldm-digits.")
+    return _json_object(index, "_class_name", "re-export the pipeline")
+
+
+def component_config(folder: Path | str, component: str, name: str = "config.json") -> dict[str, Any]:
+    """A component's JSON config in a pipeline folder (empty dict when there is none)."""
+    path = Path(folder) / component / name
+    return _json_object(path, None, "re-export the pipeline") if path.is_file() else {}
+
+
+def check_steps(folder: Path | str, steps: int, option: str = "--steps") -> None:
+    """Refuse more sampling steps than the pipeline's scheduler has timesteps."""
+    train_steps = component_config(folder, "scheduler", "scheduler_config.json").get(
+        "num_train_timesteps")
+    if isinstance(train_steps, int) and steps > train_steps:
+        raise InputError(f"{option} {steps} exceeds the {train_steps} timesteps the pipeline "
+                         f"was trained with; give {option} {train_steps} or fewer.")
+
+
+def _json_object(path: Path, required: str | None, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON ({error}); {fix}.") from None
+    if not isinstance(data, dict) or (required is not None and required not in data):
+        raise InputError(f"{path} is not a valid pipeline config (no {required or 'mapping'}); "
+                         f"{fix}.")
+    return data

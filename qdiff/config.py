@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +45,38 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ConfigError(f"{name}='{value}' is not allowed; choose one of {list(choices)}.{hint}")
 
 
+def _check_finite(name: str, value: float, allowed: str = "") -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value} is not a finite number; give a number"
+                          f"{', ' + allowed if allowed else ''}.")
+
+
+def _finite_floats(block: str) -> typing.Callable[[type], type]:
+    """Class decorator: every float field of the dataclass must be finite (checked first).
+
+    A range check alone lets NaN through (`nan < low` is False), so each float field,
+    including one added later, is checked here by its type before `__post_init__` runs.
+    """
+    def decorate(cls: type) -> type:
+        checks = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self) -> None:
+            for item in dataclasses.fields(self):
+                value = getattr(self, item.name)
+                if isinstance(value, float):
+                    _check_finite(f"{block}.{item.name}", value, f"e.g. the default {item.default}")
+            if checks is not None:
+                checks(self)
+
+        cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+        return cls
+    return decorate
+
+
 def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
+    allowed = f"{low}..{high}" if high is not None else f">= {low}"
+    _check_finite(name, value, f"allowed: {allowed}")
     if value < low or (high is not None and value > high):
-        allowed = f"{low}..{high}" if high is not None else f">= {low}"
         raise ConfigError(f"{name}={value} is out of range; allowed: {allowed}.")
 
 
@@ -55,6 +85,7 @@ def _check_bits(name: str, value: int | None) -> None:
         _check_range(name, value, *BITS_RANGE)
 
 
+@_finite_floats("model")
 @dataclass
 class ModelConfig:
     """The full-precision teacher pipeline."""
@@ -95,6 +126,7 @@ class LayerOverride:
         _check_bits(f"quant.overrides[{self.pattern}].act_bits", self.act_bits)
 
 
+@_finite_floats("quant")
 @dataclass
 class QuantConfig:
     """How the student's layers are quantized (weights per channel, activations per timestep)."""
@@ -143,6 +175,7 @@ class QuantConfig:
                               f"token to group); set act_group_size=0 or change act_mode.")
 
 
+@_finite_floats("lora")
 @dataclass
 class LoRAConfig:
     """QALoRA: low-rank B@A added to the weight before it is quantized (merges away)."""
@@ -158,6 +191,7 @@ class LoRAConfig:
         _check_range("lora.rank", self.rank, 1)
 
 
+@_finite_floats("aux")
 @dataclass
 class AuxConfig:
     """QVGen auxiliary modules Phi = L@R, removed by rank decay before export."""
@@ -174,6 +208,7 @@ class AuxConfig:
         _check_choice("aux.decay", self.decay, ("cosine", "linear"))
 
 
+@_finite_floats("distill")
 @dataclass
 class DistillConfig:
     """Data-free distillation on the teacher's own sampling trajectories."""
@@ -244,6 +279,7 @@ class DistillConfig:
                 f"trajectories. Set checkpoint_every to a multiple, or distill.walker=teacher.")
 
 
+@_finite_floats("export")
 @dataclass
 class ExportConfig:
     """The low-bit pipeline folder written at the end of a run."""
@@ -252,6 +288,7 @@ class ExportConfig:
     dir: Optional[str] = None  # default: <run dir>/export
 
 
+@_finite_floats("eval")
 @dataclass
 class EvalConfig:
     """How samples are drawn and scored (`python -m qdiff.eval`)."""
@@ -314,6 +351,22 @@ def _nested_schema(schema: type, key: str) -> Optional[type]:
     return None
 
 
+def _check_block(path: str, value: Any, hint: Any) -> None:
+    """A block of keys (or a list of them) must be given as one, not as a single value."""
+    if value is None:
+        return
+    if typing.get_origin(hint) is list:
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and all(isinstance(item, Mapping) for item in items):
+            return
+        raise ConfigError(f"'{path}' must be a list of blocks of keys, got {value!r}; e.g. "
+                          f"{path}=[{{pattern: conv_in, weight_bits: 8}}].")
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"'{path}' must be a block of keys, got {value!r}; write '{path}:' "
+                          f"followed by indented `key: value` lines, or set one key with "
+                          f"{path}.KEY=VALUE.")
+
+
 def check_keys(data: Mapping[str, Any], schema: type = RunConfig, prefix: str = "") -> None:
     """Raise ConfigError for the first key of `data` that `schema` does not have."""
     known = [f.name for f in dataclasses.fields(schema)]
@@ -326,12 +379,28 @@ def check_keys(data: Mapping[str, Any], schema: type = RunConfig, prefix: str = 
         nested = _nested_schema(schema, key)
         if nested is None:
             continue
+        _check_block(path, value, typing.get_type_hints(schema)[key])
         if isinstance(value, Mapping):
             check_keys(value, nested, f"{path}.")
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 if isinstance(item, Mapping):
                     check_keys(item, nested, f"{path}[{index}].")
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The YAML document in `path`; a file that is not UTF-8 YAML names where it breaks."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); "
+                          f"save the config as UTF-8 YAML.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}); fix the syntax there "
+                          f"(indent with spaces, close every bracket and quote).") from None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -341,12 +410,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
                           f"for example configs/tiny-ldm-w4a4.yaml.")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `extends` forms a cycle through {[str(p) for p in seen]}.")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config blocks at the top level.")
     parent = data.pop("extends", None)
+    try:
+        check_keys(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if parent is None:
         return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends={parent!r} must be the path of another YAML file, "
+                          f"e.g. extends: tiny-ldm-w4a4.yaml.")
     base = _read_yaml(path.parent / parent, seen + (path.resolve(),))
     return OmegaConf.to_container(OmegaConf.merge(base, data))  # type: ignore[return-value]
 

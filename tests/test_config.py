@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
+from qdiff import config as config_module
 from qdiff.config import ConfigError, RunConfig, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -107,3 +110,65 @@ def test_saved_config_reloads_identically(tmp_path):
     config = load_config(CONFIGS[0].parent / "tiny-ldm-w4a4.yaml", ["lora.rank=4"])
     save_config(config, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == config
+
+
+@pytest.mark.parametrize("text, message", [
+    ("quant:\n  weight_bits: [4\n", ("bad.yaml, line 3, column 1: not valid YAML (expected ',' "
+                                     "or ']', but got '<stream end>'); fix the syntax there")),
+    ("quant:\n\tweight_bits: 4\n", ("bad.yaml, line 2, column 1: not valid YAML (found "
+                                     "character '\\t' that cannot start any token)")),
+    ("model: !!python/object:os.system {}\n", "bad.yaml, line 1, column 8: not valid YAML"),
+    ("quant: 4\n", ("bad.yaml: 'quant' must be a block of keys, got 4; write 'quant:' "
+                    "followed by indented `key: value` lines")),
+    ("quant:\n  overrides: conv_in\n", ("bad.yaml: 'quant.overrides' must be a list of blocks "
+                                        "of keys, got 'conv_in'")),
+    ("- quant\n", "bad.yaml: expected a mapping of config blocks at the top level."),
+    ("extends: 5\n", "bad.yaml: extends=5 must be the path of another YAML file"),
+])
+def test_a_malformed_yaml_file_is_one_line_naming_the_file_and_where(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "bad.yaml")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_config_that_is_not_utf8_is_named_and_the_fix_given(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 9: invalid "
+                                          r"continuation byte\); save the config as UTF-8 YAML."):
+        load_config(tmp_path / "latin1.yaml")
+
+
+def test_a_block_given_as_one_value_in_an_override_is_refused():
+    with pytest.raises(ConfigError, match="'quant' must be a block of keys, got 4"):
+        load_config(None, ["quant=4"])
+
+
+def _float_fields() -> list[tuple[str, type, str]]:
+    """(block, dataclass, field) for every float field of every block of RunConfig."""
+    found = []
+    for block in dataclasses.fields(RunConfig):
+        schema = typing.get_type_hints(RunConfig)[block.name]
+        if not dataclasses.is_dataclass(schema):
+            continue
+        for name, hint in typing.get_type_hints(schema).items():
+            if float in (hint, *typing.get_args(hint)):
+                found.append((block.name, schema, name))
+    return found
+
+
+def test_the_float_field_table_covers_the_blocks_that_have_floats():
+    blocks = {block for block, _, _ in _float_fields()}
+    assert {"quant", "distill", "eval"} <= blocks
+    assert ("distill", config_module.DistillConfig, "ema_ramp") in _float_fields()
+
+
+@pytest.mark.parametrize("block, schema, name", _float_fields(),
+                         ids=[f"{b}.{n}" for b, _, n in _float_fields()])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_field_refuses_a_value_that_is_not_finite(block, schema, name, value):
+    message = f"{block}.{name}={float(value)} is not a finite number; give a number"
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [f"{block}.{name}={value}"])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        schema(**{name: float(value)})

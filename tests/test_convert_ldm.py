@@ -8,15 +8,20 @@ filled with the right tensor, and that the reverse mapping gives the checkpoint 
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import qdiff
 from ldm_checkpoint import CLASSES, OPTIONS, synthetic_checkpoint
 from qdiff.convert import ConversionError, convert, read_checkpoint, to_original
 from qdiff.convert.__main__ import main as convert_main
 from qdiff.convert.ldm import pipeline_state
+from qdiff.models.class_ldm_pipeline import ClassConditionalLDMPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,3 +107,43 @@ def test_the_cli_reads_a_ckpt_safely_and_writes_a_loadable_pipeline(checkpoint, 
     torch.save({"state_dict": checkpoint, "callback": torch.nn.Identity()}, tmp_path / "pickled.ckpt")
     with pytest.raises(ConversionError, match="does not unpickle.*save_file"):
         read_checkpoint(tmp_path / "pickled.ckpt")
+
+
+def test_the_cli_refuses_a_folder_that_holds_files_and_leaves_it_as_it_was(checkpoint, tmp_path,
+                                                                          capsys):
+    save_file(checkpoint, tmp_path / "cin.safetensors")
+    (tmp_path / "ldm4").mkdir()
+    (tmp_path / "ldm4" / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        convert_main(["ldm", str(tmp_path / "cin.safetensors"), str(tmp_path / "ldm4")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"error: out {tmp_path / 'ldm4'} exists and is not empty; "
+                                       f"remove it first or give a new folder (nothing was "
+                                       f"written).\n")
+    assert [p.name for p in (tmp_path / "ldm4").iterdir()] == ["model_index.json"]
+    assert (tmp_path / "ldm4" / "model_index.json").read_text() == "{}"
+
+
+def test_a_save_that_fails_leaves_no_half_written_folder(checkpoint, tmp_path, capsys, monkeypatch):
+    save_file(checkpoint, tmp_path / "cin.safetensors")
+
+    def disk_full(self, folder, **kwargs):
+        (Path(folder) / "unet").mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "unet"))
+
+    monkeypatch.setattr(ClassConditionalLDMPipeline, "save_pretrained", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        convert_main(["ldm", str(tmp_path / "cin.safetensors"), str(tmp_path / "ldm4"),
+                      "--latent-size", "8"])
+    assert stop.value.code == 2
+    assert "the disk is full; free some space" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cin.safetensors"]
+
+
+def test_the_cli_writes_into_an_empty_folder_and_leaves_nothing_beside_it(checkpoint, tmp_path):
+    save_file(checkpoint, tmp_path / "cin.safetensors")
+    (tmp_path / "ldm4").mkdir()
+    convert_main(["ldm", str(tmp_path / "cin.safetensors"), str(tmp_path / "ldm4"),
+                  "--latent-size", "8", "--debug"])
+    assert (tmp_path / "ldm4" / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cin.safetensors", "ldm4"]

@@ -16,14 +16,18 @@ keys, writing nothing.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from diffusers import UNet2DConditionModel, VQModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qdiff.errors import QdiffError
@@ -55,17 +59,52 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise _unreadable(path, "safetensors", error) from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise _unreadable(path, "PyTorch", error) from None
         raise ConversionError(
-            f"{path} holds Python objects besides tensors ({str(error).splitlines()[0]}), which "
+            f"{path} holds Python objects besides tensors ({_first_sentence(error)}), which "
             f"qdiff does not unpickle. In an environment you trust, extract its tensors once: "
             f"python -c \"import torch; from safetensors.torch import save_file; "
             f"save_file(torch.load('{path.name}', weights_only=False)['state_dict'], "
             f"'{path.stem}.safetensors')\" and convert the .safetensors file.") from None
-    return dict(data.get("state_dict", data))
+    except (RuntimeError, KeyError, EOFError, ValueError) as error:
+        raise _unreadable(path, "PyTorch", error) from None
+    return _state_dict(path, data)
+
+
+def _first_sentence(error: Exception) -> str:
+    return str(error).strip().split("\n")[0].split(". ")[0].rstrip(".")
+
+
+def _unreadable(path: Path, kind: str, error: Exception) -> ConversionError:
+    """A damaged or foreign file; the loader's own reason, shortened to its first sentence."""
+    if isinstance(error, EOFError):
+        reason = "the file ends early"
+    elif isinstance(error, KeyError):
+        reason = "neither a zip nor a pickle checkpoint"
+    else:
+        reason = _first_sentence(error)
+    return ConversionError(f"{path} is not a readable {kind} checkpoint ({reason}); it may be "
+                           f"truncated: compare its size and checksum with the original, or "
+                           f"download it again.")
+
+
+def _state_dict(path: Path, data: object) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by name (its `state_dict` entry, if it has one)."""
+    state = data.get("state_dict", data) if isinstance(data, dict) else data
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor)
+                                              for value in state.values()):
+        raise ConversionError(f"{path} holds no state dict of tensors (found "
+                              f"{type(state).__name__}); give latent-diffusion's .ckpt (e.g. "
+                              f"cin256-v2.ckpt) or a .safetensors file of its state_dict.")
+    return dict(state)
 
 
 def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
@@ -193,7 +232,12 @@ def _check_filled(mapped: Mapping[str, torch.Tensor], expected: Mapping[str, tor
 def convert(state: Mapping[str, torch.Tensor], options: LDMOptions = LDMOptions()
             ) -> ClassConditionalLDMPipeline:
     """The pipeline holding the checkpoint's weights; raises ConversionError on any mismatch."""
-    pipe = build_pipeline(state, options)
+    try:
+        pipe = build_pipeline(state, options)
+    except KeyError as error:
+        raise ConversionError(f"The checkpoint has no {error.args[0]}: it is not a "
+                              f"latent-diffusion class-conditional LDM (the layout of "
+                              f"cin256-v2.ckpt).") from None
     weights = {key: value for key, value in state.items() if key not in SCHEDULE_BUFFERS}
     mapped = _remap(weights, layout(state), reverse=False)
     _check_filled(mapped, pipeline_state(pipe))
@@ -212,7 +256,19 @@ def to_original(pipe: ClassConditionalLDMPipeline) -> dict[str, torch.Tensor]:
 
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path,
                        options: LDMOptions = LDMOptions()) -> ClassConditionalLDMPipeline:
-    """Read, convert, check and save; nothing is written unless every check passes."""
+    """Read, convert, check and save; nothing is written unless every check passes.
+
+    The folder is written beside `out_dir` and renamed into place once complete, so a run
+    that fails (a full disk, Ctrl-C) leaves no half-written pipeline under that name.
+    """
     pipe = convert(read_checkpoint(checkpoint), options)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial",
+                                    dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(partial, safe_serialization=True)
+        os.replace(partial, out_dir)  # onto a missing or empty folder only
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return pipe

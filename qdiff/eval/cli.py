@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from qdiff.cli import (InputError, add_debug_flag, check_steps, nonnegative_float,
+                       nonnegative_int, pipeline_folder, positive_int, run_main, writable_output)
 from qdiff.config import EvalConfig, load_config
 from qdiff.eval.evaluate import (Reference, check_metrics, held_out_digits_reference,
                                   reference_from_features, score)
@@ -74,7 +75,7 @@ def build_reference(kind: str, pipeline: Path, settings: SamplingSettings, net,
                     shipped_stats, out_dir: Path) -> Reference:
     if kind == "real":
         if shipped_stats is None:
-            raise ValueError("--reference real is the held-out digits (with --features digits); "
+            raise InputError("--reference real is the held-out digits (with --features digits); "
                              "for other data pass an ADM reference batch: --reference PATH.npz")
         return held_out_digits_reference(net, shipped_stats)
     source = teacher_of(pipeline) if kind == "teacher" else Path(kind)
@@ -116,14 +117,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pipeline", type=Path, default=None,
                         help="pipeline folder or ADM samples .npz (default: latest run export)")
     parser.add_argument("--reference", default="teacher", help="teacher | real | PATH")
-    parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--num-samples", type=positive_int, default=defaults.num_samples)
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps)
+    parser.add_argument("--guidance", type=nonnegative_float, default=defaults.guidance_scale)
+    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--features", default=defaults.features, help="digits | inception | PATH")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
-    return parser.parse_args(argv)
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_metrics(",".join(args.metric or defaults.metrics).split(","))
+    except ValueError as error:
+        parser.error(f"argument --metric: {error}")
+    return args
+
+
+def check_source(source: Path, option: str, steps: int) -> None:
+    """An ADM .npz must be a file; anything else must be a pipeline folder (or a hub id)."""
+    if source.suffix == ".npz":
+        if not source.is_file():
+            raise InputError(f"{option} {source}: no such file; give an ADM .npz batch or a "
+                             f"pipeline folder.")
+        load_reference_stats(source)  # opens the archive: a damaged file fails here, early
+        return
+    pipeline_folder(source, option)
+    check_steps(source, steps)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse a source, a reference or an output that cannot work, before any sampling."""
+    check_source(args.pipeline, "--pipeline", args.steps)
+    if args.reference not in ("teacher", "real"):
+        check_source(Path(args.reference), "--reference", args.steps)
+    writable_output(args.out or _default_out(args.pipeline))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -150,9 +177,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    try:
-        run(parse_args(argv))
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_main(lambda: _checked_run(args), args)
+
+
+def _checked_run(args: argparse.Namespace) -> dict:
+    args.pipeline = args.pipeline or latest_export()
+    check_inputs(args)
+    return run(args)

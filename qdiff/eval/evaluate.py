@@ -11,6 +11,7 @@ from torch import nn
 
 from qdiff.eval import metrics as M
 from qdiff.eval.features import Features, extract_features
+from qdiff.eval.frechet import MetricError
 from qdiff.models.zoo.digits_data import load_digits_split
 
 
@@ -39,7 +40,7 @@ def check_metrics(requested: Sequence[str]) -> list[str]:
     names = list(dict.fromkeys(name.strip().lower() for name in requested if name.strip()))
     unknown = [name for name in names if name not in M.METRICS]
     if unknown:
-        raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(M.METRICS)}.")
+        raise MetricError(f"Unknown metric(s) {unknown}; choose from {list(M.METRICS)}.")
     return names
 
 
@@ -60,14 +61,14 @@ def score(features: Features, labels: Optional[torch.Tensor], reference: Referen
         results["is"], results["is_std"] = M.inception_score(features.logits)
     if "precision" in metrics or "recall" in metrics:
         if reference.pool is None:
-            raise ValueError(f"precision/recall need reference images, and '{reference.name}' "
+            raise MetricError(f"precision/recall need reference images, and '{reference.name}' "
                              f"has only statistics; use a reference with images.")
         precision, recall = M.precision_recall(reference.pool, features.pool)
         results.update({k: v for k, v in (("precision", precision), ("recall", recall))
                         if k in metrics})
     if "accuracy" in metrics:
         if labels is None or not class_logits:
-            raise ValueError("class accuracy needs labelled samples and a feature network "
+            raise MetricError("class accuracy needs labelled samples and a feature network "
                              "that classifies the pipeline's classes (--features digits).")
         results["accuracy"] = M.class_accuracy(features.logits, labels)
     return results

@@ -8,12 +8,18 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from qdiff.errors import QdiffError
+
+
+class MetricError(QdiffError, ValueError):
+    """A metric cannot be computed from what was given; the message says what to change."""
+
 
 def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of (N, D) features, in float64."""
     array = np.asarray(features, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] < 2:
-        raise ValueError(f"Expected (N, D) features with N >= 2, got shape {array.shape}.")
+        raise MetricError(f"Expected (N, D) features with N >= 2, got shape {array.shape}.")
     return array.mean(axis=0), np.cov(array, rowvar=False)
 
 
@@ -27,7 +33,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"Statistics differ in shape: {mu1.shape} vs {mu2.shape}.")
+        raise MetricError(f"Statistics differ in shape: {mu1.shape} vs {mu2.shape}; the samples "
+                          f"and the reference come from different feature networks: pass the "
+                          f"--features the reference was computed with (inception for ADM's).")
     diff = mu1 - mu2
     with warnings.catch_warnings():  # singular products are handled just below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)

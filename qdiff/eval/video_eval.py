@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from qdiff.cli import InputError
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.sampling import SamplingSettings, balanced_labels
 from qdiff.eval.video_metrics import frame_features, video_metrics
@@ -54,7 +55,7 @@ def evaluate_video(pipeline: Path, teacher: Path, reference: str, settings: Samp
     """Sample `pipeline`, score it against `reference` ("teacher" or "real"), write
     results.json / .md and a PNG of the first videos (one per row, frames left to right)."""
     if reference not in ("teacher", "real"):
-        raise ValueError(f"--reference {reference}: video pipelines are scored against "
+        raise InputError(f"--reference {reference}: video pipelines are scored against "
                          f"'teacher' (paired seeds) or 'real' (held-out moving digits).")
     net, _ = load_feature_net("digits")
     labels = balanced_labels(settings.num_samples, settings.num_classes)
