@@ -33,10 +33,14 @@ _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 class NpzError(QdiffError, ValueError):
     """A file is not a readable ADM .npz batch; the message names it and what is wrong."""
 
+    reason: str = ""  # what is wrong, without the file's name and the fix
+
 
 def _unreadable(path: str | Path, reason: str) -> NpzError:
-    return NpzError(f"{path} is not a readable ADM .npz ({reason}); give a file written by "
-                    f"np.savez with {LAYOUT}.")
+    error = NpzError(f"{path} is not a readable ADM .npz ({reason}); give a file written by "
+                     f"np.savez with {LAYOUT}.")
+    error.reason = reason
+    return error
 
 
 @contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 import qdiff
 from qdiff.checksums import files_under
-from qdiff.eval.npz import load_samples, save_samples, to_uint8_nhwc
+from qdiff.eval.npz import NpzError, load_samples, save_samples, to_uint8_nhwc
 from qdiff.export.manifest import content_id
 
 logger = logging.getLogger("qdiff.eval")
@@ -118,8 +117,10 @@ def _cached(cache: Path, settings: SamplingSettings) -> list[np.ndarray]:
     try:
         images, labels = load_samples(cache)
         problem = _cache_problem(images, labels, settings)
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        problem = f"unreadable ({type(error).__name__})"
+    except NpzError as error:
+        problem = error.reason
+    except OSError as error:
+        problem = f"unreadable ({error.strerror or type(error).__name__})"
     if problem:
         logger.warning("%s: damaged sample cache (%s); discarding it and sampling again",
                        cache, problem)
@@ -132,8 +133,7 @@ def _cached(cache: Path, settings: SamplingSettings) -> list[np.ndarray]:
 
 def _cache_problem(images: np.ndarray, labels: np.ndarray | None,
                    settings: SamplingSettings) -> str:
-    if images.dtype != np.uint8 or images.ndim != 4:
-        return f"images of {images.dtype} {images.shape}"
+    """What `load_samples` does not check: the labels are the ones this cache's key draws."""
     expected = balanced_labels(len(images), settings.num_classes).numpy()
     if labels is None or not np.array_equal(labels, expected):
         return "labels are not the balanced classes"
