@@ -157,3 +157,25 @@ def test_the_content_id_changes_with_any_listed_file(export):
     assert content_id(export) == before  # the manifest is a record, not a fresh hash ...
     with pytest.raises(ExportFormatError):  # ... which is why loading checks the files
         qdiff.load_pipeline(export)
+
+
+@pytest.mark.parametrize("damage", ["cut", "index"])
+def test_a_damaged_folder_without_a_manifest_is_one_line_naming_it(tmp_path, capsys, damage):
+    """A teacher folder has no manifest to check against; diffusers' own failure to read a
+    component (or a broken model_index.json) still reaches the user as one line."""
+    from qdiff import sample
+    from qdiff.models.loading import PipelineLoadError
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(qdiff.__path__[0] + "/../assets/tiny-ldm-digits", folder)
+    if damage == "cut":
+        cut(folder / VAE_WEIGHTS)
+    else:
+        (folder / "model_index.json").write_text("{not json")
+    with pytest.raises(PipelineLoadError, match=f"^{folder}"):
+        qdiff.load_pipeline(folder)
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["--pipeline", str(folder), "--out", str(tmp_path / "grid.png"), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "grid.png").exists()

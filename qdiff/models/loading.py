@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from diffusers import DiffusionPipeline
+from safetensors import SafetensorError
 
 import qdiff.export  # noqa: F401  (model_index.json of exports names its denoiser classes)
+from qdiff.errors import QdiffError
 from qdiff.export.manifest import verify_manifest
 from qdiff.models.class_ldm_pipeline import ClassConditionalLDMPipeline
 from qdiff.models.class_video_pipeline import ClassConditionalVideoPipeline
 from qdiff.models.hub import hub_snapshot, looks_like_hub_id, missing_pipeline_files
+
+
+class PipelineLoadError(QdiffError, ValueError):
+    """A pipeline folder's index or one of its components cannot be read."""
+
 
 # Pipelines that qdiff defines; any other `_class_name` is one of diffusers' own.
 QDIFF_PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -35,9 +42,9 @@ def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
             f"and one sub-folder per component).")
     try:
         class_name = json.loads(index_file.read_text())["_class_name"]
-    except (json.JSONDecodeError, KeyError) as error:
-        raise ValueError(f"{index_file} is not a valid model index ({error}); "
-                         f"re-export the pipeline.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise PipelineLoadError(f"{index_file} is not a valid model index ({error}); "
+                                f"re-export the pipeline.") from None
     return QDIFF_PIPELINES.get(class_name, DiffusionPipeline)
 
 
@@ -72,4 +79,12 @@ def load_pipeline(path: str | Path, verify: bool = True, **kwargs: Any) -> Diffu
         raise FileNotFoundError(f"The pipeline folder {folder} is incomplete; missing: "
                                 f"{', '.join(missing)}. Copy the whole folder that "
                                 f"`save_pretrained` or `huggingface-cli download` wrote.")
-    return pipeline_class.from_pretrained(folder, **kwargs)
+    try:
+        return pipeline_class.from_pretrained(folder, **kwargs)
+    except QdiffError:
+        raise
+    except (OSError, ValueError, SafetensorError) as error:  # a component diffusers cannot read
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PipelineLoadError(f"{folder}: a component could not be loaded ({reason}); the "
+                                f"folder is damaged or incomplete. Re-export or copy it "
+                                f"again.") from error
