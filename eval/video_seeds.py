@@ -100,7 +100,8 @@ def load_report(report: str) -> dict:
     path = RESULTS / f"{report}.json"
     if not path.is_file():
         raise SystemExit(f"{path} does not exist: run eval/video.py with --report {report} "
-                         "(its command is in the README), or take its line out of VARIANTS")
+                         "(its command is in docs/notes/research-log.md), or take its line out "
+                         "of VARIANTS")
     return json.loads(path.read_text())
 
 

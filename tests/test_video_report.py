@@ -1,6 +1,6 @@
 """eval/video.py's report: the share of calibrated PTQ's distance each row closes, and the PTQ
 rows that --ptq-from borrows from an earlier report, only when it scored the same FP videos.
-The README quotes these closed columns, so their arithmetic and row matching are pinned here."""
+docs/notes/research-log.md quotes these closed columns, so their arithmetic and row matching are pinned here."""
 
 from __future__ import annotations
 

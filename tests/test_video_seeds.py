@@ -1,6 +1,6 @@
 """eval/video_seeds.py: issue 7's claims over training seeds, gathered from eval/video.py's
-reports. The README quotes its means, closed shares and Phi's paired intervals, so their
-arithmetic, the seed check and the refusals are pinned here on made-up reports."""
+reports. docs/notes/research-log.md quotes its means, closed shares and paired intervals, so
+their arithmetic, the seed check and the refusals are pinned here on made-up reports."""
 
 from __future__ import annotations
 

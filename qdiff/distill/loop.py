@@ -259,7 +259,7 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
 
 def _warn_collapsed_tables(model: nn.Module, warned: set[str], step: int, main: bool) -> None:
     """Say so when an activation step size has crossed zero (once per table): the run goes on,
-    but that entry's grid is now mirrored -- what broke W4A4 runs down (README, Distillation)."""
+    but that entry's grid is now mirrored -- what broke W4A4 runs down (docs/notes/research-log.md)."""
     new = [name for name in nonpositive_step_tables(model) if name not in warned]
     warned.update(new)
     if new and main:
