@@ -1,0 +1,61 @@
+"""The student walker: the student answers in the denoiser's place and learns at each call.
+
+At every denoiser call of `pipe(**call_kwargs)` the teacher (the pipeline's own
+component) answers the same inputs without gradients, the student answers with them,
+and `on_call` compares the two and updates the student -- under `torch.enable_grad()`,
+since pipelines run their `__call__` in `no_grad`. The pipeline then advances with the
+student's answer (detached, in the teacher's dtype), so the student learns on the path
+it takes when it samples; with `follow="teacher"` it advances with the teacher's, so
+the student learns on the teacher's path without the calls being stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+from diffusers import DiffusionPipeline
+from torch import nn
+
+from .call import DenoiserCall, detached, prediction, timestep_of, with_prediction
+from .tap import DenoiserTap, denoiser_components
+
+# (the call with the teacher's output, the student's prediction with grad, the teacher's)
+OnCall = Callable[[DenoiserCall, torch.Tensor, torch.Tensor], None]
+
+
+def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str, nn.Module],
+                      call_kwargs: Mapping[str, Any], on_call: OnCall,
+                      follow: Literal["student", "teacher"] = "student") -> Any:
+    """Run `pipe(**call_kwargs)` with the students answering; return the pipeline's output.
+
+    A denoiser component without a student (e.g. Wan 2.2's `transformer_2` while only
+    `transformer` is distilled) is answered by the teacher alone. Attribute reads of the
+    pipeline (`config`, `dtype`, ...) still see the teacher.
+    """
+    if follow not in ("student", "teacher"):
+        raise ValueError(f"follow must be 'student' or 'teacher', not {follow!r}.")
+    unknown = set(student_by_component) - set(denoiser_components(pipe))
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__} has no denoiser component {sorted(unknown)}; "
+                         f"it has {denoiser_components(pipe)}.")
+
+    def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
+        teacher = tap.original(component)
+        with torch.no_grad():
+            result = teacher(*args, **kwargs)
+        student = student_by_component.get(component)
+        if student is None:
+            return result
+        teacher_output = prediction(result)
+        call = DenoiserCall(component, index, detached(args), detached(kwargs),
+                            detached(timestep_of(teacher, args, kwargs)), teacher_output)
+        with torch.enable_grad():
+            student_output = prediction(student(*args, **kwargs))
+            on_call(call, student_output, teacher_output)
+        if follow == "teacher":
+            return result
+        return with_prediction(result, student_output.detach().to(teacher_output.dtype))
+
+    with DenoiserTap(pipe, answer) as tap:
+        return pipe(**call_kwargs)
