@@ -3,11 +3,13 @@
     output, calls = record_calls(pipe, call_kwargs)             # teacher walker
     walk_with_student(pipe, {"unet": student}, call_kwargs, on_call)   # student walker
     x0_scale(pipe.scheduler, call.timestep)                     # x0 loss weight
+    calibrate_on_calls(pipe, {"unet": student}, [call_kwargs])   # PTQ on the same calls
 
 `DenoiserTap` is the seam both walkers use: every denoiser call of the pipeline's own
 `__call__` goes to a handler (`qdiff.walk.tap`).
 """
 
+from .calibration import calibrate_on_calls
 from .call import DenoiserCall, prediction, with_prediction
 from .student import walk_with_student
 from .tap import DENOISER_COMPONENTS, DenoiserProxy, DenoiserTap, denoiser_components
@@ -15,7 +17,7 @@ from .teacher import record_calls
 from .x0 import is_flow_matching, x0_scale
 
 __all__ = [
-    "DENOISER_COMPONENTS", "DenoiserCall", "DenoiserProxy", "DenoiserTap", "denoiser_components",
+    "DENOISER_COMPONENTS", "calibrate_on_calls", "DenoiserCall", "DenoiserProxy", "DenoiserTap", "denoiser_components",
     "is_flow_matching", "prediction", "record_calls", "walk_with_student", "with_prediction",
     "x0_scale",
 ]
