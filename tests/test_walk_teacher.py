@@ -73,3 +73,27 @@ def test_the_proxy_reads_as_the_model_it_stands_for():
         assert proxy.device == transformer.device and pipe._execution_device == transformer.device
         assert proxy.cache_context.__self__ is transformer
         assert set(pipe.components) == set(CASES["cogvideox/ddim-v"].pipe().components)
+
+
+@pytest.mark.parametrize("case", ["dit/ddim", "sd/ddim"])
+def test_model_cpu_offload_survives_the_tap(case):
+    """diffusers re-hooks the components (then the proxy) at the end of `__call__`; after the
+    tap the original denoiser carries the offload hook again. DiT's transformer is its first
+    component, so `_execution_device` reads the hook through the proxy."""
+    pytest.importorskip("accelerate")
+    walk = CASES[case]
+    pipe = walk.pipe()
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks' execution device: cpu:0
+    expected = _output_tensor(pipe(**walk.call_kwargs()))
+    denoiser = getattr(pipe, walk.denoiser)
+
+    def answer(component, index, args, kwargs):
+        assert pipe._execution_device == torch.device("cpu", 0)
+        return tap.original(component)(*args, **kwargs)
+
+    with DenoiserTap(pipe, answer) as tap:
+        output = _output_tensor(pipe(**walk.call_kwargs()))
+    assert tap.calls == STEPS and torch.equal(output, expected)
+    assert getattr(pipe, walk.denoiser) is denoiser and hasattr(denoiser, "_hf_hook")
+    assert any(hook.model is denoiser for hook in pipe._all_hooks)
+    assert torch.equal(_output_tensor(pipe(**walk.call_kwargs())), expected)

@@ -9,9 +9,12 @@ the student's answer).
 
 The proxy holds the real model as its submodule `model` and forwards every attribute it
 does not have to it, so what pipelines read of their denoiser -- `config`, `dtype`,
-`device`, `cache_context`, `_hf_hook`, `_reset_stateful_cache` -- is the real model's,
-and `pipe.device`, `pipe._execution_device` and offloading hooks on the real model work
-as before. Leaving the tap puts the original components back, also after an error.
+`device`, `cache_context`, `_reset_stateful_cache` -- is the real model's, and
+`pipe.device` and `pipe._execution_device` (which looks for accelerate's `_hf_hook`)
+answer as for the real model. Accelerate's hooks are per module: the real model keeps
+its own, and those diffusers' model CPU offload puts on the proxy at the end of
+`__call__` (`maybe_free_model_hooks`) go with it when the tap puts the original
+components back (and hooks them again) -- also after an error.
 """
 
 from __future__ import annotations
@@ -51,9 +54,16 @@ class DenoiserProxy(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             model = self.__dict__.get("_modules", {}).get("model")
-            if model is None:
+            if model is None or name == "_old_forward":  # accelerate's: the proxy's own forward
                 raise
             return getattr(model, name)
+
+    def __delattr__(self, name: str) -> None:
+        """Deleting a hook attribute read through from the model leaves it to the model:
+        accelerate's `remove_hook_from_module(proxy, recurse=True)` removes it there."""
+        if name == "_hf_hook" and name not in self.__dict__:
+            return
+        super().__delattr__(name)
 
 
 class DenoiserTap:
