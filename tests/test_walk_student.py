@@ -85,3 +85,21 @@ def test_a_student_for_a_component_the_pipeline_lacks_is_refused():
     pipe = walk.pipe()
     with pytest.raises(ValueError, match="transformer"):
         walk_with_student(pipe, {"transformer": pipe.unet}, walk.call_kwargs(), _ignore)
+
+
+def test_with_two_experts_each_student_answers_its_own_calls():
+    """Wan 2.2's layout: a student for the high-noise expert only learns at its calls (the
+    first step, per branch); the low-noise expert answers its own."""
+    walk = CASES["wan2.2-two-experts/flow-euler"]
+    pipe = walk.pipe()
+    expected = _output_tensor(pipe(**walk.call_kwargs()))
+    seen: list[tuple[str, int]] = []
+
+    def note(call, student_output, teacher_output):
+        seen.append((call.component, call.index))
+        assert torch.equal(student_output, teacher_output)
+
+    student = copy.deepcopy(pipe.transformer)
+    output = walk_with_student(pipe, {"transformer": student}, walk.call_kwargs(), note)
+    assert torch.equal(_output_tensor(output), expected)
+    assert seen == [("transformer", 0), ("transformer", 1)]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UniPCMultistepScheduler
+from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline, \
+    WanTransformer3DModel
 
 from tiny_families import PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit, tiny_stable_diffusion, \
     tiny_wan
@@ -29,6 +30,17 @@ def random_class_ldm():
         vae=build_vq_f4().eval(), scheduler=build_ddim_scheduler())
 
 
+def tiny_wan_two_experts():
+    """Wan 2.2 A14B's layout: `transformer` above the boundary timestep (0.8 x 1000),
+    `transformer_2` (its own weights) below, each with its guidance scale."""
+    pipe = tiny_wan()
+    torch.manual_seed(1)
+    low_noise = WanTransformer3DModel.from_config(pipe.transformer.config).eval()
+    return WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                       scheduler=pipe.scheduler, transformer=pipe.transformer,
+                       transformer_2=low_noise, boundary_ratio=0.8)
+
+
 def with_scheduler(build: Callable[[], DiffusionPipeline], scheduler_class, **overrides):
     """`build`, its scheduler replaced by `scheduler_class` from the same config."""
     def built() -> DiffusionPipeline:
@@ -44,6 +56,11 @@ class WalkCase:
     kwargs: dict  # without `generator`
     calls_per_step: int  # 2 when guidance calls the denoiser once per branch
     denoiser: str = "unet"
+    also: tuple[str, ...] = ()  # further denoiser components the pipeline calls
+
+    @property
+    def denoisers(self) -> set[str]:
+        return {self.denoiser, *self.also}
 
     def pipe(self) -> DiffusionPipeline:
         pipe = self.build()
@@ -75,6 +92,9 @@ CASES = {
                                               prediction_type="flow_prediction", use_flow_sigmas=True,
                                               flow_shift=3.0),
                                dict(prompt=PROMPTS[:2], guidance_scale=5.0, **VIDEO), 2, "transformer"),
+    "wan2.2-two-experts/flow-euler": WalkCase(
+        tiny_wan_two_experts, dict(prompt=PROMPTS[:2], guidance_scale=5.0, guidance_scale_2=3.0,
+                                   **VIDEO), 2, "transformer", ("transformer_2",)),
     "cogvideox/ddim-v": WalkCase(tiny_cogvideox, dict(prompt=PROMPTS[:2], guidance_scale=6.0,
                                                       **VIDEO), 1, "transformer"),
 }
