@@ -103,3 +103,21 @@ def test_with_two_experts_each_student_answers_its_own_calls():
     output = walk_with_student(pipe, {"transformer": student}, walk.call_kwargs(), note)
     assert torch.equal(_output_tensor(output), expected)
     assert seen == [("transformer", 0), ("transformer", 1)]
+
+
+def test_a_float32_student_learns_from_a_bfloat16_teacher():
+    """Wan runs its latents and prompt embeddings in the transformer's dtype: the student is
+    asked in float32 (the timestep as passed) and the pipeline goes on in bfloat16."""
+    walk = CASES["wan/flow-euler"]
+    pipe = walk.pipe()
+    pipe.transformer.to(torch.bfloat16)
+    student = copy.deepcopy(pipe.transformer).float()
+    dtypes = []
+
+    def note(call, student_output, teacher_output):
+        dtypes.append((student_output.dtype, teacher_output.dtype, call.timestep.dtype))
+        assert torch.allclose(student_output, teacher_output.float(), atol=0.1)
+
+    output = walk_with_student(pipe, {"transformer": student}, walk.call_kwargs(), note)
+    assert dtypes == [(torch.float32, torch.bfloat16, torch.float32)] * 6
+    assert torch.isfinite(_output_tensor(output)).all()

@@ -19,6 +19,7 @@ from torch import nn
 
 from qdiff.quant import calibrating
 
+from .call import cast_inputs, compute_dtype
 from .tap import DenoiserTap
 
 
@@ -31,10 +32,12 @@ def calibrate_on_calls(pipe: DiffusionPipeline, student_by_component: Mapping[st
     keeps it; otherwise the table is the timesteps its component was called at.
     """
     def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
-        result = tap.original(component)(*args, **kwargs)
+        teacher = tap.original(component)
+        result = teacher(*args, **kwargs)
         student = student_by_component.get(component)
         if student is not None:
-            student(*args, **kwargs)
+            student_args, student_kwargs = cast_inputs(teacher, args, kwargs, compute_dtype(student))
+            student(*student_args, **student_kwargs)
         return result
 
     with contextlib.ExitStack() as stack:

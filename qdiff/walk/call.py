@@ -52,14 +52,43 @@ def detached(value: Any) -> Any:
     return value
 
 
+def _timestep_slot(denoiser: nn.Module) -> Optional[int]:
+    names = [name for name in inspect.signature(denoiser.forward).parameters if name != "self"]
+    return names.index("timestep") if "timestep" in names else None
+
+
 def timestep_of(denoiser: nn.Module, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     """The `timestep` argument of a call, by keyword or by its slot in `forward`'s signature."""
     if "timestep" in kwargs:
         return kwargs["timestep"]
-    names = [name for name in inspect.signature(denoiser.forward).parameters if name != "self"]
-    if "timestep" in names and names.index("timestep") < len(args):
-        return args[names.index("timestep")]
-    return None
+    slot = _timestep_slot(denoiser)
+    return args[slot] if slot is not None and slot < len(args) else None
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's first float parameter (float32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(item, dtype) for item in value)
+    if isinstance(value, dict):
+        return {key: _cast(item, dtype) for key, item in value.items()}
+    return value
+
+
+def cast_inputs(denoiser: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype
+                ) -> tuple[tuple, dict]:
+    """A call's inputs for a model computing in `dtype` (a float32 student of a bf16
+    teacher): float tensors cast, the timestep left as passed (bf16 would round it)."""
+    slot = _timestep_slot(denoiser)
+    args = tuple(arg if index == slot else _cast(arg, dtype) for index, arg in enumerate(args))
+    kwargs = {key: value if key == "timestep" else _cast(value, dtype)
+              for key, value in kwargs.items()}
+    return args, kwargs
 
 
 def prediction(result: Any) -> torch.Tensor:

@@ -4,8 +4,9 @@ At every denoiser call of `pipe(**call_kwargs)` the teacher (the pipeline's own
 component) answers the same inputs without gradients, the student answers with them,
 and `on_call` compares the two and updates the student -- under `torch.enable_grad()`,
 since pipelines run their `__call__` in `no_grad`. The pipeline then advances with the
-student's answer (detached, in the teacher's dtype), so the student learns on the path
-it takes when it samples; with `follow="teacher"` it advances with the teacher's, so
+student's answer (detached, in the teacher's dtype; the student is asked in its own
+dtype, so a float32 student learns from a bf16 teacher), so the student learns on the
+path it takes when it samples; with `follow="teacher"` it advances with the teacher's, so
 the student learns on the teacher's path without the calls being stored.
 """
 
@@ -17,7 +18,8 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from .call import DenoiserCall, detached, prediction, timestep_of, with_prediction
+from .call import DenoiserCall, cast_inputs, compute_dtype, detached, prediction, timestep_of, \
+    with_prediction
 from .tap import DenoiserTap, denoiser_components
 
 # (the call with the teacher's output, the student's prediction with grad, the teacher's)
@@ -50,8 +52,9 @@ def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str
         teacher_output = prediction(result)
         call = DenoiserCall(component, index, detached(args), detached(kwargs),
                             detached(timestep_of(teacher, args, kwargs)), teacher_output)
+        student_args, student_kwargs = cast_inputs(teacher, args, kwargs, compute_dtype(student))
         with torch.enable_grad():
-            student_output = prediction(student(*args, **kwargs))
+            student_output = prediction(student(*student_args, **student_kwargs))
             on_call(call, student_output, teacher_output)
         if follow == "teacher":
             return result
