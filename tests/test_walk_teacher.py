@@ -96,4 +96,6 @@ def test_model_cpu_offload_survives_the_tap(case):
     assert tap.calls == STEPS and torch.equal(output, expected)
     assert getattr(pipe, walk.denoiser) is denoiser and hasattr(denoiser, "_hf_hook")
     assert any(hook.model is denoiser for hook in pipe._all_hooks)
+    _, calls = record_calls(pipe, walk.call_kwargs())
+    assert len(calls) == STEPS and all(call.timestep is not None for call in calls)
     assert torch.equal(_output_tensor(pipe(**walk.call_kwargs())), expected)

@@ -53,7 +53,10 @@ def detached(value: Any) -> Any:
 
 
 def _timestep_slot(denoiser: nn.Module) -> Optional[int]:
-    names = [name for name in inspect.signature(denoiser.forward).parameters if name != "self"]
+    """The position of `timestep` in the class's `forward` (an instance's may be a hook's
+    wrapper taking *args, as accelerate's offloading installs)."""
+    names = [name for name in inspect.signature(type(denoiser).forward).parameters
+             if name != "self"]
     return names.index("timestep") if "timestep" in names else None
 
 

@@ -78,8 +78,8 @@ class DenoiserTap:
                  components: Optional[Sequence[str]] = None) -> None:
         self.pipe = pipe
         self.handler = handler
-        self.components = list(components or denoiser_components(pipe))
-        if not self.components:
+        self.component_names = list(components or denoiser_components(pipe))
+        if not self.component_names:
             raise ValueError(f"{type(pipe).__name__} has none of the denoiser components "
                              f"{DENOISER_COMPONENTS}.")
         self.originals: dict[str, nn.Module] = {}
@@ -95,7 +95,7 @@ class DenoiserTap:
 
     def __enter__(self) -> "DenoiserTap":
         try:
-            for name in self.components:
+            for name in self.component_names:
                 model = getattr(self.pipe, name)
                 if isinstance(model, DenoiserProxy):
                     raise RuntimeError(f"pipe.{name} is already tapped.")
