@@ -99,3 +99,13 @@ def test_model_cpu_offload_survives_the_tap(case):
     _, calls = record_calls(pipe, walk.call_kwargs())
     assert len(calls) == STEPS and all(call.timestep is not None for call in calls)
     assert torch.equal(_output_tensor(pipe(**walk.call_kwargs())), expected)
+
+
+def test_the_embedded_teachers_recorded_walk_is_its_sampling(teacher):
+    kwargs = dict(class_labels=[3, 8], guidance_scale=2.0, num_inference_steps=STEPS,
+                  output_type="pt")
+    expected = teacher(**kwargs, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    output, calls = record_calls(teacher, {
+        **kwargs, "generator": [torch.Generator().manual_seed(s) for s in (5, 6)]})
+    assert torch.equal(output.images, expected.images) and len(calls) == STEPS
+    assert calls[0].args[0].shape[0] == 4  # guidance batches both branches in one call
