@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from qdiff.walk import walk_with_student
+from qdiff.walk import StopWalk, walk_with_student
 from walk_cases import CASES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,3 +121,36 @@ def test_a_float32_student_learns_from_a_bfloat16_teacher():
     output = walk_with_student(pipe, {"transformer": student}, walk.call_kwargs(), note)
     assert dtypes == [(torch.float32, torch.bfloat16, torch.float32)] * 6
     assert torch.isfinite(_output_tensor(output)).all()
+
+
+def test_on_call_can_stop_the_walk():
+    walk = CASES["sd/ddim"]
+    pipe = walk.pipe()
+    unet, seen = pipe.unet, []
+
+    def stop_at_the_second_call(call, student_output, teacher_output):
+        seen.append(call.index)
+        if call.index == 1:
+            raise StopWalk
+
+    assert walk_with_student(pipe, {"unet": copy.deepcopy(unet)}, walk.call_kwargs(),
+                             stop_at_the_second_call) is None
+    assert seen == [0, 1] and pipe.unet is unet
+
+
+def test_the_path_can_be_chosen_per_call():
+    """A resumed run replays its first calls on the teacher's path: following the teacher at
+    every call samples what the teacher samples, whatever the student answers."""
+    walk = CASES["sd/ddim"]
+    pipe = walk.pipe()
+    expected = _output_tensor(pipe(**walk.call_kwargs()))
+    student = _perturbed(pipe.unet, scale=0.5)
+    output = walk_with_student(pipe, {"unet": student}, walk.call_kwargs(), _ignore,
+                               follow=lambda call: "teacher")
+    assert torch.equal(_output_tensor(output), expected)
+    mixed = walk_with_student(pipe, {"unet": student}, walk.call_kwargs(), _ignore,
+                              follow=lambda call: "teacher" if call.index < 2 else "student")
+    assert not torch.equal(_output_tensor(mixed), expected)
+    with pytest.raises(ValueError, match="follow"):
+        walk_with_student(pipe, {"unet": student}, walk.call_kwargs(), _ignore,
+                          follow=lambda call: "both")

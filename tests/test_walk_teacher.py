@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdiff.walk import DenoiserProxy, DenoiserTap, record_calls
+from qdiff.walk import DenoiserProxy, DenoiserTap, pipeline_timesteps, record_calls
 from walk_cases import CASES, STEPS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,3 +109,15 @@ def test_the_embedded_teachers_recorded_walk_is_its_sampling(teacher):
         **kwargs, "generator": [torch.Generator().manual_seed(s) for s in (5, 6)]})
     assert torch.equal(output.images, expected.images) and len(calls) == STEPS
     assert calls[0].args[0].shape[0] == 4  # guidance batches both branches in one call
+
+
+@pytest.mark.parametrize("case", ["sd/unipc", "wan/unipc-flow", "cogvideox/ddim-v",
+                                  "wan2.2-two-experts/flow-euler"])
+def test_the_grid_a_call_visits_is_read_before_the_denoiser_runs(case):
+    walk = CASES[case]
+    pipe = walk.pipe()
+    pipe(**walk.call_kwargs())
+    visited = pipe.scheduler.timesteps.clone()
+    pipe.scheduler.set_timesteps(7)
+    assert torch.equal(pipeline_timesteps(pipe, walk.call_kwargs()), visited)
+    assert not any(isinstance(getattr(pipe, name), DenoiserProxy) for name in walk.denoisers)

@@ -4,6 +4,7 @@
     walk_with_student(pipe, {"unet": student}, call_kwargs, on_call)   # student walker
     x0_scale(pipe.scheduler, call.timestep)                     # x0 loss weight
     calibrate_on_calls(pipe, {"unet": student}, [call_kwargs])   # PTQ on the same calls
+    pipeline_timesteps(pipe, call_kwargs)                       # the grid a call will visit
 
 `DenoiserTap` is the seam both walkers use: every denoiser call of the pipeline's own
 `__call__` goes to a handler (`qdiff.walk.tap`).
@@ -11,13 +12,14 @@
 
 from .calibration import calibrate_on_calls
 from .call import DenoiserCall, prediction, with_prediction
-from .student import walk_with_student
+from .student import StopWalk, walk_with_student
 from .tap import DENOISER_COMPONENTS, DenoiserProxy, DenoiserTap, denoiser_components
 from .teacher import record_calls
+from .timesteps import pipeline_timesteps
 from .x0 import is_flow_matching, x0_scale
 
 __all__ = [
-    "DENOISER_COMPONENTS", "calibrate_on_calls", "DenoiserCall", "DenoiserProxy", "DenoiserTap", "denoiser_components",
-    "is_flow_matching", "prediction", "record_calls", "walk_with_student", "with_prediction",
-    "x0_scale",
+    "DENOISER_COMPONENTS", "DenoiserCall", "DenoiserProxy", "DenoiserTap", "StopWalk",
+    "calibrate_on_calls", "denoiser_components", "is_flow_matching", "pipeline_timesteps",
+    "prediction", "record_calls", "walk_with_student", "with_prediction", "x0_scale",
 ]

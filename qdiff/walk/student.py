@@ -12,7 +12,7 @@ the student learns on the teacher's path without the calls being stored.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline
@@ -24,19 +24,25 @@ from .tap import DenoiserTap, denoiser_components
 
 # (the call with the teacher's output, the student's prediction with grad, the teacher's)
 OnCall = Callable[[DenoiserCall, torch.Tensor, torch.Tensor], None]
+Follow = Union[Literal["student", "teacher"], Callable[[DenoiserCall], str]]
+
+
+class StopWalk(Exception):
+    """Raised by `on_call` to end the walk there (e.g. the run's last step is done)."""
 
 
 def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str, nn.Module],
                       call_kwargs: Mapping[str, Any], on_call: OnCall,
-                      follow: Literal["student", "teacher"] = "student") -> Any:
-    """Run `pipe(**call_kwargs)` with the students answering; return the pipeline's output.
+                      follow: Follow = "student") -> Optional[Any]:
+    """Run `pipe(**call_kwargs)` with the students answering; return the pipeline's output,
+    or None when `on_call` raised `StopWalk`.
 
-    A denoiser component without a student (e.g. Wan 2.2's `transformer_2` while only
-    `transformer` is distilled) is answered by the teacher alone. Attribute reads of the
-    pipeline (`config`, `dtype`, ...) still see the teacher.
+    `follow` may also decide per call (`follow(call)` -> "student" or "teacher"): a resumed
+    run replays the calls it already trained on along the teacher's path. A denoiser
+    component without a student (e.g. Wan 2.2's `transformer_2` while only `transformer`
+    is distilled) is answered by the teacher alone. Attribute reads of the pipeline
+    (`config`, `dtype`, ...) still see the teacher.
     """
-    if follow not in ("student", "teacher"):
-        raise ValueError(f"follow must be 'student' or 'teacher', not {follow!r}.")
     unknown = set(student_by_component) - set(denoiser_components(pipe))
     if unknown:
         raise ValueError(f"{type(pipe).__name__} has no denoiser component {sorted(unknown)}; "
@@ -56,9 +62,15 @@ def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str
         with torch.enable_grad():
             student_output = prediction(student(*student_args, **student_kwargs))
             on_call(call, student_output, teacher_output)
-        if follow == "teacher":
+        path = follow(call) if callable(follow) else follow
+        if path not in ("student", "teacher"):
+            raise ValueError(f"follow must give 'student' or 'teacher', not {path!r}.")
+        if path == "teacher":
             return result
         return with_prediction(result, student_output.detach().to(teacher_output.dtype))
 
-    with DenoiserTap(pipe, answer) as tap:
-        return pipe(**call_kwargs)
+    try:
+        with DenoiserTap(pipe, answer) as tap:
+            return pipe(**call_kwargs)
+    except StopWalk:
+        return None
