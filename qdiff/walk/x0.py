@@ -1,0 +1,68 @@
+"""How far an error in a denoiser's raw output moves the clean sample it implies.
+
+The weight of an x0 loss at one call, read from the pipeline's configured scheduler
+rather than from a family: d x0 / d output at the call's timestep.
+
+- Flow matching (FlowMatchEulerDiscreteScheduler; UniPC, DPM-Solver with
+  `use_flow_sigmas`; `prediction_type="flow_prediction"`): x_t = (1 - sigma) x0 +
+  sigma noise and the model predicts v = noise - x0, so x0 = x_t - sigma v: the scale is
+  the sigma the scheduler pairs with that timestep.
+- Noise schedules with `alphas_cumprod` (DDPM, DDIM, PNDM, Euler, UniPC, DPM-Solver, ...),
+  x_t = sqrt(a) x0 + sqrt(1 - a) eps, by `prediction_type`: epsilon sqrt((1 - a) / a),
+  v_prediction sqrt(1 - a), sample 1.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from diffusers import SchedulerMixin
+
+TimestepLike = Union[int, float, torch.Tensor]
+
+
+def is_flow_matching(scheduler: SchedulerMixin) -> bool:
+    """Whether the scheduler's model predicts a flow-matching velocity on a sigma grid."""
+    config = scheduler.config
+    return (bool(config.get("use_flow_sigmas", False))
+            or config.get("prediction_type") == "flow_prediction"
+            or not hasattr(scheduler, "alphas_cumprod"))
+
+
+def single_timestep(timestep: TimestepLike) -> float:
+    """The one timestep of a call: a scalar, or equal entries per sample. Per-token
+    timesteps (B, L) count by each sample's noisiest token."""
+    t = torch.as_tensor(timestep).detach().float()
+    if t.dim() == 2:
+        t = t.amax(dim=1)
+    t = t.reshape(-1)
+    if len(t) == 0 or bool((t != t[0]).any()):
+        raise ValueError(f"Expected one timestep for the whole batch, got {t.tolist()}.")
+    return float(t[0])
+
+
+def flow_sigma(scheduler: SchedulerMixin, timestep: TimestepLike) -> float:
+    """The sigma the scheduler's current grid pairs with `timestep` (after `set_timesteps`)."""
+    t = single_timestep(timestep)
+    timesteps = scheduler.timesteps.float().cpu()
+    matches = (timesteps == t).nonzero()
+    if len(matches) == 0:
+        raise ValueError(f"timestep {t} is not on the scheduler's grid {timesteps.tolist()}; "
+                         f"call set_timesteps as the pipeline did.")
+    return float(scheduler.sigmas[int(matches[0])])
+
+
+def x0_scale(scheduler: SchedulerMixin, timestep: TimestepLike) -> float:
+    """d x0 / d (raw denoiser output) at `timestep` under the scheduler's parameterisation."""
+    if is_flow_matching(scheduler):
+        return flow_sigma(scheduler, timestep)
+    a_t = float(scheduler.alphas_cumprod[int(round(single_timestep(timestep)))])
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return ((1 - a_t) / a_t) ** 0.5
+    if kind == "v_prediction":
+        return (1 - a_t) ** 0.5
+    if kind == "sample":
+        return 1.0
+    raise ValueError(f"No x0 weighting for prediction_type={kind!r}.")
