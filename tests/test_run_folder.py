@@ -8,8 +8,11 @@ import errno
 import hashlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -289,6 +292,31 @@ def test_ctrl_c_exits_130_naming_the_checkpoint_and_the_resume_command(tmp_path,
                                 f"{tmp_path / 'run' / 'checkpoints' / 'step-0000004'}; "
                                 f"continue with: {command}")
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000004"]
+
+
+def test_a_real_sigint_exits_130_with_one_line_and_no_traceback(tmp_path):
+    """The signal a terminal's Ctrl-C sends, to `python -m qdiff.finetune` itself."""
+    args = _args(tmp_path, "distill.steps=400")
+    # as from a terminal: a shell starts background jobs with SIGINT ignored, so restore it
+    launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv[0] = 'qdiff.finetune'; runpy.run_module('qdiff.finetune', run_name='__main__')")
+    run = subprocess.Popen([sys.executable, "-c", launch, *args], cwd=REPO_ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not list_checkpoints(tmp_path / "run") and time.time() < deadline:
+            time.sleep(0.2)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 130
+    last = list_checkpoints(tmp_path / "run")[-1]
+    assert "Traceback" not in err
+    assert err.rstrip("\n").splitlines()[-1] == (
+        f"interrupted: the last checkpoint is {last}; continue with: python -m qdiff.finetune "
+        f"{' '.join(args)} --resume")
 
 
 # --- litter and unwritable folders ---------------------------------------------------------------
