@@ -60,10 +60,11 @@ def describe_os_error(error: OSError) -> str:
 
 
 def run_main(body: Callable[[], T], args: Optional[argparse.Namespace] = None,
-             interrupted: str = "") -> T:
+             interrupted: str | Callable[[], str] = "") -> T:
     """Run a command's `body`; turn a user's mistake into one line and an exit status.
 
-    `interrupted` is what to tell the user after Ctrl-C (for example how to resume).
+    `interrupted` is what to tell the user after Ctrl-C (for example how to resume), or a
+    function that says it then (when it depends on how far the command got).
     """
     debug = debug_enabled(args)
     try:
@@ -71,7 +72,8 @@ def run_main(body: Callable[[], T], args: Optional[argparse.Namespace] = None,
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"interrupted{': ' + interrupted if interrupted else ''}", file=sys.stderr)
+        text = interrupted() if callable(interrupted) else interrupted
+        print(f"interrupted{': ' + text if text else ''}", file=sys.stderr)
         sys.exit(INTERRUPTED)
     except QdiffError as error:
         if debug:

@@ -250,6 +250,12 @@ class DistillConfig:
     checkpoint_every: int = 200
     sample_every: int = 200  # steps between PNG grids of teacher vs student
     log_every: int = 10
+    # The run stops (DivergenceError, no export) when the mean loss over the last trajectory
+    # exceeds this many times the mean over its first trajectory, or the loss at a trajectory's
+    # first denoising step this many times the untrained student's there
+    # (qdiff.distill.divergence). A healthy run's loss falls from both, so its ratios stay
+    # below 1; a run that broke down is orders of magnitude over: 10 is far from both. 0: off
+    divergence_factor: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "trajectory_steps", "batch_size", "checkpoint_every",
@@ -268,6 +274,9 @@ class DistillConfig:
         if self.ema_ramp < 2.0:
             raise ConfigError(f"distill.ema_ramp={self.ema_ramp} would weight the first steps "
                               f"most; allowed: 2 (every step alike) or more, e.g. 10.")
+        if not (self.divergence_factor == 0 or self.divergence_factor > 1):
+            raise ConfigError(f"distill.divergence_factor={self.divergence_factor} is out of "
+                              f"range; allowed: 0 (no check) or a finite factor above 1, e.g. 10.")
         _check_choice("distill.loss", self.loss, ("x0", "mse", "l1", "update"))
         _check_choice("distill.target", self.target, ("guided", "branches"))
         _check_choice("distill.walker", self.walker, ("student", "teacher"))

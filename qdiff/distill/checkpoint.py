@@ -39,7 +39,8 @@ from qdiff.errors import QdiffError
 KEEP_LAST = 2
 META_FILE = "meta.json"
 CHECKSUMS_KEY = "files"  # in meta.json: {file name: {"size", "sha256"}}
-DAMAGED_SUFFIX = ".damaged"
+DAMAGED_SUFFIX = ".damaged"  # a resume found its files changed
+DIVERGED_SUFFIX = ".diverged"  # written after the last step a divergence check passed
 _REQUIRED = ("student.safetensors", "optimizer.safetensors", "optimizer.json")
 _NAME = re.compile(r"^step-(\d{7,})$")
 
@@ -185,7 +186,7 @@ def newest_good_checkpoint(run_dir: Path, set_aside: bool = True) -> Path | None
             for bad, why in damaged if set_aside else ():
                 logger.warning("%s: %s; resuming from %s instead (the damaged one is kept as "
                                "%s)", bad, why, path.name, bad.name + DAMAGED_SUFFIX)
-                _set_aside(bad)
+                set_checkpoint_aside(bad, DAMAGED_SUFFIX)
             return path
         damaged.append((path, problem))
     if damaged:
@@ -195,8 +196,10 @@ def newest_good_checkpoint(run_dir: Path, set_aside: bool = True) -> Path | None
     return None
 
 
-def _set_aside(path: Path) -> None:
-    target = path.with_name(path.name + DAMAGED_SUFFIX)
+def set_checkpoint_aside(path: Path, suffix: str) -> None:
+    """Rename checkpoint `path` to `<name><suffix>`: kept for inspection, but no longer a
+    checkpoint (`list_checkpoints` skips it), so neither loaded nor counted as kept."""
+    target = path.with_name(path.name + suffix)
     shutil.rmtree(target, ignore_errors=True)
     path.rename(target)
 

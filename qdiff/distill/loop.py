@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -32,12 +33,16 @@ from tqdm import tqdm
 from qdiff.calibrate import calibrate
 from qdiff.config import ConfigError, RunConfig, save_config
 from qdiff.distill.batches import trajectory_batch
-from qdiff.distill.checkpoint import (checkpoint_step, latest_checkpoint, load_checkpoint,
-                                     load_trained_student, newest_good_checkpoint,
-                                     save_checkpoint)
+from qdiff.distill.checkpoint import (DIVERGED_SUFFIX, checkpoint_step, latest_checkpoint,
+                                     list_checkpoints, load_checkpoint, load_trained_student,
+                                     newest_good_checkpoint, save_checkpoint,
+                                     set_checkpoint_aside)
+from qdiff.distill.divergence import (DivergenceError, DivergenceWatch, describe_collapse,
+                                      nonfinite_quantizer_tables, saved_references)
 from qdiff.distill.ema import ParameterEMA
 from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, lr_factor,
                                  set_learning_rates)
+from qdiff.distill.run_dir import truncate_log
 from qdiff.distill.samples import save_comparison_grid
 from qdiff.distill.trajectory import TrajectoryStep, TrajectoryWalk, trajectory_timesteps
 from qdiff.errors import QdiffError
@@ -176,10 +181,14 @@ def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[R
 
 
 def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
-            accelerator: Optional[Accelerator] = None) -> nn.Module:
+            accelerator: Optional[Accelerator] = None,
+            on_setup_done: Callable[[], None] | None = None) -> nn.Module:
     """Train the student for `cfg.distill.steps` steps; returns it (unwrapped).
 
     `pipe` is the teacher pipeline or its family adapter (`qdiff.families`).
+    `on_setup_done` is called (by the main process) once the student is built and any
+    checkpoint loaded, before the run writes to `run_dir`: `--overwrite` deletes the
+    previous run only then. A run that diverges raises `DivergenceError`.
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -200,8 +209,16 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     if decay is not None:
         decay.step(step)  # Phi as the first step starts (where a resume has already put it)
     if main:  # only now: a refused resume leaves the run's saved config as it was
+        if on_setup_done is not None:
+            on_setup_done()
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        dropped = truncate_log(run_dir / "log.jsonl", step)
+        if dropped:
+            logger.info("log.jsonl: dropped %d lines after step %d, which this run trains again",
+                        dropped, step)
+    watch = DivergenceWatch(cfg.distill.divergence_factor, per_trajectory,
+                            **(saved_references(run_dir, step) if step else {}))
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log = RunLog(run_dir / "log.jsonl", main)
@@ -209,47 +226,56 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
                     disable=not main)
     recent: list[float] = []
     collapsed: set[str] = set()
-    while step < total:
-        index = step // per_trajectory
-        labels, generators = trajectory_batch(cfg.seed, index, cfg.distill.batch_size,
-                                              family.num_conditions,
-                                              accelerator.process_index, accelerator.num_processes)
-        walk = TrajectoryWalk(family, labels, per_trajectory, cfg.distill.eta,
-                              cfg.distill.guidance_scale, generators)
-        while not walk.done:
-            point = walk.point()
-            if index * per_trajectory + point.index < step:
-                walk.advance(point.teacher_output)  # a resumed run replays up to where it stopped
-                continue
-            set_learning_rates(optimizer, lr_factor(step, cfg.distill.warmup_steps, total))
-            try:
-                loss, student_output = _train_step(family, model, point, cfg, accelerator,
-                                                   optimizer, trainable)
-            except NonFiniteLossError as error:
-                last = latest_checkpoint(run_dir)
-                raise NonFiniteLossError(
-                    f"Stopped at step {step}: {error}. The last good checkpoint is {last}; "
-                    f"resume with a lower distill.lr (or act_lr), or check the teacher.") from None
-            walk.advance(student_output if cfg.distill.walker == "student" else point.teacher_output)
-            if ema is not None:
-                ema.update(step)
-            rank = decay.current_rank if decay is not None else 0  # the rank this step trained
-            step += 1
-            if decay is not None:
-                # Phi as the next step starts, before a checkpoint of `step` saves it: where
-                # Phi's last phase ends, resuming there builds no Phi and finds none saved
-                decay.step(step)
-            recent = (recent + [loss])[-50:]
-            lr = cfg.distill.lr * lr_factor(step - 1, cfg.distill.warmup_steps, total)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", rank=rank)
-            if step % cfg.distill.log_every == 0 or step == total:
-                log.write({"step": step, "loss": loss, "lr": lr, "aux_rank": rank})
-                _warn_collapsed_tables(model, collapsed, step, main)
-            _periodic(step, cfg, run_dir, family, accelerator, model, optimizer, recent, ema)
-            if step >= total:
-                break
-    progress.close()
+    try:  # the bar's line ends before an error or Ctrl-C is printed
+        while step < total:
+            index = step // per_trajectory
+            labels, generators = trajectory_batch(cfg.seed, index, cfg.distill.batch_size,
+                                                  family.num_conditions,
+                                                  accelerator.process_index, accelerator.num_processes)
+            walk = TrajectoryWalk(family, labels, per_trajectory, cfg.distill.eta,
+                                  cfg.distill.guidance_scale, generators)
+            while not walk.done:
+                point = walk.point()
+                if index * per_trajectory + point.index < step:
+                    walk.advance(point.teacher_output)  # a resumed run replays up to where it stopped
+                    continue
+                set_learning_rates(optimizer, lr_factor(step, cfg.distill.warmup_steps, total))
+                try:
+                    loss, student_output = _train_step(family, model, point, cfg, accelerator,
+                                                       optimizer, trainable)
+                except NonFiniteLossError as error:
+                    last = latest_checkpoint(run_dir)
+                    raise NonFiniteLossError(
+                        f"Stopped at step {step}: {error}. The last good checkpoint is {last}; "
+                        f"resume with a lower distill.lr (or act_lr), or check the teacher.") from None
+                diverged = watch.check(step, loss)
+                if diverged:
+                    _stop_diverged(step, diverged, run_dir, first_checked=per_trajectory)
+                walk.advance(student_output if cfg.distill.walker == "student" else point.teacher_output)
+                if ema is not None:
+                    ema.update(step)
+                rank = decay.current_rank if decay is not None else 0  # the rank this step trained
+                step += 1
+                if decay is not None:
+                    # Phi as the next step starts, before a checkpoint of `step` saves it: where
+                    # Phi's last phase ends, resuming there builds no Phi and finds none saved
+                    decay.step(step)
+                recent = (recent + [loss])[-50:]
+                lr = cfg.distill.lr * lr_factor(step - 1, cfg.distill.warmup_steps, total)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", rank=rank)
+                if step % cfg.distill.log_every == 0 or step == total:
+                    log.write({"step": step, "loss": loss, "lr": lr, "aux_rank": rank})
+                    _warn_collapsed_tables(model, collapsed, step, main)
+                if step == total or not (step % cfg.distill.log_every
+                                         and step % cfg.distill.checkpoint_every):
+                    _stop_if_collapsed(model, step, run_dir)  # before a checkpoint can save it
+                _periodic(step, cfg, run_dir, family, accelerator, model, optimizer, recent, ema,
+                          watch.meta())
+                if step >= total:
+                    break
+    finally:
+        progress.close()
     if decay is not None:
         decay.finish()
     if ema is not None:
@@ -268,8 +294,34 @@ def _warn_collapsed_tables(model: nn.Module, warned: set[str], step: int, main: 
                        step, len(new), ", ".join(new[:3]) + (", ..." if len(new) > 3 else ""))
 
 
+def _stop_diverged(step: int, problem: str, run_dir: Path, first_checked: int = 0) -> None:
+    """Raise DivergenceError; the last good checkpoint is the newest one whose student a
+    check has passed: written after `first_checked` steps and before `step`'s."""
+    checkpoints = list_checkpoints(run_dir)
+    good = [path for path in checkpoints if first_checked <= checkpoint_step(path) < step]
+    if PartialState().is_main_process:  # a resume must not take an unchecked, newer one
+        for path in checkpoints:
+            if checkpoint_step(path) >= step:
+                set_checkpoint_aside(path, DIVERGED_SUFFIX)
+                logger.warning("%s holds the diverged student; kept as %s", path,
+                               path.name + DIVERGED_SUFFIX)
+    raise DivergenceError(
+        f"Stopped at step {step}, nothing exported: the run diverged: {problem}. The last good "
+        f"checkpoint is {good[-1] if good else 'none'}; start again with a lower distill.lr "
+        f"(or act_lr) (--overwrite), or set distill.divergence_factor=0 to train on.")
+
+
+def _stop_if_collapsed(model: nn.Module, step: int, run_dir: Path) -> None:
+    """Stop when a quantizer parameter or table is no longer finite (a scan of every
+    quantizer: at log and checkpoint steps only)."""
+    broken = nonfinite_quantizer_tables(model)
+    if broken:
+        _stop_diverged(step, describe_collapse(broken), run_dir)
+
+
 def _periodic(step: int, cfg: RunConfig, run_dir: Path, family, accelerator: Accelerator,
-              model: nn.Module, optimizer, recent: list[float], ema: Optional[ParameterEMA]) -> None:
+              model: nn.Module, optimizer, recent: list[float], ema: Optional[ParameterEMA],
+              references: dict | None = None) -> None:
     """Checkpoints and sample grids every N steps (and at the end), by the main process.
 
     The grids show the student the run would export now: the average, with an EMA."""
@@ -278,7 +330,7 @@ def _periodic(step: int, cfg: RunConfig, run_dir: Path, family, accelerator: Acc
     done = step == cfg.distill.steps
     if step % cfg.distill.checkpoint_every == 0 or done:
         save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer,
-                        {"loss_mean_last_50": sum(recent) / len(recent)}, ema)
+                        {"loss_mean_last_50": sum(recent) / len(recent), **(references or {})}, ema)
     if step % cfg.distill.sample_every == 0 or done:
         with ema.averaged() if ema is not None else contextlib.nullcontext():
             save_comparison_grid(family, accelerator.unwrap_model(model),
