@@ -136,3 +136,15 @@ def test_mkdocs_build_strict(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     config_page = (tmp_path / "site" / "reference" / "config" / "index.html").read_text()
     assert "distill.ema_ramp" in config_page and "config-reference" not in config_page
+
+
+def test_every_test_the_reliability_page_cites_exists():
+    """The reliability table names the test that pins each row: a renamed or deleted test
+    would leave a row that nothing pins."""
+    page = (REPO_ROOT / "docs" / "reliability.md").read_text()
+    cited = set(re.findall(r"\b(test_\w+)\b(?!\.py)", page))
+    defined = set()
+    for path in (REPO_ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    assert len(cited) >= 20
+    assert sorted(cited - defined) == []
