@@ -49,7 +49,7 @@ import qdiff
 from qdiff.calibrate import calibrate
 from qdiff.config import LayerOverride, LoRAConfig, QuantConfig, load_config
 from qdiff.export import export_pipeline
-from qdiff.export.kernel_choice import choices, integer_kernel
+from qdiff.kernels import choices, integer_kernel
 from qdiff.quant import calibrating, quantize_, set_timesteps
 
 from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)

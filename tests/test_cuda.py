@@ -17,7 +17,8 @@ import torch
 import qdiff
 from qdiff.distill import loop
 from qdiff.export import IntLayer, export_pipeline
-from qdiff.export.int8_gemm import float_sum, int8_sum
+from qdiff.kernels.float_sum import float_sum
+from qdiff.kernels.int8_gemm import int8_sum
 from test_distill import _config, _held_out_loss
 from test_export_families import CALLS, FAMILIES, _denoiser, _export
 from test_export_fast import LAYER_CASES, _run, exact_sum_case, layer_case

@@ -1,7 +1,8 @@
 """Fast integer kernels: the same numbers as the export's reference path, and the switch.
 
-Units (int8 operands, exact int8 sums, im2col), layers against their reference forward,
-the kernel choice ("auto" by measurement, forced kernels, errors), the one-copy weight
+Units (int8 operands, exact int8 sums, im2col), layers on every registered kernel against
+their reference forward, the kernel choice ("auto" by measurement, forced kernels,
+errors), the registry (a new kernel is one class and a registration), the one-copy weight
 storage, and whole exported denoisers of every family against their reference path.
 """
 
@@ -14,12 +15,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from qdiff.errors import QdiffError
 from qdiff.export import IntLayer
-from qdiff.export import kernel_choice, onednn_gemm
 from qdiff.export.freeze import freeze_layer
-from qdiff.export.im2col import im2col
-from qdiff.export.int8_gemm import float_sum, int8_sum
-from qdiff.export.int8_weight import Int8Weight
+from qdiff.kernels import (Int8Weight, Kernel, available_kernels, choice, default_kernel, get_kernel,
+                           kernel_names, onednn_gemm, register_kernel, registry, unregister_kernel)
+from qdiff.kernels.float_sum import float_sum
+from qdiff.kernels.im2col import im2col
+from qdiff.kernels.int8_gemm import int8_sum
 from qdiff.quant import TimestepContext
 from qdiff.quant.primitives import int_range
 from test_export_families import CALLS, FAMILIES, _denoiser, _export
@@ -28,6 +31,7 @@ from test_export_units import MODULES, _shape, _student_layer
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_onednn = pytest.mark.skipif(not onednn_gemm.available(torch.device("cpu")),
                                   reason="this PyTorch build has no oneDNN quantized linear")
+BUILT_IN = ("int8", "onednn", "float")
 
 
 @pytest.mark.parametrize("bits, symmetric, centred", [(4, False, True), (3, True, True), (8, True, True),
@@ -86,7 +90,7 @@ def test_onednn_sums_are_exact(act_bits, weight_bits, rows, inner, cols):
     u, a_zero = (a - offset).to(torch.int8), (za - offset).to(torch.int32)
     assert onednn_gemm.exact_for(weight, a_zero)
     expected = int8_sum(u, a_zero, weight)
-    got = onednn_gemm.onednn_sum(onednn_gemm.shifted(u), a_zero, weight)
+    got = get_kernel("onednn").linear(onednn_gemm.shifted(u), a_zero, weight, 2 ** act_bits - 1)
     assert got.dtype == torch.float32 and torch.equal(got.long(), expected.long())
     assert weight.plain is None and torch.equal(weight.matrix, (w - 2 ** (weight_bits - 1)).to(torch.int8))
 
@@ -103,14 +107,14 @@ def test_onednn_is_refused_where_its_sum_could_differ():
 
 
 def test_integer_kernel_is_measured_once_and_needs_onednn(monkeypatch):
-    monkeypatch.setattr(kernel_choice, "_INTEGER_KERNEL", {})
+    monkeypatch.setattr(registry, "_INTEGER_KERNEL", {})
     cpu = torch.device("cpu")
-    first = kernel_choice.integer_kernel(cpu)
-    assert first in ("int8", "onednn") and kernel_choice._INTEGER_KERNEL == {"cpu": first}
+    first = registry.integer_kernel(cpu)
+    assert first in ("int8", "onednn") and registry._INTEGER_KERNEL == {"cpu": first}
     monkeypatch.setattr(onednn_gemm, "_BUILT", False)
-    assert kernel_choice.integer_kernel(cpu) == first  # remembered, not measured again
-    kernel_choice._INTEGER_KERNEL.clear()
-    assert kernel_choice.integer_kernel(cpu) == "int8"
+    assert registry.integer_kernel(cpu) == first  # remembered, not measured again
+    registry._INTEGER_KERNEL.clear()
+    assert registry.integer_kernel(cpu) == "int8"
 
 
 @pytest.mark.parametrize("kernel, stride, padding, dilation", [
@@ -153,17 +157,21 @@ def layer_case(kind, bits, mode, symmetric, dtype):
     return layer.to(dtype), x, torch.tensor([900, 120, 480])
 
 
+def test_the_built_in_kernels_are_registered_in_order():
+    assert kernel_names() == ("auto", *BUILT_IN, "reference")
+    assert {"int8", "float"} <= set(available_kernels(torch.device("cpu"))) <= set(BUILT_IN)
+
+
+@pytest.mark.parametrize("kernel", [*available_kernels(torch.device("cpu")), "auto"])
 @pytest.mark.parametrize("kind", MODULES)
 @pytest.mark.parametrize("bits, mode, symmetric", LAYER_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_kernels_give_the_reference_output(kind, bits, mode, symmetric, dtype):
+def test_every_kernel_gives_the_reference_output(kernel, kind, bits, mode, symmetric, dtype):
     layer, x, timesteps = layer_case(kind, bits, mode, symmetric, dtype)
     expected = _run(layer, x, "reference", timesteps)
-    for kernel in ("int8", "onednn", "float", "auto"):
-        got = _run(layer, x, kernel, timesteps)
-        assert got.dtype == dtype and got.stride() == expected.stride()  # the next op rounds alike
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()),
-                                   msg=f"kernel {kernel}")
+    got = _run(layer, x, kernel, timesteps)
+    assert got.dtype == dtype and got.stride() == expected.stride()  # the next op rounds alike
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_fast_kernels_hold_one_copy_of_the_codes_and_save_them_packed():
@@ -186,16 +194,16 @@ def test_onednn_holds_only_its_packed_copy_and_gives_the_codes_back():
     x = torch.randn(2, *shape)
     expected = _run(layer, x, "reference", torch.tensor([900]))
     assert torch.equal(_run(layer, x, "onednn", torch.tensor([900])), expected)
-    assert layer.int8.plain is None and layer.int8.onednn is not None
+    assert layer.int8.plain is None and layer.int8.packed_by is get_kernel("onednn")
     assert torch.equal(layer.state_dict()["weight_packed"], packed)
     copied = copy.deepcopy(layer)  # oneDNN's copy has no storage: the copy holds the plain matrix
-    assert copied.int8.onednn is None and torch.equal(_run(copied, x, "onednn", torch.tensor([900])), expected)
+    assert copied.int8.packed is None and torch.equal(_run(copied, x, "onednn", torch.tensor([900])), expected)
     layer.double()  # device and dtype moves act on the plain matrix
-    assert layer.int8.onednn is None and layer.int8.plain is not None
+    assert layer.int8.packed is None and layer.int8.plain is not None
     layer.float()
     assert torch.equal(_run(layer, x, "onednn", torch.tensor([900])), expected)
     layer.set_kernel("int8")
-    assert layer.int8.onednn is None and torch.equal(_run(layer, x, "int8", torch.tensor([900])), expected)
+    assert layer.int8.packed is None and torch.equal(_run(layer, x, "int8", torch.tensor([900])), expected)
 
 
 @needs_onednn
@@ -225,7 +233,7 @@ def test_int8_kernel_runs_int_mm_and_float_kernel_does_not(monkeypatch):
 
 
 def test_auto_times_the_candidates_once_and_keeps_the_faster(monkeypatch):
-    monkeypatch.setattr(kernel_choice, "_CHOICES", {})
+    monkeypatch.setattr(choice, "_CHOICES", {})
     clock = itertools.count()
     cost = {"int8": 5, "float": 2}
     ran = []
@@ -240,22 +248,65 @@ def test_auto_times_the_candidates_once_and_keeps_the_faster(monkeypatch):
 
     timer = lambda: float(next(clock))  # noqa: E731  (a fake clock: each run advances it by its cost)
     candidates = {name: candidate(name) for name in cost}
-    assert kernel_choice.pick("key", candidates, torch.device("cpu"), timer) == "float"
-    assert kernel_choice.choices() == {"key": "float"}
+    assert choice.pick("key", candidates, torch.device("cpu"), timer) == "float"
+    assert choice.choices() == {"key": "float"}
     ran.clear()
-    assert kernel_choice.pick("key", candidates, torch.device("cpu"), timer) == "float"
+    assert choice.pick("key", candidates, torch.device("cpu"), timer) == "float"
     assert ran == ["float"]  # remembered: no more timing
 
 
 def test_unknown_kernels_are_refused_with_the_choices(monkeypatch):
     layer, _ = _frozen("linear", (4, 4), "temporal", False)
-    with pytest.raises(ValueError, match=r"Unknown qdiff kernel 'int4'; choose one of \('auto', 'int8'"):
+    with pytest.raises(QdiffError, match=r"Unknown qdiff kernel 'int4'; choose one of \('auto', 'int8'") as error:
         layer.set_kernel("int4")
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
     monkeypatch.setenv("QDIFF_KERNEL", "reference")
     assert _frozen("linear", (4, 4), "temporal", False)[0].kernel == "reference"
     monkeypatch.setenv("QDIFF_KERNEL", "fast")
-    with pytest.raises(ValueError, match="QDIFF_KERNEL='fast' is not a qdiff kernel"):
+    with pytest.raises(QdiffError, match="QDIFF_KERNEL='fast' is not a qdiff kernel"):
         _frozen("linear", (4, 4), "temporal", False)
+
+
+class ToyKernel(Kernel):
+    """A float64 matmul on the centred codes: a new kernel is this class and a registration."""
+
+    calls = 0
+
+    def linear(self, a, a_zero, weight, levels):
+        ToyKernel.calls += 1
+        values = a.double() if a_zero is None else a.double() - a_zero[:, None].double()
+        return values @ (weight.matrix.double() - weight.zero_shift[:, None].double()).t()
+
+
+def _outputs(model, family):
+    with torch.no_grad():
+        return [CALLS[FAMILIES[family].call](model, t, torch.Generator().manual_seed(4), torch.float32)
+                for t in (torch.tensor(900.0), torch.tensor([20.0, 600.0]))]
+
+
+def test_a_kernel_registered_from_outside_runs_an_exported_model_exactly(tmp_path, monkeypatch):
+    family = "class-ldm-w4a4"
+    model = _denoiser(_export(family, tmp_path / "export")[3])
+    expected = _outputs(model.set_qdiff_kernel("reference"), family)
+    ToyKernel.calls = 0
+    register_kernel("toy")(ToyKernel)
+    try:
+        assert kernel_names() == ("auto", *BUILT_IN, "toy", "reference")
+        assert "toy" in available_kernels(torch.device("cpu"))
+        monkeypatch.setenv("QDIFF_KERNEL", "toy")
+        assert default_kernel() == "toy"
+        with pytest.raises(ValueError, match="'toy' is taken"):
+            register_kernel("toy")(ToyKernel)
+        got = _outputs(model.set_qdiff_kernel("toy"), family)
+    finally:
+        unregister_kernel("toy")
+    assert ToyKernel.calls > 0 and all(m.kernel == "toy" for m in model.modules() if isinstance(m, IntLayer))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5 * float(e.abs().max()))
+    assert kernel_names() == ("auto", *BUILT_IN, "reference")
+    with pytest.raises(QdiffError, match=r"Unknown qdiff kernel 'toy'; choose one of \('auto', 'int8', 'onednn', "
+                                         r"'float', 'reference'\)"):
+        model.set_qdiff_kernel("toy")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -263,7 +314,7 @@ def test_exported_denoisers_of_every_family_match_their_reference_path(family, t
     _, _, _, loaded = _export(family, tmp_path / "export")
     model = _denoiser(loaded)
     outputs = {}
-    for kernel in ("reference", "int8", "onednn", "float", "auto"):
+    for kernel in ("reference", *BUILT_IN, "auto"):
         model.set_qdiff_kernel(kernel)
         with torch.no_grad():
             outputs[kernel] = [CALLS[FAMILIES[family].call](model, t, torch.Generator().manual_seed(4),
@@ -271,7 +322,7 @@ def test_exported_denoisers_of_every_family_match_their_reference_path(family, t
                                for t in (torch.tensor(900.0), torch.tensor([20.0, 600.0]))]
     assert all(isinstance(m, IntLayer) and m.kernel == "auto" for m in model.modules()
                if isinstance(m, IntLayer))
-    for kernel in ("int8", "onednn", "float", "auto"):
+    for kernel in (*BUILT_IN, "auto"):
         for got, expected in zip(outputs[kernel], outputs["reference"]):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 

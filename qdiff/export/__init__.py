@@ -5,11 +5,10 @@
     pipe = DiffusionPipeline.from_pretrained(path)  # families whose pipeline is diffusers' own
 
 Layout: `packing` (dense bit-packing), `format` (the `quantization_config` block),
-`act_codes` (timestep-indexed activation codes), `int_ops` (exact integer sums),
-`int_layers` (integer Linear / Conv), `split_layer` (a layer whose input has
-several activation tables, as a sum of integer layers), the fast kernels (`kernel_choice`: which one runs;
-`fast_path`: the layers' fast forward; `int8_weight`, `int8_acts`, `int8_gemm`, `im2col`:
-int8 operands and exact sums on `torch._int_mm`), `freeze` (student layer -> integer layer),
+`act_codes` (timestep-indexed activation codes), `int_ops` (the reference path's exact
+integer sums), `int_layers` (integer Linear / Conv), `split_layer` (a layer whose input has
+several activation tables, as a sum of integer layers), `fast_path` (the layers' fast
+forward, on a kernel of `qdiff.kernels`), `freeze` (student layer -> integer layer),
 `serialization` (safetensors + integrity checks), `models` (the denoiser classes
 diffusers loads), `pipeline` (`export_pipeline`, atomic folder write), `verify`
 (exactness checks against the student; `check_export` runs on every export of a run).
@@ -17,7 +16,6 @@ diffusers loads), `pipeline` (`export_pipeline`, atomic folder write), `verify`
 
 from .format import FORMAT_VERSION, QUANT_METHOD, ExportFormatError, LayerSpec
 from .int_layers import IntConv2d, IntConv3d, IntLayer, IntLinear
-from .kernel_choice import KERNELS
 from .models import (QUANTIZED_CLASSES, QuantizedCogVideoXTransformer3DModel, QuantizedDiTTransformer2DModel,
                      QuantizedModelMixin, QuantizedUNet2DConditionModel, QuantizedUNet2DModel,
                      QuantizedWanTransformer3DModel, quantized_class_for)
@@ -26,7 +24,7 @@ from .split_layer import SplitIntLayer
 from .verify import EXPORT_TOLERANCE, ExportMismatchError, check_export, layer_mismatch, on_grid_reference
 
 __all__ = [
-    "EXPORT_TOLERANCE", "FORMAT_VERSION", "KERNELS", "QUANTIZED_CLASSES", "QUANT_METHOD",
+    "EXPORT_TOLERANCE", "FORMAT_VERSION", "QUANTIZED_CLASSES", "QUANT_METHOD",
     "ExportFormatError", "ExportMismatchError", "IntConv2d", "IntConv3d", "IntLayer", "IntLinear",
     "LayerSpec", "QuantizedCogVideoXTransformer3DModel", "QuantizedDiTTransformer2DModel",
     "QuantizedModelMixin", "QuantizedUNet2DConditionModel", "QuantizedUNet2DModel",

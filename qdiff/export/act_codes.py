@@ -178,3 +178,13 @@ class TokenActCodes(nn.Module):
 
 
 ActCodesModule = Union[TimestepActCodes, TokenActCodes]
+
+
+def centres_codes(act: ActCodesModule) -> bool:
+    """Whether `code - zp` fits int8 for every grid the module can produce (the fast
+    kernels' activation operand then needs no zero-point term; see `qdiff.kernels.int8_acts`)."""
+    if act.qmax - act.qmin > 127:
+        return False
+    if isinstance(act, TimestepActCodes):  # a table entry off the grid would not fit
+        return bool(((act.zero_point >= act.qmin) & (act.zero_point <= act.qmax)).all())
+    return True  # per-token zero points are derived inside [qmin, qmax]

@@ -3,13 +3,13 @@
     y = s_a(t) * s_w[o] * sum_k (a_k - za)(w_ok - zw_o) + bias[o]
 
 The integer sum is exact (see `int_ops`); one float multiply rescales it. Two ways to
-compute it, chosen by the layer's `kernel` (see `kernel_choice`):
+compute it, chosen by the layer's `kernel` setting (see `qdiff.kernels.registry`):
 
 - "reference": the weights stay packed and are unpacked inside `forward` only, so no
   float (or unpacked) copy of them lives between calls; slow, and the yardstick;
-- the fast kernels ("auto", "int8", "onednn", "float"; `fast_path`): on the first call the packed
-  codes become an int8 matrix (`Int8Weight`) and the packed bytes are dropped, so the
-  layer holds one copy of its codes either way; `state_dict()` packs them again.
+- "auto" or a registered kernel (`fast_path`, `qdiff.kernels`): on the first call the
+  packed codes become an int8 matrix (`Int8Weight`) and the packed bytes are dropped, so
+  the layer holds one copy of its codes either way; `state_dict()` packs them again.
 
 A Linear whose per-token activations are quantized in channel groups has a step size
 per token and group, which no single integer sum can factor out: it runs
@@ -28,17 +28,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qdiff.kernels import REFERENCE, Int8Weight, check_kernel, default_kernel, int8_offset, prepare
+from qdiff.kernels.float_sum import centred_weight
 from qdiff.quant.primitives import int_range
 from qdiff.quant.rotation import HadamardRotation
 
-from .act_codes import ActCodes, ActCodesModule
+from .act_codes import ActCodes, ActCodesModule, centres_codes
 from .fast_path import conv_forward, linear_forward
 from .format import LayerSpec
-from .int8_acts import centres_codes
-from .int8_gemm import centred_weight
-from .int8_weight import Int8Weight
-from .int_ops import exact_conv, int8_offset, int_linear
-from .kernel_choice import check_kernel, default_kernel
+from .int_ops import exact_conv, int_linear
 from .packing import pack_dense, packed_numel, unpack_dense
 
 
@@ -75,13 +73,11 @@ class IntLayer(nn.Module):
     def set_kernel(self, kernel: str) -> None:
         """Switch kernels; the codes move between packed bytes and int8 operands, exactly."""
         self.kernel = check_kernel(kernel)
-        if kernel == "reference" and self.int8 is not None:
+        if kernel != REFERENCE:
+            prepare(kernel, self.int8_weight())
+        elif self.int8 is not None:
             self.weight_packed = self._packed_codes()
             self.int8 = None
-        elif kernel != "reference":
-            weight = self.int8_weight()
-            if kernel in ("int8", "float"):  # these read the plain matrix; "onednn" packs on first use
-                weight.hold_plain()
 
     @torch.no_grad()
     def int8_weight(self) -> Int8Weight:
@@ -94,7 +90,7 @@ class IntLayer(nn.Module):
         return self.int8
 
     def centred_acts(self) -> bool:
-        """Whether the activation codes minus their zero point fit int8 (see `int8_acts`)."""
+        """Whether the activation codes minus their zero point fit int8 (see `centres_codes`)."""
         if self._centred_acts is None:
             self._centred_acts = centres_codes(self.act)
         return self._centred_acts
@@ -116,7 +112,7 @@ class IntLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reference_forward(x) if self.kernel == "reference" else self.fast_forward(x)
+        return self.reference_forward(x) if self.kernel == REFERENCE else self.fast_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -184,7 +180,7 @@ class IntLinear(IntLayer):
         act: ActCodes = self.act(x)
         dtype = torch.promote_types(x.dtype, torch.float32)
         values = (act.codes - act.zero_point).mul_(act.scale).to(dtype)
-        if self.kernel == "reference":
+        if self.kernel == REFERENCE:
             weight = self.weight_codes().to(dtype) - self.weight_zero_point[:, None].to(dtype)
         else:
             weight = centred_weight(self.int8_weight(), dtype)

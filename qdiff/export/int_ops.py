@@ -1,4 +1,7 @@
-"""Integer kernels: sum_k (a_k - za)(w_k - zw) computed exactly.
+"""The reference path's integer arithmetic: sum_k (a_k - za)(w_k - zw) computed exactly.
+
+It is the yardstick the kernels of `qdiff.kernels` are checked against, so it shares no
+code with them (the layers pass the int8 shifts, `qdiff.kernels.int8_offset`).
 
 Linear layers use PyTorch's int8 x int8 -> int32 matmul (`torch._int_mm`, CPU and CUDA).
 b-bit codes are shifted by `offset = qmin + 2**(b-1)` into int8, and the zero points
@@ -22,15 +25,11 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+
 # CUDA's int8 kernel needs more than 16 rows and inner / output sizes in multiples of 8;
 # zero padding (sliced off afterwards) meets that without changing the sums.
 _MIN_ROWS, _ALIGN = 17, 8
 _FLOAT32_EXACT = 2**24  # float32 holds every integer up to this exactly
-
-
-def int8_offset(bits: int, qmin: int) -> int:
-    """Shift that maps b-bit codes [qmin, qmin + 2**b - 1] into int8's [-128, 127]."""
-    return qmin + 2 ** (bits - 1)
 
 
 def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

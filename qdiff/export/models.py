@@ -26,12 +26,12 @@ from diffusers import (CogVideoXTransformer3DModel, DiTTransformer2DModel, UNet2
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from qdiff.kernels import check_kernel
 from qdiff.quant import TimestepContext, iter_quant_layers, timestep_context
 
 from .format import ExportFormatError, LayerSpec, check_quantization_config, quantization_config
 from .freeze import check_no_aux, empty_int_layer, freeze_layer
 from .int_layers import INT_LAYERS, IntLayer
-from .kernel_choice import check_kernel
 from .serialization import check_state, load_weights, save_weights
 
 # Loading arguments diffusers passes that change nothing for a whole-model CPU/GPU load.
@@ -136,10 +136,11 @@ class QuantizedModelMixin:
         return model.to(torch_dtype) if torch_dtype is not None else model
 
     def set_qdiff_kernel(self, kernel: str) -> "QuantizedModelMixin":
-        """Run the integer layers on `kernel`: "auto" (default), "int8", "onednn", "float" or "reference".
+        """Run the integer layers on `kernel`: "auto" (default), "reference", or a registered
+        kernel ("int8", "onednn", "float" built in; `qdiff.kernels.kernel_names()` lists all).
 
         Like diffusers' `set_attention_backend`: `pipe.unet.set_qdiff_kernel("int8")`. All
-        kernels give the same numbers; see `qdiff.export.kernel_choice`. Returns the model.
+        kernels give the same numbers; see `qdiff.kernels.registry`. Returns the model.
         """
         check_kernel(kernel)
         for module in self.modules():

@@ -11,7 +11,7 @@ The tensors are read into memory the model owns, not left as views of safetensor
 memory map: the mapping stays alive as long as any one of its tensors does (a bias is
 enough), and every page the layers ever touched stays resident with it, so the packed
 codes would go on costing their bytes after the fast kernels have unpacked and dropped
-them (see `int8_weight`).
+them (see `qdiff.kernels.int8_weight`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Exact sums on oneDNN's quantized linear: uint8 activations x prepacked int8 weights -> float32.
+"""The "onednn" kernel: exact sums on oneDNN's quantized linear, uint8 activations x
+prepacked int8 weights -> float32.
 
 `torch._int_mm` (int8 x int8) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI);
-elsewhere oneDNN runs it on a slow generic path (25-40x slower than float32 on an AVX2
-EPYC). PyTorch's x86 quantization kernel, `torch.ops.onednn.qlinear_pointwise`, takes
-uint8 activations with a zero point and int8 weights it has prepacked, and has fast AVX2
-code (about 2x float32 there). With unit scales its float32 output is the integer sum:
+elsewhere oneDNN runs it on a slow generic path. PyTorch's x86 quantization kernel,
+`torch.ops.onednn.qlinear_pointwise`, takes uint8 activations with a zero point and int8
+weights it has prepacked, and has fast AVX2 code. With unit scales its float32 output is
+the integer sum:
 
     sum_k (u - zu)(w - zw') with u = a + 128, zu = za' + 128
 
@@ -19,6 +20,11 @@ so it computes exactly what `int8_gemm.int8_sum` does, as long as
 The output is float32: exact for sums below 2**24, and rounded like the int32 sums of
 `int8_sum` are when the layer converts them (round to nearest even), above.
 
+The layer holds oneDNN's prepacked copy instead of the plain matrix (`Int8Weight.packed_for`),
+made on the first call that runs this kernel (not when a layer is set to it: a layer
+whose sums it cannot give never holds it). Activations are shifted to uint8 before
+`im2col`, so a convolution's shift is a pass over its codes, not over its patches.
+
 Under `torch.compile`, inductor lowers the kernel only when the prepacked weight is a
 graph constant, i.e. with its freezing on; without it the compile fails deep inside
 inductor, so `onednn_sum` refuses such a trace first, with the fix.
@@ -26,13 +32,14 @@ inductor, so `onednn_sum` refuses such a trace first, with the fix.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch._inductor.config
 
-if TYPE_CHECKING:
-    from .int8_weight import Int8Weight
+from .base import ConvLayer, Kernel
+from .int8_weight import Int8Weight
+from .registry import register_kernel
 
 _INT16_MAX = 2**15 - 1
 _U8_MAX = 255
@@ -47,7 +54,7 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and _BUILT
 
 
-def exact_for(weight: "Int8Weight", a_zero: Optional[torch.Tensor]) -> bool:
+def exact_for(weight: Int8Weight, a_zero: Optional[torch.Tensor]) -> bool:
     """Whether the oneDNN sum equals `int8_sum` for this weight and these activation zero
     points (any shape: per row or per sample)."""
     if not weight.centred or 2 * _U8_MAX * weight.max_abs > _INT16_MAX:
@@ -79,12 +86,51 @@ def _refuse_unfrozen_compile() -> None:
         "do), or compile another kernel: `pipe.unet.set_qdiff_kernel(\"int8\")`.")
 
 
-def onednn_sum(u: torch.Tensor, a_zero: Optional[torch.Tensor], weight: "Int8Weight") -> torch.Tensor:
-    """sum_k (a - za')(w' - zw') as (M, N) float32, for `u = shifted(a)` (M, K) uint8 and
-    `a_zero` (M,) the rows' residual zero point (equal: see `exact_for`) or None."""
+def onednn_sum(u: torch.Tensor, a_zero: Optional[torch.Tensor],
+               packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """sum_k (a - za')(w' - zw') as (M, N) float32, for `u = shifted(a)` (M, K) uint8,
+    `a_zero` (M,) the rows' residual zero point (equal: see `exact_for`) or None, and the
+    weight as `OneDNNKernel.pack` holds it."""
     if torch.compiler.is_compiling() and not torch._inductor.config.freezing:
         _refuse_unfrozen_compile()
     zero = SHIFT if a_zero is None else SHIFT + int(a_zero[0])
-    ones, zeros = weight.unit_scales()
-    return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero, weight.onednn_packed(), ones, zeros, None,
+    matrix, ones, zeros = packed
+    return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero, matrix, ones, zeros, None,
                                               1.0, 0, torch.float32, "none", [], "")
+
+
+@register_kernel("onednn")
+class OneDNNKernel(Kernel):
+    """oneDNN's quantized linear (CPU), for weights of 7 bits or fewer and one activation
+    zero point per call; fast on AVX2 CPUs without VNNI."""
+
+    auto_candidate = True
+
+    def available(self, device: torch.device) -> bool:
+        return available(device)
+
+    def prepare(self, weight: Int8Weight) -> None:
+        """Nothing yet: the weight is prepacked on the first call this kernel runs."""
+
+    def supports(self, weight: Int8Weight, levels: int, zero: Optional[torch.Tensor],
+                 conv: Optional[ConvLayer] = None) -> bool:
+        return super().supports(weight, levels, zero, conv) and exact_for(weight, zero)
+
+    def encode(self, codes: torch.Tensor,
+               zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        fill = torch.full((codes.shape[0],), SHIFT) if zero is None else zero + SHIFT
+        return shifted(codes), fill
+
+    def linear(self, a: torch.Tensor, a_zero: Optional[torch.Tensor], weight: Int8Weight,
+               levels: int) -> torch.Tensor:
+        return onednn_sum(a, a_zero, weight.packed_for(self))
+
+    def pack(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prepacked matrix, with the per-channel scale 1.0 and zero point 0 that make
+        oneDNN return the bare integer sums."""
+        channels = matrix.shape[0]
+        return prepack(matrix), torch.ones(channels), torch.zeros(channels, dtype=torch.long)
+
+    def unpack(self, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return unpack(packed[0])
+

@@ -5,28 +5,33 @@ call; decoding costs more than the matmul itself, so the fast kernels decode onc
 an (N, K) int8 matrix (N output channels; K in the order of the kernel's input rows:
 for a convolution kernel offsets outer, input channels inner, as `im2col` lays out its
 patches). int8 is 0.25x the float32 weight; the layer then drops its packed bytes and
-packs them again only when a state dict is asked for (see `IntLayer`), so one copy is
-held at a time. Where the layer runs oneDNN's quantized linear (`onednn_gemm`), that copy
-is oneDNN's prepacked one instead, and the plain matrix is decoded from it on demand.
+packs them again only when a state dict is asked for (see `qdiff.export.int_layers.IntLayer`), so one copy is
+held at a time. A kernel that reads its own layout (oneDNN's prepacked weights) holds
+that copy instead (`packed_for`), and the plain matrix is decoded from it on demand.
 
 Centring: a b-bit code minus its channel's zero point lies in [-(2**b - 1), 2**b - 1],
 which int8 holds for b <= 7 (and for 8-bit channels whose zero point is central); the
 matrix then holds `w - zw` and the sum needs no weight zero-point term. Otherwise it
-holds `w - offset` (the int8 shift of `int_ops.int8_offset`) and `zero_shift = zw - offset`
+holds `w - offset` (the int8 shift of `int8_offset`) and `zero_shift = zw - offset`
 enters the correction of `int8_gemm`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
-from . import onednn_gemm
-from .int_ops import int8_offset
+if TYPE_CHECKING:
+    from .base import Kernel
 
 _INT8_MIN, _INT8_MAX = -128, 127
+
+
+def int8_offset(bits: int, qmin: int) -> int:
+    """Shift that maps b-bit codes [qmin, qmin + 2**b - 1] into int8's [-128, 127]."""
+    return qmin + 2 ** (bits - 1)
 
 
 def to_rows(codes: torch.Tensor) -> torch.Tensor:
@@ -51,8 +56,8 @@ class Int8Weight(nn.Module):
     `col_term = sum_k matrix[n, k] - K * zero_shift[n]` is the weight's factor in the
     activation zero-point correction; `max_abs` bounds |w - zw| (for exact float sums).
     Buffers are not persistent: the state dict holds the packed codes, not these.
-    The matrix is held plain (`plain`) or, once `onednn_packed` was asked for, as
-    oneDNN's prepacked copy only; `matrix` then decodes it for the call.
+    The matrix is held plain (`plain`) or, once a kernel asked for its own layout
+    (`packed_for`), as that kernel's copy only (`packed`); `matrix` then decodes it.
     """
 
     def __init__(self, matrix: torch.Tensor, zero_shift: torch.Tensor) -> None:
@@ -65,41 +70,36 @@ class Int8Weight(nn.Module):
         self.shape = tuple(matrix.shape)
         self.centred = not bool(zero_shift.any())
         self.max_abs = int((matrix.int() - self.zero_shift[:, None]).abs().max())
-        self.onednn: Optional[torch.Tensor] = None
-        self._unit_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.packed: Any = None  # a kernel's own copy of the matrix, held instead of `plain`
+        self.packed_by: Optional["Kernel"] = None
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The (N, K) int8 matrix (a decoded temporary while oneDNN's copy is what is held)."""
-        return self.plain if self.plain is not None else onednn_gemm.unpack(self.onednn)
+        """The (N, K) int8 matrix (a decoded temporary while a kernel's copy is what is held)."""
+        return self.plain if self.plain is not None else self.packed_by.unpack(self.packed)
 
-    def onednn_packed(self) -> torch.Tensor:
-        """oneDNN's prepacked copy, made on first use; the plain matrix is then dropped."""
-        if self.onednn is None:
-            self.onednn = onednn_gemm.prepack(self.plain)
+    def packed_for(self, kernel: "Kernel") -> Any:
+        """`kernel`'s own copy (`kernel.pack`), made on first use; the plain matrix is then dropped."""
+        if self.packed_by is not kernel:
+            self.hold_plain()
+            self.packed, self.packed_by = kernel.pack(self.plain), kernel
             self.plain = None
-        return self.onednn
-
-    def unit_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel scale 1.0 and zero point 0: oneDNN then returns the bare integer sums."""
-        if self._unit_scales is None:
-            self._unit_scales = (torch.ones(self.shape[0]), torch.zeros(self.shape[0], dtype=torch.long))
-        return self._unit_scales
+        return self.packed
 
     def hold_plain(self) -> None:
-        """Hold the plain matrix again (for `_int_mm`, the float sum, or a device move)."""
-        if self.onednn is not None:
-            self.plain, self.onednn = self.matrix.contiguous(), None
+        """Hold the plain matrix again (for kernels that read it, or a device move)."""
+        if self.packed_by is not None:
+            self.plain, self.packed, self.packed_by = self.matrix.contiguous(), None, None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        if self.onednn is not None:  # oneDNN's copy has no storage to copy: copies get the plain matrix
+        if self.packed_by is not None:  # a kernel's copy may have no storage to copy: copies get the plain matrix
             state["_buffers"] = {**state["_buffers"], "plain": self.matrix.contiguous()}
-            state["onednn"] = None
+            state["packed"] = state["packed_by"] = None
         return state
 
     def _apply(self, fn, recurse: bool = True):
-        self.hold_plain()  # moves and casts act on the plain matrix (oneDNN's copy is CPU-only)
+        self.hold_plain()  # moves and casts act on the plain matrix (a kernel's copy may be CPU-only)
         return super()._apply(fn, recurse)
 
     @classmethod
@@ -119,4 +119,5 @@ class Int8Weight(nn.Module):
         return from_rows((self.matrix.int() + shift).to(torch.int16), weight_shape)
 
     def extra_repr(self) -> str:
-        return f"{self.shape}, centred={self.centred}, onednn={self.onednn is not None}"
+        held = "plain" if self.packed_by is None else self.packed_by.name
+        return f"{self.shape}, centred={self.centred}, held={held}"

@@ -1,4 +1,4 @@
-"""Exact sums of the fast kernels: int8 x int8 -> int32 matmul, or integer-valued floats.
+"""The "int8" kernel: exact sums on PyTorch's int8 x int8 -> int32 matmul (`torch._int_mm`).
 
 With `u` the activation operand (M, K) and `w'` the weight matrix (N, K) of `Int8Weight`,
 `za'` the activations' residual zero point per row and `zw'` the weights' per channel:
@@ -9,10 +9,6 @@ The matmul runs on `torch._int_mm` (CPU and CUDA); both corrections are rank-1 u
 in int32, skipped when the operand is centred (za' or zw' zero), which W4A4 and W4A8
 weights always are. int32 arithmetic wraps, so intermediate overflow cancels and the
 result is exact whenever the true sum fits: `int8_fits` checks that bound per layer.
-
-`float_sum` is the alternative a layer may measure faster (tiny shapes, or a device
-without an int8 kernel): the same sum in float32 when every partial sum stays below
-2**24 (then float arithmetic is exact), else in float64.
 """
 
 from __future__ import annotations
@@ -22,18 +18,13 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
+from .base import Kernel
 from .int8_weight import Int8Weight
+from .registry import register_kernel
 
-_INT32_LIMIT = 2**31
-_FLOAT32_EXACT = 2**24
 # CUDA's int8 kernel wants more than 16 rows and inner / output sizes in multiples of 8;
 # CPU's (oneDNN) takes any shape. Zero rows and columns, sliced off after, change no sum.
 _CUDA_MIN_ROWS, _CUDA_ALIGN = 17, 8
-
-
-def int8_fits(inner: int, act_levels: int, weight: Int8Weight) -> bool:
-    """Whether every sum of `inner` products |u - za'| * |w' - zw'| fits int32."""
-    return inner * act_levels * max(weight.max_abs, 1) < _INT32_LIMIT
 
 
 def _padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -64,31 +55,13 @@ def int8_sum(a: torch.Tensor, a_zero: Optional[torch.Tensor], weight: Int8Weight
     return acc
 
 
-def exact_float_dtype(inner: int, act_levels: int, weight: Int8Weight, device: torch.device) -> torch.dtype:
-    """float32 where it sums these integers exactly (CPU, partial sums < 2**24), else float64.
+@register_kernel("int8")
+class Int8Kernel(Kernel):
+    """`torch._int_mm` on the int8 operands (convolutions through int8 patches); fast where
+    the CPU has VNNI, and on CUDA."""
 
-    On other devices float64 always: a GPU library may pick TF32 or transform-based
-    algorithms for float32.
-    """
-    if device.type == "cpu" and inner * act_levels * weight.max_abs < _FLOAT32_EXACT:
-        return torch.float32
-    return torch.float64
+    auto_candidate = True
 
-
-def centred_float(codes: torch.Tensor, zero: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """int8 codes minus their residual zero point (broadcast), as `dtype`."""
-    values = codes.to(dtype)
-    return values if zero is None else values.sub_(zero.to(dtype))
-
-
-def centred_weight(weight: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The matrix minus its residual zero points, (N, K), as `dtype`."""
-    values = weight.matrix.to(dtype)
-    return values if weight.centred else values.sub_(weight.zero_shift[:, None].to(dtype))
-
-
-def float_sum(a: torch.Tensor, a_zero: Optional[torch.Tensor], weight: Int8Weight,
-              dtype: torch.dtype) -> torch.Tensor:
-    """The same sum as `int8_sum`, as an integer-valued `dtype` tensor (exact: see above)."""
-    zero = None if a_zero is None else a_zero[:, None]
-    return F.linear(centred_float(a, zero, dtype), centred_weight(weight, dtype))
+    def linear(self, a: torch.Tensor, a_zero: Optional[torch.Tensor], weight: Int8Weight,
+               levels: int) -> torch.Tensor:
+        return int8_sum(a, a_zero, weight)

@@ -1,0 +1,157 @@
+"""The kernel registry: names -> `Kernel`s, the user's setting, and what "auto" runs.
+
+A layer's kernel setting is a name:
+
+- "auto" (default): per layer shape and input shape, the faster of the device's integer
+  kernel (`integer_kernel`: of the registered `auto_candidate`s available there, the
+  fastest on a reference product, measured once per device type) and the fallback,
+  timed on the first call with that shape and remembered (`choice.pick`);
+- a registered kernel's name ("int8", "onednn", "float" built in; `register_kernel` adds
+  one): that kernel wherever it gives the exact sum (`Kernel.supports`), else the fallback;
+- "reference": the layer's reference path, which decodes the packed codes on every
+  call; the kernels are checked against it. It is the layers' own computation, not a
+  `Kernel`: it reads the packed file format rather than prepared operands, and as the
+  yardstick it must not share their code.
+
+The default comes from the environment variable `QDIFF_KERNEL`, so a plain
+`DiffusionPipeline.from_pretrained` picks it up; `model.set_qdiff_kernel(name)` changes it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, TypeVar
+
+import torch
+
+from qdiff.errors import QdiffError
+
+from .base import Kernel
+from .choice import seconds
+from .int8_weight import Int8Weight
+
+AUTO, REFERENCE = "auto", "reference"
+FALLBACK = "float"  # the exact float sum: supports every operand
+ENV_VAR = "QDIFF_KERNEL"
+
+K = TypeVar("K", bound=type)
+_KERNELS: dict[str, Kernel] = {}
+_INTEGER_KERNEL: dict[str, str] = {}
+_PROBE_SHAPE = (256, 512, 512)  # (M, K, N) of the product that picks the integer kernel
+_PROBE_LEVELS = 15  # the probe's activations: 4-bit codes
+
+
+class UnknownKernelError(QdiffError, ValueError):
+    """A kernel name that is not registered (the message lists the choices)."""
+
+
+def register_kernel(name: str) -> Callable[[K], K]:
+    """Class decorator: register one instance of a `Kernel` subclass under `name`."""
+    def register(cls: K) -> K:
+        if name in (AUTO, REFERENCE) or name in _KERNELS:
+            raise ValueError(f"qdiff kernel name {name!r} is taken; registered: {kernel_names()}.")
+        if not (isinstance(cls, type) and issubclass(cls, Kernel)):
+            raise TypeError(f"register_kernel({name!r}) decorates a Kernel subclass, not {cls!r}.")
+        kernel = cls()
+        kernel.name = name
+        _KERNELS[name] = kernel
+        _INTEGER_KERNEL.clear()  # a new candidate for "auto": measure again
+        return cls
+    return register
+
+
+def unregister_kernel(name: str) -> None:
+    """Remove a registered kernel (layers set to it then fail on their next call)."""
+    get_kernel(name)
+    del _KERNELS[name]
+    _INTEGER_KERNEL.clear()
+
+
+def kernel_names() -> tuple[str, ...]:
+    """Every name a layer can be set to: "auto", the registered kernels, "reference"."""
+    return (AUTO, *_KERNELS, REFERENCE)
+
+
+def available_kernels(device: torch.device) -> tuple[str, ...]:
+    """The registered kernels that run on `device` (in registration order)."""
+    return tuple(name for name, kernel in _KERNELS.items() if kernel.available(torch.device(device)))
+
+
+def get_kernel(name: str) -> Kernel:
+    """The registered kernel `name`."""
+    kernel = _KERNELS.get(name)
+    if kernel is None:
+        check_kernel(name)
+        raise UnknownKernelError(f"{name!r} is a kernel setting, not a registered kernel; "
+                                 f"registered: {tuple(_KERNELS)}.")
+    return kernel
+
+
+def check_kernel(name: str) -> str:
+    """`name` if a layer can be set to it, else an `UnknownKernelError` listing the choices."""
+    if name not in kernel_names():
+        raise UnknownKernelError(f"Unknown qdiff kernel {name!r}; choose one of {kernel_names()} "
+                                 f"(e.g. model.set_qdiff_kernel('auto') or {ENV_VAR}=int8).")
+    return name
+
+
+def default_kernel() -> str:
+    """The kernel new integer layers start with: `$QDIFF_KERNEL`, else "auto"."""
+    name = os.environ.get(ENV_VAR, AUTO)
+    if name not in kernel_names():
+        raise UnknownKernelError(f"{ENV_VAR}={name!r} is not a qdiff kernel; choose one of {kernel_names()}.")
+    return name
+
+
+def prepare(name: str, weight: Int8Weight) -> None:
+    """Hold `weight` as kernel setting `name` reads it ("auto" keeps what is held)."""
+    if name != AUTO:
+        get_kernel(name).prepare(weight)
+
+
+def candidates(name: str, device: torch.device, exact: Callable[[Kernel], bool]) -> tuple[Kernel, ...]:
+    """The kernels a layer set to `name` may run on operands for which `exact(kernel)` says
+    whether a kernel gives the exact sum: the named kernel where it is available and exact,
+    else the fallback; for "auto" the device's integer kernel (where exact) and the
+    fallback, in that order, to be timed against each other."""
+    fallback = get_kernel(FALLBACK)
+    kernel = get_kernel(integer_kernel(device) if name == AUTO else name)
+    usable = kernel is fallback or (kernel.available(device) and exact(kernel))
+    if name == AUTO and kernel is not fallback:
+        return (kernel, fallback) if usable else (fallback,)
+    return (kernel,) if usable else (fallback,)
+
+
+def integer_kernel(device: torch.device) -> str:
+    """The device's integer kernel for "auto": of the registered `auto_candidate`s available
+    on `device`, the fastest on a reference product (with one, that one; "onednn" beats
+    `torch._int_mm` on CPUs without VNNI, where `_int_mm` runs a slow generic path).
+
+    Measured once per device type: every layer on the device then holds its weights in the
+    winner's format (one copy), and "auto" weighs only that kernel against the fallback.
+    """
+    if device.type not in _INTEGER_KERNEL:
+        kernels = [kernel for kernel in _KERNELS.values() if kernel.auto_candidate and kernel.available(device)]
+        if not kernels:
+            return FALLBACK
+        if torch.compiler.is_compiling():  # nothing is timed while tracing
+            return kernels[0].name
+        _INTEGER_KERNEL[device.type] = _fastest(kernels, device)
+    return _INTEGER_KERNEL[device.type]
+
+
+def _fastest(kernels: list[Kernel], device: torch.device) -> str:
+    if len(kernels) == 1:
+        return kernels[0].name
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-8, 8, _PROBE_SHAPE[:2], generator=gen, dtype=torch.int8)
+    matrix = torch.randint(-8, 8, _PROBE_SHAPE[1:][::-1], generator=gen, dtype=torch.int8)
+    weight = Int8Weight(matrix, torch.zeros(_PROBE_SHAPE[2], dtype=torch.int32)).to(device)
+    a = a.to(device)
+    timings: dict[str, float] = {}
+    for kernel in kernels:
+        operand, _ = kernel.encode(a, None)  # the operand the layers pass
+        run = lambda kernel=kernel, operand=operand: kernel.linear(operand, None, weight, _PROBE_LEVELS)  # noqa: E731
+        timings[kernel.name] = seconds(run, device, time.perf_counter, min(timings.values(), default=float("inf")))
+    return min(timings, key=timings.get)
