@@ -55,3 +55,39 @@ def feature_net():
     from qdiff.eval.digits_features import DigitsFeatureNet
 
     return DigitsFeatureNet.from_pretrained(ASSETS / "digits-features").eval()
+
+
+def micro_class_ldm_pipeline():
+    """A class-conditional LDM pipeline of a few thousand parameters (seeded): for tests of
+    exports and their files, where the architecture matters and the weights do not."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
+
+    from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
+    vae = VQModel(in_channels=3, out_channels=3, block_out_channels=(8,), latent_channels=4,
+                  norm_num_groups=4, num_vq_embeddings=16)
+    return ClassConditionalLDMPipeline(unet=unet.eval(), class_embedder=ClassEmbedder(10, 16).eval(),
+                                       vae=vae.eval(), scheduler=DDIMScheduler())
+
+
+def micro_student(pipe, quant, aux=None, calibrate: bool = True):
+    """A quantized copy of `pipe.unet` (LoRA rank 2), calibrated on random inputs at two
+    timesteps unless `calibrate=False`."""
+    import copy
+
+    from qdiff.config import LoRAConfig
+    from qdiff.quant import calibrating, quantize_, set_timesteps
+
+    student = copy.deepcopy(pipe.unet)
+    quantize_(student, quant, LoRAConfig(rank=2), aux)
+    if calibrate:
+        set_timesteps(student, [900.0, 100.0])
+        with torch.no_grad(), calibrating(student):
+            for t in (900.0, 100.0):
+                student(torch.randn(2, 4, 8, 8), t, encoder_hidden_states=torch.randn(2, 1, 16))
+    return student

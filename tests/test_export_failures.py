@@ -9,19 +9,19 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 
 import qdiff
-from qdiff.config import AuxConfig, ExportConfig, LoRAConfig, QuantConfig, RunConfig
+from qdiff.config import AuxConfig, ExportConfig, QuantConfig, RunConfig
 from qdiff.export import (FORMAT_VERSION, ExportFormatError, ExportMismatchError, QuantizedUNet2DConditionModel,
                           check_export, export_pipeline)
 from qdiff.export.serialization import sha256_file
 from qdiff.families import family_for
 from qdiff.finetune import _export
-from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
-from qdiff.quant import calibrating, iter_quant_layers, quantize_, set_timesteps
+from qdiff.quant import iter_quant_layers
+
+from conftest import micro_class_ldm_pipeline, micro_student
 
 QUANT = QuantConfig(weight_bits=4, act_bits=4, split_concat_inputs=True)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -38,26 +38,11 @@ def _quiet():
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
-    vae = VQModel(in_channels=3, out_channels=3, block_out_channels=(8,), latent_channels=4,
-                  norm_num_groups=4, num_vq_embeddings=16)
-    return ClassConditionalLDMPipeline(unet=unet.eval(), class_embedder=ClassEmbedder(10, 16).eval(),
-                                       vae=vae.eval(), scheduler=DDIMScheduler())
+    return micro_class_ldm_pipeline()
 
 
 def _student(pipe, calibrate=True, aux=None):
-    student = copy.deepcopy(pipe.unet)
-    quantize_(student, QUANT, LoRAConfig(rank=2), aux)
-    if calibrate:
-        set_timesteps(student, [900.0, 100.0])
-        with torch.no_grad(), calibrating(student):
-            for t in (900.0, 100.0):
-                student(torch.randn(2, 4, 8, 8), t, encoder_hidden_states=torch.randn(2, 1, 16))
-    return student
+    return micro_student(pipe, QUANT, aux, calibrate)
 
 
 @pytest.fixture(scope="module")

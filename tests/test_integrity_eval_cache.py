@@ -11,7 +11,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
 from diffusers.utils import logging as diffusers_logging
 
 import qdiff
@@ -20,8 +19,9 @@ from qdiff.eval import cli, sampling
 from qdiff.eval.npz import load_samples, save_samples
 from qdiff.eval.sampling import SamplingSettings, generate, model_content_id
 from qdiff.export import export_pipeline
-from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
 from qdiff.quant import calibrating, quantize_, set_timesteps
+
+from conftest import micro_class_ldm_pipeline
 
 SETTINGS = SamplingSettings(num_samples=4, steps=2, guidance=2.0, seed=0, batch_size=2)
 
@@ -36,15 +36,7 @@ def _quiet():
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
-    vae = VQModel(in_channels=3, out_channels=3, block_out_channels=(8,), latent_channels=4,
-                  norm_num_groups=4, num_vq_embeddings=16)
-    return ClassConditionalLDMPipeline(unet=unet.eval(), class_embedder=ClassEmbedder(10, 16).eval(),
-                                       vae=vae.eval(), scheduler=DDIMScheduler())
+    return micro_class_ldm_pipeline()
 
 
 def _export(pipe, folder, seed: int):

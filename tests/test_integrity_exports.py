@@ -3,24 +3,22 @@ a partial export has no manifest, and folders without one load as before."""
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
 import pytest
 import torch
 from damage import cut, flip_bit, tensor_offset
-from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
 from diffusers.utils import logging as diffusers_logging
 
 import qdiff
 from qdiff.checksums import sha256_file
-from qdiff.config import LoRAConfig, QuantConfig
+from qdiff.config import QuantConfig
 from qdiff.errors import QdiffError
 from qdiff.export import ExportFormatError, export_pipeline
 from qdiff.export.manifest import MANIFEST_FILE, content_id, verify_manifest
-from qdiff.models import ClassConditionalLDMPipeline, ClassEmbedder
-from qdiff.quant import calibrating, quantize_, set_timesteps
+
+from conftest import micro_class_ldm_pipeline, micro_student
 
 QUANT = QuantConfig(weight_bits=4, act_bits=4)
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
@@ -36,25 +34,11 @@ def _quiet():
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
-    vae = VQModel(in_channels=3, out_channels=3, block_out_channels=(8,), latent_channels=4,
-                  norm_num_groups=4, num_vq_embeddings=16)
-    return ClassConditionalLDMPipeline(unet=unet.eval(), class_embedder=ClassEmbedder(10, 16).eval(),
-                                       vae=vae.eval(), scheduler=DDIMScheduler())
+    return micro_class_ldm_pipeline()
 
 
 def _student(pipe):
-    student = copy.deepcopy(pipe.unet)
-    quantize_(student, QUANT, LoRAConfig(rank=2))
-    set_timesteps(student, [900.0, 100.0])
-    with torch.no_grad(), calibrating(student):
-        for t in (900.0, 100.0):
-            student(torch.randn(2, 4, 8, 8), t, encoder_hidden_states=torch.randn(2, 1, 16))
-    return student
+    return micro_student(pipe, QUANT)
 
 
 @pytest.fixture(scope="module")
