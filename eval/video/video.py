@@ -122,7 +122,7 @@ def teacher_videos(pipe, labels: torch.Tensor, settings: SamplingSettings, teach
 def borrowed_ptq_rows(report: str, fp: dict, num_videos: int) -> list[dict]:
     """The calibrated PTQ rows of an earlier report, to measure the gap this run's rows close
     without sampling PTQ again; only when that report scored the same FP videos (to float
-    rounding: video_gaps.FP_MATCH_TOLERANCE)."""
+    rounding: gaps.FP_MATCH_TOLERANCE)."""
     path = RESULTS / f"{report}.json"
     if not path.is_file():
         raise SystemExit(f"--ptq-from {report}: {path} does not exist; name a report in {RESULTS}")
