@@ -226,7 +226,7 @@ class DistillConfig:
     weight_scale_lr: float = 1e-6  # weight step sizes (EfficientDM: 1e-6)
     aux_lr: float = 1e-4  # QVGen Phi factors
     base_weight_lr: float = 0.0  # the weights W0 themselves: 0 keeps them frozen (qdiff);
-    # > 0 with lora.enabled=false is full QAT (LSQ on all weights), the baseline of eval/benchmark.py
+    # > 0 with lora.enabled=false is full QAT (LSQ on all weights), the baseline of eval/quality/benchmark.py
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, then linear decay to 0 (as EfficientDM)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
@@ -244,7 +244,7 @@ class DistillConfig:
     # "update": MSE of the DDIM steps they imply (qdiff.distill.loop.distillation_loss)
     # what the loss compares: "guided", the CFG-combined predictions (EfficientDM), or
     # "branches", the conditional and the null prediction each (guidance still walks the
-    # path; closer to FP on the embedded teacher: eval/results/finetune.md)
+    # path; closer to FP on the embedded teacher: eval/results/quality/finetune.md)
     target: str = "guided"
     walker: str = "student"  # who takes each trajectory step: "student" (its own path) or "teacher"
     checkpoint_every: int = 200

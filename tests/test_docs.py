@@ -115,15 +115,15 @@ def test_links_to_repository_files_exist():
 def test_a_link_to_a_missing_repository_file_is_reported_and_others_rewritten():
     links = _hook("repo_links")
     problems: list[str] = []
-    text = ("[`finetune.md`](../../eval/results/finetune.md) [gone](../../eval/results/nope.md) "
-            "![plot](../../eval/results/speed.png) [page](../guides/video.md)")
+    text = ("[`finetune.md`](../../eval/results/quality/finetune.md) [gone](../../eval/results/nope.md) "
+            "![plot](../../eval/results/speed/speed.png) [page](../guides/video.md)")
     out = links.rewrite(text, "notes/log.md", DOCS, None, problems)
     assert problems == ["links to '../../eval/results/nope.md', but eval/results/nope.md is "
                         "not in the repository"]
-    assert "`eval/results/finetune.md`" in out and "](../_repo/eval/results/speed.png)" in out
+    assert "`eval/results/quality/finetune.md`" in out and "](../_repo/eval/results/speed/speed.png)" in out
     assert "[page](../guides/video.md)" in out
     out = links.rewrite(text, "notes/log.md", DOCS, "https://example.org/qdiff", [])
-    assert "(https://example.org/qdiff/blob/HEAD/eval/results/finetune.md)" in out
+    assert "(https://example.org/qdiff/blob/HEAD/eval/results/quality/finetune.md)" in out
 
 
 def test_mkdocs_build_strict(tmp_path):

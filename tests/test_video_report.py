@@ -1,30 +1,21 @@
-"""eval/video.py's report: the share of calibrated PTQ's distance each row closes, and the PTQ
+"""eval/video/video.py's report: the share of calibrated PTQ's distance each row closes, and the PTQ
 rows that --ptq-from borrows from an earlier report, only when it scored the same FP videos.
 docs/notes/research-log.md quotes these closed columns, so their arithmetic and row matching are pinned here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-EVAL = Path(__file__).resolve().parents[1] / "eval"
+from eval.video import video as video_module
 
 
 @pytest.fixture(scope="module")
 def video():
-    sys.path.insert(0, str(EVAL))  # video.py imports its sibling plotting.py, as a script does
-    try:
-        spec = importlib.util.spec_from_file_location("eval_video_script", EVAL / "video.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EVAL))
-    return module
+    return video_module
 
 
 @pytest.fixture
@@ -63,7 +54,7 @@ def closed_cells(table: str, name: str) -> list[str]:
 def test_closed_columns_against_this_runs_ptq(video, results):
     rows = [FP, FP_OTHER, W4_PTQ, row("W4A4 qdiff", 0.1, 0.4, 0.975, 0.15),
             row("W3A3 qdiff", 4.0, 3.3, 0.96, 0.3)]
-    video.write_table(rows, CFG, 400, "python eval/video.py", "report")
+    video.write_table(rows, CFG, 400, "python -m eval.video", "report")
     table = (results / "report.md").read_text()
     # (PTQ - row) / (PTQ - FP): 0.4/0.5, 0.3/0.4 above the other-seed floor, 0.005/0.01, 0.05/0.2
     assert closed_cells(table, "W4A4 qdiff") == ["80%", "75%", "50%", "25%"]
@@ -85,7 +76,7 @@ def test_borrowed_ptq_rows_fill_the_closed_columns(video, results):
     rows = [FP, FP_OTHER, *borrowed, labelled, row("W3A3 qdiff (full QAT)", 4.0, 3.3, 0.96, 0.3)]
     assert video.reference_ptq(labelled, rows) is borrowed[0]
     assert video.reference_ptq(rows[-1], rows) is borrowed[1]
-    video.write_table(rows, CFG, 400, "python eval/video.py", "variant")
+    video.write_table(rows, CFG, 400, "python -m eval.video", "variant")
     table = (results / "variant.md").read_text()
     assert closed_cells(table, "W4A4 qdiff (full QAT)") == ["80%", "75%", "50%", "25%"]
     # (10 - 4) / 10 = 60%, (9.3 - 3.3) / (9.3 - 0.3) = 67%

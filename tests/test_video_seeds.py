@@ -1,30 +1,20 @@
-"""eval/video_seeds.py: issue 7's claims over training seeds, gathered from eval/video.py's
+"""eval/video/seeds.py: issue 7's claims over training seeds, gathered from eval/video/video.py's
 reports. docs/notes/research-log.md quotes its means, closed shares and paired intervals, so
 their arithmetic, the seed check and the refusals are pinned here on made-up reports."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-EVAL = Path(__file__).resolve().parents[1] / "eval"
+from eval.video import seeds
 
 
 @pytest.fixture(scope="module")
 def seeds_script():
-    sys.path.insert(0, str(EVAL))  # the script imports its sibling plotting.py, as a script does
-    try:
-        spec = importlib.util.spec_from_file_location("eval_video_seeds_script", EVAL / "video_seeds.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses resolve their annotations there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EVAL))
-    return module
+    return seeds
 
 
 def row(name: str, fid: float, other: float | None = 0.4, motion: float = 0.15,
@@ -48,13 +38,13 @@ def results(seeds_script, tmp_path, monkeypatch) -> Path:
 
 
 def write_report(results: Path, name: str, rows: list[dict], seed: int = 0, fp: dict = FP) -> None:
-    command = f"python eval/video.py --report {name}" + (f" seed={seed}" if seed else "")
+    command = f"python -m eval.video --report {name}" + (f" seed={seed}" if seed else "")
     (results / f"{name}.json").write_text(json.dumps({"command": command, "rows": [fp, *rows]}))
 
 
 def variant(seeds_script, name: str, fids: dict[int, float], results: Path,
             metrics: dict[int, dict] | None = None):
-    """A variant whose run at each seed is its own report, as eval/video.py writes them;
+    """A variant whose run at each seed is its own report, as eval/video/video.py writes them;
     `metrics`: a seed's other metrics where they are not `row`'s defaults."""
     metrics = metrics or {}
     runs = {}
@@ -112,9 +102,9 @@ def test_one_shared_seed_has_no_interval(seeds_script, results):
 
 
 @pytest.mark.parametrize("command, seed", [
-    ("python eval/video.py --report r", 0),
-    ("python eval/video.py --report r distill.steps=1200 seed=2", 2),
-    ("python eval/video.py --label 'seed=5 in a label' eval.seed=3", 0),
+    ("python -m eval.video --report r", 0),
+    ("python -m eval.video --report r distill.steps=1200 seed=2", 2),
+    ("python -m eval.video --label 'seed=5 in a label' eval.seed=3", 0),
 ])
 def test_seed_of_reads_the_training_seed_override(seeds_script, command, seed):
     assert seeds_script.seed_of(command) == seed
@@ -145,14 +135,14 @@ def test_a_missing_row_names_the_rows_there_are(seeds_script, results):
 
 
 def test_a_missing_report_says_how_to_make_it(seeds_script, results):
-    with pytest.raises(SystemExit, match=r"nowhere\.json does not exist: run eval/video.py with "
+    with pytest.raises(SystemExit, match=r"nowhere\.json does not exist: run python -m eval\.video with "
                                          r"--report nowhere"):
         seeds_script.report_rows(("nowhere", "W4A4 qdiff"), seed=0)
 
 
 def test_the_committed_table_is_what_the_committed_reports_give(seeds_script):
     """Every run VARIANTS names exists, ran the seed it is filed under, and the committed
-    eval/results/video-seeds.json is what they give now (no report changed under it)."""
+    eval/results/video/video-seeds.json is what they give now (no report changed under it)."""
     committed = json.loads((seeds_script.RESULTS / f"{seeds_script.REPORT}.json").read_text())
     summaries = [seeds_script.variant_summary(v) for v in seeds_script.VARIANTS]
     assert json.loads(json.dumps(summaries)) == committed["variants"]

@@ -1,6 +1,6 @@
 """Links from the docs to the repository's own files (eval/results/*, configs/*, sources).
 
-The pages link such files relatively, e.g. `[finetune.md](../../eval/results/finetune.md)`
+The pages link such files relatively, e.g. `[finetune.md](../../eval/results/quality/finetune.md)`
 from `docs/notes/`, so the links work when the Markdown is read in the repository. Those
 files are outside `docs_dir`, where mkdocs cannot follow them, so this hook (registered in
 mkdocs.yml) rewrites them for the site, and still checks them:

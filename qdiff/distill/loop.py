@@ -117,7 +117,7 @@ def distillation_loss(student_output: torch.Tensor, step: TrajectoryStep,
     where it hardly changes the image, and smallest at the noisy start, where it decides
     the image -- so "x0" (MSE of the images the two predictions imply, i.e. weighted by
     (d x0 / d eps)^2) and "update" (MSE of the DDIM steps they imply) weight every step by
-    its effect on the sample instead. eval/results/finetune.md compares them.
+    its effect on the sample instead. eval/results/quality/finetune.md compares them.
 
     Why "branches": the quantization error the LoRA can correct is shared by the two
     predictions (same weights), and guidance passes it on once; the error that differs

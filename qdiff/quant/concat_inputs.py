@@ -5,7 +5,7 @@ up-block resnet, the decoder's features with the matching encoder skip:
 `resnet(cat([hidden, skip], dim=1))`. The resnet's shortcut convolution takes that
 concatenation as it is. Its parts have different ranges (the skip comes from the encoder,
 the decoder features from the deeper half), so one per-tensor 4-bit step size serves them
-badly; eval/results/step-sensitivity.md measures it as the largest late-step error.
+badly; eval/results/quality/step-sensitivity.md measures it as the largest late-step error.
 Transformers (DiT, Wan, CogVideoX) concatenate nothing and have no entries.
 """
 

@@ -3,7 +3,7 @@
 A layer applies W_q = Q_w(W0 + B A). Autograd forms dL/dW_q = g^T x, an out x in matrix
 costing tokens x out x in multiply-adds -- exactly full QAT's weight gradient -- and only
 then projects it onto B and A, so QALoRA alone saves no backward time
-(eval/results/step-phases.md). With the weight quantizer's step sizes and zero points
+(eval/results/training_cost/step-phases.md). With the weight quantizer's step sizes and zero points
 frozen, the straight-through estimator gives dL/d(BA) = M * (g^T x), with M zero where
 W0 + BA is clipped (on or past an end code, `fake_quantize`'s strict "inside") and one
 elsewhere. Writing M = 1 - C:
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from .layers import QuantLayer
 
 #: Cost of one gathered multiply-add of the correction relative to one multiply-add of the
-#: dense weight gradient, measured on 2 cores by `python eval/gather_cost.py`
-#: (eval/results/gather-cost.md: median 129, 39-382 over SD-1.5's layer shapes; noisy).
+#: dense weight gradient, measured on 2 cores by `python -m eval.training_cost.gather_cost`
+#: (eval/results/training_cost/gather-cost.md: median 129, 39-382 over SD-1.5's layer shapes; noisy).
 GATHER_COST = 150.0
 #: Elements of the gathered (entries x tokens) operands formed at once (16 MB in float32).
 GATHER_CHUNK = 1 << 22

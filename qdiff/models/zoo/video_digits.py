@@ -7,7 +7,7 @@ crash never leaves a folder that looks finished; an existing teacher is kept unl
 `--force`. Its quality is checked at the end: the digits feature network
 (`assets/digits-features`, built by `python -m qdiff.models.zoo.digits`) classifies every
 frame of sampled videos, and `training.json` records the accuracy and how far the digit
-moves (pixels per frame). A strip of sampled frames goes to `eval/results/video-teacher.png`.
+moves (pixels per frame). A strip of sampled frames goes to `eval/results/video/video-teacher.png`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Post-training quantization baselines on the embedded teacher, side by side in one run.
 
-    python eval/ptq.py                  # FP, naive and calibrated PTQ at W8A8, W4A8, W4A4, W3A3
+    python -m eval.quality.ptq                  # FP, naive and calibrated PTQ at W8A8, W4A8, W4A4, W3A3
 
 - naive PTQ: min-max weight ranges per output channel, one min-max activation range per
   layer for the whole trajectory;
@@ -9,14 +9,13 @@
 Both keep the recipe's 8-bit layers (time embedding, conv_in, conv_out) and no LoRA.
 Every row samples with the same seeds as the FP row; scores are in the digits feature
 network's space against the real held-out digits, plus FID to the FP samples.
-Writes eval/results/ptq.md and ptq.json: the baseline every later method is compared with.
+Writes eval/results/quality/ptq.md and ptq.json: the baseline every later method is compared with.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import sys
 from dataclasses import replace
@@ -25,18 +24,23 @@ from pathlib import Path
 import torch
 
 import qdiff
+from eval.common.report import results_dir, write_json, write_markdown
 from qdiff.calibrate import calibrate
 from qdiff.config import load_config
-from qdiff.eval.evaluate import (Reference, held_out_digits_reference, reference_from_features,
-                                  score)
+from qdiff.eval.evaluate import (
+    Reference,
+    held_out_digits_reference,
+    reference_from_features,
+    score,
+)
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc
 from qdiff.eval.sampling import SamplingSettings, generate
 from qdiff.quant import quantize_
 
-RESULTS = Path(__file__).parent / "results"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RESULTS = results_dir("quality")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BIT_WIDTHS = ("w8a8", "w4a8", "w4a4", "w3a3")
 METRICS = ("accuracy", "fid", "sfid")
 
@@ -74,8 +78,7 @@ def evaluate_teacher(pipe, settings) -> tuple[object, Reference, Reference, dict
 
 def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ptq.json").write_text(json.dumps({"settings": vars(settings), "rows": rows},
-                                                 indent=2) + "\n")
+    write_json(RESULTS / "ptq.json", {"settings": vars(settings), "rows": rows})
     lines = ["# PTQ baselines on the embedded teacher", "", f"Command: `{command}`", "",
              f"{settings.num_samples} samples per row (classes balanced), {settings.steps} DDIM "
              f"steps, guidance {settings.guidance}, the same seeds for every row. Digits feature "
@@ -88,7 +91,7 @@ def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> 
     for row in rows:
         lines.append(f"| {row['method']} | {row['bits']} | {row['accuracy']:.2%} | "
                      f"{row['fid']:.3f} | {row['sfid']:.3f} | {row['fid_to_fp']:.3f} |")
-    (RESULTS / "ptq.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / "ptq.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"method": "naive PTQ" if naive else "calibrated PTQ",
                          "bits": recipe.upper(), **row})
             print(rows[-1], flush=True)
-    write_report(rows, settings, "python " + shlex.join(["eval/ptq.py", *sys.argv[1:]]))
+    write_report(rows, settings, shlex.join(["python", "-m", "eval.quality.ptq", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

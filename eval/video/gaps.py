@@ -1,5 +1,5 @@
-"""What eval/video.py's reports are compared by, in one place for the scripts that read
-them (video.py writes them, video_seeds.py gathers them over seeds): the share of calibrated
+"""What eval/video/video.py's reports are compared by, in one place for the scripts that read
+them (video.py writes them, seeds.py gathers them over seeds): the share of calibrated
 PTQ's distance to FP a row closes, and whether two reports scored the same FP videos.
 Free of torch, so a script that only reads reports starts at once."""
 

@@ -1,13 +1,13 @@
 """Student memory and quality with the frozen base weight held as packed integer codes.
 
-    python eval/packed_base.py          # W4A4 student of the embedded teacher, 200 steps
+    python -m eval.training_cost.packed_base          # W4A4 student of the embedded teacher, 200 steps
 
 `quant.packed_base_weight=true` stores W0 as its 4-bit codes (two per byte) plus
 per-channel scales instead of a float copy, as EfficientDM's code does, so a student
 costs a fraction of its teacher's memory. Both students start from the same
 calibration and train the same steps on the same trajectories; the table compares the
 bytes of each student's tensors and its distillation loss on held-out trajectories
-before and after. Writes eval/results/packed-base.md.
+before and after. Writes eval/results/training_cost/packed-base.md.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 import qdiff
+from eval.common.report import results_dir, write_markdown
 from qdiff.config import load_config
 from qdiff.distill.loop import build_student, distill
 from qdiff.distill.trajectory import teacher_trajectory
 
-RESULTS = Path(__file__).parent / "results"
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-ldm-w4a4.yaml"
+RESULTS = results_dir("training_cost")
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-ldm-w4a4.yaml"
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -58,13 +59,13 @@ def main() -> None:
                     f"{start:.5f} | {held_out_loss(pipe, student, guidance):.5f} |")
         print(rows[-1], flush=True)
     lines = ["# Packed base weights: student memory and quality", "",
-             f"Command: `python {' '.join(['eval/packed_base.py', *sys.argv[1:]])}`", "",
+             f"Command: `{' '.join(['python', '-m', 'eval.training_cost.packed_base', *sys.argv[1:]])}`", "",
              "Bytes of all parameters and buffers (LoRA, step sizes and activation tables "
              "included); distillation loss (MSE to the teacher's guided noise) on 10 held-out "
              "20-step trajectories, before and after 200 steps.", "",
              "| model | tensor bytes | loss before | loss after |", "|---|---:|---:|---:|", *rows]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "packed-base.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / "packed-base.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Where a distillation step's time goes: full QAT against qdiff, phase by phase.
 
-    python eval/step_phases.py            # SD-1.5's layout at half its UNet width (~10 min on 2 cores)
-    python eval/step_phases.py --quick    # at a tenth of the width (smoke run)
-    python eval/step_phases.py --reverse  # the methods last first -> step-phases-reversed.*
-    python eval/step_phases.py --normal-weights  # bell-shaped weights -> step-phases-normal.*
+    python -m eval.training_cost.step_phases            # SD-1.5's layout at half its UNet width (~10 min on 2 cores)
+    python -m eval.training_cost.step_phases --quick    # at a tenth of the width (smoke run)
+    python -m eval.training_cost.step_phases --reverse  # the methods last first -> step-phases-reversed.*
+    python -m eval.training_cost.step_phases --normal-weights  # bell-shaped weights -> step-phases-normal.*
 
 train_cost.py puts qdiff's training step at 0.75x of full QAT's, where issue 9 asks for
 0.5x. This splits one step (`qdiff.distill.loop._train_step`) into its phases, timed one
@@ -26,13 +26,12 @@ step sizes: no layer forms a weight gradient, so its backward is the input gradi
 alone, the least a backward can cost whatever is trained. The table also says which share
 of the weights the student starts clipped and how many LoRA layers the low-rank backward
 takes the low-rank way (the rest: the dense weight gradient). Writes
-eval/results/step-phases.md and .json.
+eval/results/training_cost/step-phases.md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -43,17 +42,23 @@ from pathlib import Path
 
 import torch
 
+from eval.common.report import results_dir, write_json, write_markdown
+from eval.speed.speed import build_sd
+from eval.training_cost.train_cost import (
+    FLOAT_W0,
+    FULL_QAT,
+    LOW_RANK,
+    redraw_normal,
+    run_config,
+)
 from qdiff.distill.loop import build_student, distillation_loss
 from qdiff.distill.optim import build_optimizer
 from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches, family_for
 from qdiff.quant import QuantLayer, lora_backward
 
-from speed import build_sd  # noqa: E402  (eval/ is a folder of scripts)
-from train_cost import FLOAT_W0, FULL_QAT, LOW_RANK, redraw_normal, run_config  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = results_dir("training_cost")
 BOUND = "no weight gradient (bound)"
 # The bound trains only the activation step sizes: no layer forms a weight gradient, so its
 # backward is the input gradients alone -- what any low-rank shortcut could at best reach.
@@ -105,7 +110,7 @@ def prepare(pipe, pipe_dir: Path, workdir: Path, method: str) -> tuple:
 
 
 def measure(pipe, pipe_dir: Path, workdir: Path, methods: list[str], repeats: int) -> dict[str, dict]:
-    """Every method's phases, the methods taking turns within each repeat (as eval/speed.py's
+    """Every method's phases, the methods taking turns within each repeat (as eval/speed/speed.py's
     variants do), so a drift of the machine's speed during the run moves them alike."""
     runs = {method: prepare(pipe, pipe_dir, workdir / str(i), method) for i, method in enumerate(methods)}
     steps: dict[str, list] = {method: [] for method in methods}
@@ -166,10 +171,9 @@ def report(rows: dict[str, dict], describe: str, command: str, suffix: str) -> s
               f"{ours['trainable_params'] / 1e6:.1f} M, no weight gradient "
               f"{bound['trainable_params'] / 1e6:.2f} M."]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"step-phases{suffix}.json").write_text(json.dumps(
-        {"command": command, "describe": describe, "rows": rows}, indent=2) + "\n")
+    write_json(RESULTS / f"step-phases{suffix}.json", {"command": command, "describe": describe, "rows": rows})
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"step-phases{suffix}.md").write_text(text)
+    write_markdown(RESULTS / f"step-phases{suffix}.md", text)
     return text
 
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"configs/sd15-w4a4.yaml with min-max weight grids, the teacher in float32, batch 1 with "
                 f"guidance, the first denoising step of one trajectory; median of {args.repeats} "
                 f"steps after a warm-up, the methods taking turns within each repeat; {torch.get_num_threads()} thread(s), torch {torch.__version__}.")
-    command = shlex.join(["python", "eval/step_phases.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "eval.training_cost.step_phases", *(argv if argv is not None else sys.argv[1:])])
     suffix = ("-quick" if args.quick else "") + ("-normal" if args.normal_weights else "") + \
         ("-reversed" if args.reverse else "")
     print(report(rows, describe, command, suffix))

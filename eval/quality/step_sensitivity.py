@@ -1,7 +1,7 @@
 """Which denoising steps' errors matter: the W4A4 student in one block of steps only.
 
-    python eval/step_sensitivity.py                             # the PTQ student
-    python eval/step_sensitivity.py --run runs/tiny-ldm-w4a4    # and a distilled one
+    python -m eval.quality.step_sensitivity                             # the PTQ student
+    python -m eval.quality.step_sensitivity --run runs/tiny-ldm-w4a4    # and a distilled one
 
 Samples 300 images (20 DDIM steps, guidance 2) where the calibrated W4A4 student predicts
 the noise in one block of steps and the FP teacher in all others, from the same noise as
@@ -16,7 +16,7 @@ left.
 A last table finds the layers behind the error of the late steps (10-19): W4A8 PTQ
 students (4-bit PTQ weights, which distillation repairs) with one group of layers'
 activations at 4 bits, the student answering in those steps only.
-Writes eval/results/step-sensitivity.md.
+Writes eval/results/quality/step-sensitivity.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import qdiff
+from eval.common.report import results_dir, write_markdown
 from qdiff.config import LayerOverride, load_config
 from qdiff.distill.checkpoint import latest_checkpoint
 from qdiff.distill.loop import build_student, student_at
@@ -36,8 +37,8 @@ from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.families import family_for
 
-RESULTS = Path(__file__).parent / "results"
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-ldm-w4a4.yaml"
+RESULTS = results_dir("quality")
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-ldm-w4a4.yaml"
 STEPS, GUIDANCE, SAMPLES = 20, 2.0, 300
 BLOCKS = {"all 20": range(20), "0-4 (noisiest)": range(5), "5-9": range(5, 10),
           "10-14": range(10, 15), "15-19 (cleanest)": range(15, 20), "0 only": range(1),
@@ -140,7 +141,7 @@ def main() -> None:
     teacher_features = extract_features(net, teacher_images).pool
     reference = (net, teacher_images, teacher_features)
     ptq = distances(family, build_student(family, cfg).model, *reference)
-    distilled, command, source = None, "python eval/step_sensitivity.py", []
+    distilled, command, source = None, "python -m eval.quality.step_sensitivity", []
     if args.run is not None:
         student, checkpoint = distilled_student(family, args.run)
         distilled = distances(family, student, *reference)
@@ -152,7 +153,7 @@ def main() -> None:
              *table(ptq, distilled), "", "## Which layers' 4-bit activations make the late steps' error",
              "", *late_step_rows(family, cfg, *reference)]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "step-sensitivity.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / "step-sensitivity.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

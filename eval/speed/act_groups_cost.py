@@ -1,7 +1,7 @@
 """What activation channel groups (quant.act_group_size) cost an exported W4A4 Linear.
 
-    python eval/act_groups_cost.py           # -> eval/results/act-groups-cost.md and .json (~3 min)
-    python eval/act_groups_cost.py --quick   # fewer tokens and repeats: checks that it runs
+    python -m eval.speed.act_groups_cost           # -> eval/results/speed/act-groups-cost.md and .json (~3 min)
+    python -m eval.speed.act_groups_cost --quick   # fewer tokens and repeats: checks that it runs
 
 A grouped input exports as one layer whose activations enter its one matmul dequantized
 (`IntLinear.grouped_forward`; format version 5). Format version 4 stored it as one integer
@@ -23,10 +23,16 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from eval.speed.rotation_cost import (
+    TIMESTEP,
+    exported_layer,
+    milliseconds,
+    run_shapes,
+    write_report,
+)
 from qdiff.export.freeze import empty_int_layer
 from qdiff.export.int_layers import IntLinear
 from qdiff.export.split_layer import SplitIntLayer
-from rotation_cost import TIMESTEP, exported_layer, milliseconds, run_shapes, write_report
 
 SHAPES = {
     "tiny Wan q/k/v": (96, 96),
@@ -99,7 +105,7 @@ def write(rows: dict[str, dict], command: str) -> None:
 
 
 def main() -> None:
-    run_shapes(__doc__.splitlines()[0], SHAPES, measure, write, "python eval/act_groups_cost.py")
+    run_shapes(__doc__.splitlines()[0], SHAPES, measure, write, "python -m eval.speed.act_groups_cost")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Issue 7's two claims over training seeds, from eval/video.py's committed reports.
+"""Issue 7's two claims over training seeds, from eval/video/video.py's committed reports.
 
-    python eval/video_seeds.py    # -> eval/results/video-seeds.md, .json, .png
+    python -m eval.video.seeds    # -> eval/results/video/video-seeds.md, .json, .png
 
-One eval/video.py run is one training seed, and the seed moves a W4A4 student's FID to FP
+One eval/video/video.py run is one training seed, and the seed moves a W4A4 student's FID to FP
 by about 0.04: as much as the differences the issue asks about (Phi against no Phi, 80%
 of calibrated PTQ's distance closed). This script trains and samples nothing. It gathers
 the same variant's reports over seeds (VARIANTS: seed -> report and row), checks that each
@@ -14,7 +14,7 @@ report's command ran the seed it is filed under, and writes:
   and in how many seeds Phi is nearer the teacher.
 Each variant's gaps are closed against one calibrated PTQ row (seed 0's: the PTQ of
 another seed calibrates on other trajectories, and no report has one).
-A new seed is one eval/video.py run (`seed=N --report NAME`) and one line in VARIANTS.
+A new seed is one eval/video/video.py run (`seed=N --report NAME`) and one line in VARIANTS.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from pathlib import Path
 
 from scipy.stats import t as student_t
 
-from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
-from video_gaps import gap_closed, same_fp_videos  # noqa: E402
+from eval.common.plotting import require_matplotlib
+from eval.common.report import results_dir, write_json, write_markdown
+from eval.video.gaps import gap_closed, same_fp_videos
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = results_dir("video")
 REPORT = "video-seeds"
 MARK = 0.8  # issue 7: close at least 80% of calibrated PTQ's distance to FP
 
@@ -99,14 +100,14 @@ PHI_PAIRS = (("QALoRA, 600 steps", "QALoRA + Phi, 600 steps"),
 def load_report(report: str) -> dict:
     path = RESULTS / f"{report}.json"
     if not path.is_file():
-        raise SystemExit(f"{path} does not exist: run eval/video.py with --report {report} "
+        raise SystemExit(f"{path} does not exist: run python -m eval.video with --report {report} "
                          "(its command is in docs/notes/research-log.md), or take its line out "
                          "of VARIANTS")
     return json.loads(path.read_text())
 
 
 def seed_of(command: str) -> int:
-    """The training seed an eval/video.py command ran (`seed=N`; the config's 0 without it)."""
+    """The training seed an eval/video/video.py command ran (`seed=N`; the config's 0 without it)."""
     seeds = [m[1] for m in map(re.compile(r"seed=(\d+)").fullmatch, shlex.split(command)) if m]
     return int(seeds[-1]) if seeds else 0
 
@@ -242,11 +243,9 @@ def plot(summaries: list[dict], path: Path) -> None:
 
 
 def write_report(summaries: list[dict], pairs: list[dict]) -> None:
-    (RESULTS / f"{REPORT}.json").write_text(json.dumps(
-        {"command": "python eval/video_seeds.py", "variants": summaries, "phi_pairs": pairs},
-        indent=2) + "\n")
+    write_json(RESULTS / f"{REPORT}.json", {"command": "python -m eval.video.seeds", "variants": summaries, "phi_pairs": pairs})
     lines = ["# The embedded video teacher's W4A4 students over training seeds", "",
-             "Command: `python eval/video_seeds.py` (gathers eval/video.py's reports; trains and "
+             "Command: `python -m eval.video.seeds` (gathers eval/video/video.py's reports; trains and "
              "samples nothing). W4A4, 400 videos per run, the same FP videos for every run. "
              "`closed`: the share of calibrated PTQ's distance to FP that the mean over seeds "
              "closes (QALoRA rows: the recipe's PTQ, "
@@ -263,11 +262,11 @@ def write_report(summaries: list[dict], pairs: list[dict]) -> None:
               "higher is), its mean over seeds, the 95% interval of that mean (Student's t; "
               "none from one seed) and in how many seeds Phi is nearer.", "",
               *pair_lines(pairs), "", f"![FID to FP by seed]({REPORT}.png)"]
-    (RESULTS / f"{REPORT}.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / f"{REPORT}.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:
-    require_matplotlib("eval/video_seeds.py")
+    require_matplotlib("python -m eval.video.seeds")
     summaries = [variant_summary(v) for v in VARIANTS]
     by_name = {s["name"]: s for s in summaries}
     pairs = [{"without": without, "with": with_phi,

@@ -1,6 +1,6 @@
 """Memory of a distillation run: measured on the tiny recipes, counted for the real models.
 
-    python eval/memory.py            # writes eval/results/memory.md
+    python -m eval.training_cost.memory            # writes eval/results/training_cost/memory.md
 
 Tiny (measured): the bytes of every tensor the run holds -- teacher, student (packed base
 codes, scales, LoRA), AdamW state -- and the peak of the tensors autograd saves for one
@@ -20,7 +20,9 @@ from accelerate import init_empty_weights
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+from eval.common.report import results_dir, write_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
 from qdiff.config import LayerOverride, load_config  # noqa: E402
 from qdiff.families import FAMILY_ADAPTERS  # noqa: E402
 
@@ -80,7 +82,7 @@ def main() -> None:
         rows.append(f"| {recipe} | {b['params_M']:.0f} M | {b['teacher']:.2f} GiB | {b['student']:.2f} GiB | "
                     f"{b['lora_grad_adam']:.2f} GiB | {b['teacher'] + b['student'] + b['lora_grad_adam']:.2f} GiB |")
     text = "\n".join(rows) + "\n"
-    (ROOT / "eval" / "results" / "memory.md").write_text(text)
+    write_markdown(results_dir("training_cost") / "memory.md", text)
     print(text)
 
 

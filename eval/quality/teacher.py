@@ -1,37 +1,40 @@
 """Quality of the embedded teacher, in the digits feature network's space.
 
-    python eval/teacher.py                       # 1000 samples, 20 DDIM steps, guidance 1..5
+    python -m eval.quality.teacher                       # 1000 samples, 20 DDIM steps, guidance 1..5
 
 For each guidance scale: class accuracy (the feature network agrees with the requested
 class), FID and sFID against the real held-out digits. Two real-data rows give the scale:
 the train split against the held-out split (what a perfect model of the train split
 would score) and one half of the held-out split against the other. Writes
-eval/results/teacher.md, teacher.json and teacher-samples.png.
+eval/results/quality/teacher.md, teacher.json and teacher-samples.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
 
 import qdiff
-from qdiff.eval.evaluate import (Reference, held_out_digits_reference, reference_from_features,
-                                  score)
+from eval.common.report import results_dir, write_json, write_markdown
+from qdiff.eval.evaluate import (
+    Reference,
+    held_out_digits_reference,
+    reference_from_features,
+    score,
+)
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc
 from qdiff.eval.sampling import SamplingSettings, generate
 from qdiff.models.zoo.digits_data import load_digits_split
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = results_dir("quality")
 METRICS = ("accuracy", "fid", "sfid", "precision", "recall")
 
 
@@ -52,8 +55,7 @@ def real_rows(net, reference: Reference) -> list[dict]:
 
 def write_report(rows: list[dict], settings: dict, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "teacher.json").write_text(json.dumps({"settings": settings, "rows": rows},
-                                                     indent=2) + "\n")
+    write_json(RESULTS / "teacher.json", {"settings": settings, "rows": rows})
     lines = ["# Embedded teacher quality (assets/tiny-ldm-digits)", "",
              f"Command: `{command}`", "",
              f"{settings['num_samples']} samples (classes balanced), {settings['steps']} DDIM "
@@ -69,7 +71,7 @@ def write_report(rows: list[dict], settings: dict, command: str) -> None:
                      f"{row['recall']:.3f} | {row.get('seconds', '')} |")
     lines += ["", f"Samples at guidance {settings['grid_guidance']}: `teacher-samples.png` "
               f"(one row per class).", ""]
-    (RESULTS / "teacher.md").write_text("\n".join(lines))
+    write_markdown(RESULTS / "teacher.md", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                        "grid_guidance": args.grid_guidance,
                        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                        "torch": torch.__version__}
-    write_report(rows, settings_record, "python " + shlex.join(["eval/teacher.py", *sys.argv[1:]]))
+    write_report(rows, settings_record, shlex.join(["python", "-m", "eval.quality.teacher", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What the Hadamard input rotation (quant.rotate_inputs) costs an exported W4A4 Linear.
 
-    python eval/rotation_cost.py           # -> eval/results/rotation-cost.md and .json (~3 min)
-    python eval/rotation_cost.py --quick   # fewer tokens and repeats: checks that it runs
+    python -m eval.speed.rotation_cost           # -> eval/results/speed/rotation-cost.md and .json (~3 min)
+    python -m eval.speed.rotation_cost --quick   # fewer tokens and repeats: checks that it runs
 
 A rotated layer runs `x @ H` (one small matmul per Kronecker factor of H,
 qdiff.quant.rotation) before its integer kernel; everything else is the same layer. For the
@@ -16,21 +16,20 @@ and the rotation alone. The float32 nn.Linear of the same shape is the yardstick
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from eval.common.report import results_dir, write_json, write_markdown
 from qdiff.config import QuantConfig
 from qdiff.export.freeze import freeze_layer
 from qdiff.quant.layers import QuantLinear
 from qdiff.quant.timestep_context import TimestepContext
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir("speed")
 # name -> (in_features, out_features): the layers a video recipe would rotate
 SHAPES = {
     "tiny Wan q/k/v": (96, 96),
@@ -87,14 +86,14 @@ def write_report(stem: str, title: str, command: str, description: str, table: l
     """RESULTS/stem.json (the rows) and stem.md: title, command with threads and torch
     version, what was timed (`description`, after the common part), then `table`."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(RESULTS / f"{stem}.json", {"rows": rows})
     lines = [f"# {title}", "",
              f"Command: `{command}` ({torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, kernel \"auto\")", "",
              "Exported W4A4 Linear layers (per-token dynamic 4-bit activations), one call on "
              "(1, tokens, in) float32 inputs, median ms over repeats taken in turns" + description,
              "", *table]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
 
 
 def write(rows: dict[str, dict], command: str) -> None:
@@ -129,7 +128,7 @@ def run_shapes(description: str, shapes: dict[str, tuple[int, int]],
 
 
 def main() -> None:
-    run_shapes(__doc__.splitlines()[0], SHAPES, measure, write, "python eval/rotation_cost.py")
+    run_shapes(__doc__.splitlines()[0], SHAPES, measure, write, "python -m eval.speed.rotation_cost")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """qdiff against PTQ and full QAT on the embedded teacher, every row in one run.
 
-    python eval/benchmark.py                 # 5 methods x W8A8, W4A8, W4A4, W3A3 (~2.5 h on 2 cores)
-    python eval/benchmark.py --bits w4a4     # one bit width (~40 min)
-    python eval/benchmark.py --quick         # smoke run: few samples and steps -> benchmark-quick.*
+    python -m eval.quality                 # 5 methods x W8A8, W4A8, W4A4, W3A3 (~2.5 h on 2 cores)
+    python -m eval.quality --bits w4a4     # one bit width (~40 min)
+    python -m eval.quality --quick         # smoke run: few samples and steps -> benchmark-quick.*
 
 Methods, each from the bit width's recipe (configs/tiny-ldm-<bits>.yaml):
 - naive PTQ: min-max weight ranges, one min-max activation range for all timesteps;
@@ -25,8 +25,6 @@ against bits), benchmark-training.png (loss against wall time) and benchmark-sam
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import shlex
 import shutil
@@ -40,20 +38,24 @@ import torch
 from torchvision.utils import save_image
 
 import qdiff
+from eval.common.memory import peak_bytes, settle
+from eval.common.plotting import require_matplotlib
+from eval.common.report import results_dir, write_json, write_markdown
 from qdiff.config import load_config
 from qdiff.distill.loop import build_student, distill
-from qdiff.eval.evaluate import held_out_digits_reference, reference_from_features, score
+from qdiff.eval.evaluate import (
+    held_out_digits_reference,
+    reference_from_features,
+    score,
+)
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc
 from qdiff.eval.sampling import SamplingSettings, generate
 from qdiff.export import export_pipeline
 
-from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
-from speed import peak_bytes, reset_peak, rss_bytes  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RESULTS = results_dir("quality")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BIT_WIDTHS = ("w8a8", "w4a8", "w4a4", "w3a3")
 METRICS = ("accuracy", "fid", "sfid", "is", "precision", "recall")
 NOISE = RESULTS / "eval-noise.json"
@@ -72,14 +74,6 @@ QUICK = ["distill.steps=40", "quant.calibration_samples=4", "distill.checkpoint_
 
 # ---------------------------------------------------------------- memory of this process
 
-def _settle() -> int:
-    """Resident bytes after returning freed memory to the system, with the peak reset to it."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    reset_peak()
-    return rss_bytes()
-
-
 # ---------------------------------------------------------------- one row
 
 def build(pipe, cfg, trained: bool) -> tuple[torch.nn.Module, dict]:
@@ -87,7 +81,7 @@ def build(pipe, cfg, trained: bool) -> tuple[torch.nn.Module, dict]:
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run, not a resumed one
     trainable = sum(p.numel() for p in build_student(pipe, cfg, calibrated=False).model.parameters()
                     if p.requires_grad) if trained else 0
-    base = _settle()
+    base = settle()
     start = time.perf_counter()
     student = distill(pipe, cfg, cfg.run_dir) if trained else build_student(pipe, cfg).model
     return student, {"train_s": time.perf_counter() - start if trained else 0.0,
@@ -153,7 +147,7 @@ def run_row(pipe, bits: str, method: str, settings, reference, workdir: Path, ex
 # ---------------------------------------------------------------- report
 
 def noise_floor() -> float:
-    """Largest FID between two FP sample sets of disjoint seeds (eval/noise.py)."""
+    """Largest FID between two FP sample sets of disjoint seeds (eval/quality/noise.py)."""
     pairs = json.loads(NOISE.read_text())["pairs"]
     return max(pair["fid"] for pair in pairs)
 
@@ -182,10 +176,9 @@ def write_table(rows: list[dict], settings: SamplingSettings, command: str, suff
     lines += ["", f"![quality against bits](benchmark{suffix}-quality.png)",
               f"![training loss against wall time](benchmark{suffix}-training.png)",
               f"![samples, one row per table row](benchmark{suffix}-samples.png)"]
-    (RESULTS / f"benchmark{suffix}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"benchmark{suffix}.json").write_text(
-        json.dumps({"command": command, "settings": vars(settings), "noise_floor_fid": floor,
-                    "rows": rows}, indent=2) + "\n")
+    write_markdown(RESULTS / f"benchmark{suffix}.md", "\n".join(lines) + "\n")
+    write_json(RESULTS / f"benchmark{suffix}.json", {"command": command, "settings": vars(settings),
+                                                      "noise_floor_fid": floor, "rows": rows})
 
 
 def plot_quality(rows: list[dict], path: Path) -> None:
@@ -242,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in METHODS] + [b for b in bit_widths if b not in BIT_WIDTHS]
     if unknown:
         parser.error(f"unknown {unknown}; methods: {list(METHODS)}, bits: {list(BIT_WIDTHS)}")
-    require_matplotlib("eval/benchmark.py")
+    require_matplotlib("python -m eval.quality")
     suffix, extra = ("-quick", QUICK) if args.quick else ("", [])
     base = load_config(CONFIGS / "tiny-ldm-w4a4.yaml")
     pipe = qdiff.load_pipeline(base.model.path)
@@ -251,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                                 base.eval.guidance_scale, base.eval.seed, 250)
     reference, fp_row, fp_images = teacher_row(pipe, settings)
     rows, grids = [fp_row], [fp_images]
-    command = "python " + shlex.join(["eval/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "eval.quality", *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
         for bits in bit_widths:
             for method in methods:

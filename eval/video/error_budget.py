@@ -1,6 +1,6 @@
 """Where the W4A4 error of the embedded video teacher comes from: weights or activations, which layers.
 
-    python eval/video_error_budget.py     # -> eval/results/video-error-budget.md and .json
+    python -m eval.video.error_budget     # -> eval/results/video/video-error-budget.md and .json
 
 Each row is configs/tiny-wan-w4a4.yaml's calibrated PTQ student (no training) with the bits
 changed: all layers at W4A4, W8A4 and W4A8, then activations at 8 bits except one group of
@@ -18,21 +18,21 @@ velocities, so their relative error is large and matters little.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 import qdiff
+from eval.common.report import results_dir, write_json, write_markdown
 from qdiff.config import LayerOverride, load_config
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.loop import build_student
 from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import family_for
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = results_dir("video")
 NUM_VIDEOS, SEED = 16, 1234
 FFN_IN, QKV, FFN_OUT, ATTN_OUT = "*ffn.net.0.proj", "*attn1.to_[qkv]", "*ffn.net.2", "*attn1.to_out.0"
 
@@ -103,10 +103,10 @@ def main() -> None:
 
 def write(rows: list[dict], steps: int) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "video-error-budget.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(RESULTS / "video-error-budget.json", {"rows": rows})
     shown = [0, steps // 4, steps // 2, 3 * steps // 4, steps - 1]
     lines = ["# Where the W4A4 error of the embedded video teacher comes from", "",
-             "Command: `python eval/video_error_budget.py`", "",
+             "Command: `python -m eval.video.error_budget`", "",
              f"Calibrated PTQ students of configs/tiny-wan-w4a4.yaml, {NUM_VIDEOS} teacher "
              f"trajectories of {steps} Euler steps; squared error of the guided velocity "
              "relative to the teacher's. Rows after the third keep every activation at 8 bits "
@@ -120,7 +120,7 @@ def write(rows: list[dict], steps: int) -> None:
     for row in rows:
         lines.append(f"| {row['name']} | {row['first_half']:.4f} | "
                      + " | ".join(f"{row['per_step'][i]:.3f}" for i in shown) + " |")
-    (RESULTS / "video-error-budget.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / "video-error-budget.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """What fine-tuning costs at Stable Diffusion's size: full QAT against qdiff, per training step.
 
-    python eval/train_cost.py            # SD-1.5's layout at half its UNet width (~50 min on 2 cores)
-    python eval/train_cost.py --quick    # at a tenth of the width (smoke run)
-    python eval/train_cost.py --normal-weights  # bell-shaped weights -> train-cost-normal.*
+    python -m eval.training_cost            # SD-1.5's layout at half its UNet width (~50 min on 2 cores)
+    python -m eval.training_cost --quick    # at a tenth of the width (smoke run)
+    python -m eval.training_cost --normal-weights  # bell-shaped weights -> train-cost-normal.*
 
 On the embedded teacher (2.5 M parameters) qdiff is not cheaper than full QAT
 (benchmark.md): LoRA at rank 32 is nearly full rank for 32..64-channel layers, and the
 activations, not the weights, fill the memory. Its saving is a property of large layers.
 This measures it where it exists: configs/sd15-w4a4.yaml's distillation, a few steps on
-the SD-1.5-shaped pipeline of eval/speed.py (random weights, 256 x 256 images) with the
+the SD-1.5-shaped pipeline of eval/speed/speed.py (random weights, 256 x 256 images) with the
 UNet at half width (`--width`, 220 M parameters: full QAT of the 860 M-parameter UNet
 does not fit beside its teacher in this machine's 24 GB, it reached 23.9 GB while still
 growing), once per method, each in a fresh process so that one method's freed memory
@@ -27,14 +27,14 @@ cannot hide another's peak. Quality is not measured: the weights are random.
   many weights the grid clips: diffusers' uniform init clips ~3%, so `--normal-weights`.
 
 The teacher runs in float32 (the recipe's bfloat16 has no arithmetic on this CPU: 40x
-slower, eval/results/speed.md); one trajectory of `--steps` DDIM steps, batch 1 with
+slower, eval/results/speed/speed.md); one trajectory of `--steps` DDIM steps, batch 1 with
 classifier-free guidance, calibration on one trajectory, min-max weight ranges (the
 recipe's Lp search takes minutes per student at this size and trains nothing). Columns:
 peak resident memory of the fine-tuning above the process with the teacher loaded,
 median seconds per training step (the first excluded: allocation and kernel warm-up),
 trainable parameters; the JSON also has each child's whole time (student build and
 calibration included, which at this size take most of it).
-Writes eval/results/train-cost.md and .json.
+Writes eval/results/training_cost/train-cost.md and .json.
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ from pathlib import Path
 import torch
 
 import qdiff
+from eval.common.memory import peak_bytes, settle
+from eval.common.report import results_dir, write_json, write_markdown
+from eval.speed.speed import build_sd
 from qdiff.config import load_config
 from qdiff.distill.loop import distill
 
-from benchmark import _settle  # noqa: E402  (eval/ is a folder of scripts)
-from speed import build_sd, peak_bytes  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = results_dir("training_cost")
 CONFIG = ROOT / "configs" / "sd15-w4a4.yaml"
 FLOAT_W0 = ["quant.packed_base_weight=false"]
 FULL_QAT = ["lora.enabled=false", "distill.base_weight_lr=1e-5", *FLOAT_W0]
@@ -111,7 +111,7 @@ def measure(pipe_dir: Path, run_dir: Path, steps: int, method: str) -> dict:
     """One method's costs, in this process (the child of `main`)."""
     pipe = qdiff.load_pipeline(pipe_dir)
     cfg = run_config(pipe_dir, run_dir, steps, METHODS[method])
-    base = _settle()
+    base = settle()
     start = time.perf_counter()
     student = distill(pipe, cfg, run_dir)
     total = time.perf_counter() - start
@@ -126,7 +126,7 @@ def measure(pipe_dir: Path, run_dir: Path, steps: int, method: str) -> dict:
 
 def in_fresh_process(pipe_dir: Path, run_dir: Path, steps: int, method: str, threads: int) -> dict:
     out = run_dir.with_suffix(".json")
-    command = [sys.executable, __file__, "--child", method, "--pipe", str(pipe_dir),
+    command = [sys.executable, "-m", "eval.training_cost.train_cost", "--child", method, "--pipe", str(pipe_dir),
                "--run-dir", str(run_dir), "--steps", str(steps), "--threads", str(threads),
                "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)  # the recipe's prompt file
@@ -147,9 +147,8 @@ def report(rows: list[dict], describe: str, command: str, suffix: str) -> None:
                      f"{r['step_s']:.1f} | {r['step_s'] / qat['step_s']:.2f}x | "
                      f"{r['trainable_params'] / 1e6:.1f} M |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"train-cost{suffix}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"train-cost{suffix}.json").write_text(json.dumps(
-        {"command": command, "describe": describe, "rows": rows}, indent=2) + "\n")
+    write_markdown(RESULTS / f"train-cost{suffix}.md", "\n".join(lines) + "\n")
+    write_json(RESULTS / f"train-cost{suffix}.json", {"command": command, "describe": describe, "rows": rows})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"checkpoint and sample grid) above the process with the teacher loaded; `s / step`: "
                 f"median over the steps after the first; ratios against full QAT with the same "
                 f"gradient checkpointing setting.")
-    command = shlex.join(["python", "eval/train_cost.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "eval.training_cost", *(argv if argv is not None else sys.argv[1:])])
     suffix = ("-quick" if args.quick else "") + ("-normal" if args.normal_weights else "")
     report(rows, describe, command, suffix)
     print((RESULTS / f"train-cost{suffix}.md").read_text())

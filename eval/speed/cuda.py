@@ -1,9 +1,9 @@
 """The exported low-bit SD-sized denoiser on a CUDA GPU: same numbers, speed and memory.
 
-    python eval/speed_cuda.py            # -> eval/results/speed-cuda.md, speed-cuda.json
-    python eval/speed_cuda.py --quick    # SD's layout at a tenth of its width (own files)
+    python -m eval.speed.cuda            # -> eval/results/speed/speed-cuda.md, speed-cuda.json
+    python -m eval.speed.cuda --quick    # SD's layout at a tenth of its width (own files)
 
-Needs a GPU (the project's tests never do). The model is eval/speed.py's
+Needs a GPU (the project's tests never do). The model is eval/speed/speed.py's
 Stable-Diffusion-1.5-sized `UNet2DConditionModel` (860 M random weights, seeded), quantized
 to W4A8 and W4A4 with min-max grids calibrated on random inputs, exported and loaded as a
 run does, all on the GPU. Then, for each low-bit denoiser and kernel ("int8": `_int_mm`;
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -33,10 +32,18 @@ from pathlib import Path
 
 import torch
 
-# eval/ is a folder of scripts
-from speed import BITS, _export, _ratio_cell, build_sd, ratios, sd_inputs, sd_student  # noqa: E402
+from eval.common.report import results_dir, write_json, write_markdown
+from eval.speed.speed import (
+    BITS,
+    build_sd,
+    export_student,
+    ratio_cell,
+    ratios,
+    sd_inputs,
+    sd_student,
+)
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = results_dir("speed")
 KERNELS = ("int8", "float", "auto")
 LATENTS = (32, 64)
 
@@ -79,7 +86,7 @@ def build(quick: bool, workdir: Path) -> dict:
     variants = {"float32": pipe.unet, "bfloat16": copy.deepcopy(pipe.unet).to(torch.bfloat16)}
     for name, bits in BITS.items():
         student, cfg = sd_student(pipe.unet, bits, calibration)
-        variants[name] = _export(pipe, student, cfg, workdir / name).unet.to("cuda")
+        variants[name] = export_student(pipe, student, cfg, workdir / name).unet.to("cuda")
         del student
     return variants
 
@@ -131,7 +138,7 @@ def memory(variants: dict, low_bit: dict, size: int) -> dict:
 
 def report(results: dict, suffix: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"speed-cuda{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS / f"speed-cuda{suffix}.json", results)
     lines = ["# The exported low-bit SD-sized denoiser on a CUDA GPU", "",
              f"Command: `{results['command']}`", "", results["machine"], "",
              "Deviation from the export's reference kernel on the same GPU (max |difference| / "
@@ -148,7 +155,7 @@ def report(results: dict, suffix: str) -> None:
             cells = [f"{1e3 * statistics.median(case['seconds'][name]):.1f}"]
             for teacher in ("float32", "bfloat16"):
                 r = case["ratios"].get(f"{name} vs {teacher}")
-                cells.append(_ratio_cell(r) if r else "")
+                cells.append(ratio_cell(r) if r else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"GPU memory (kernel \"auto\" for the low-bit models), latent {LATENTS[-1]}x{LATENTS[-1]}:", "",
               "| | weights MB | vs float32 | forward peak above weights MB |", "|---|---:|---:|---:|"]
@@ -156,7 +163,7 @@ def report(results: dict, suffix: str) -> None:
     for name, m in mem.items():
         lines.append(f"| {name} | {m['weights'] / 1e6:,.0f} | {m['weights'] / mem['float32']['weights']:.3f} "
                      f"| {m['forward peak'] / 1e6:,.0f} |")
-    (RESULTS / f"speed-cuda{suffix}.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / f"speed-cuda{suffix}.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,11 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("eval/speed_cuda.py needs a CUDA GPU; on the CPU run eval/speed.py.")
+        raise SystemExit("eval/speed/cuda.py needs a CUDA GPU; on the CPU run python -m eval.speed.")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as the float32 teacher ships
     repeats = args.repeats or (3 if args.quick else 20)
     argv = sys.argv[1:] if argv is None else argv
-    results = {"command": shlex.join(["python", "eval/speed_cuda.py", *argv]),
+    results = {"command": shlex.join(["python", "-m", "eval.speed.cuda", *argv]),
                "machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"}
     with tempfile.TemporaryDirectory(prefix="qdiff-speed-cuda-") as tmp:
         variants = build(args.quick, Path(tmp))

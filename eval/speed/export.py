@@ -1,6 +1,6 @@
 """Export of the embedded teacher's students: bytes per bit-width, exactness against the student.
 
-    python eval/export.py        # W8A8, W4A8, W4A4, W3A3 -> eval/results/export.md and .json
+    python -m eval.speed.export        # W8A8, W4A8, W4A4, W3A3 -> eval/results/speed/export.md and .json
 
 Each student is built as a run builds it: `configs/tiny-ldm-<bits>.yaml` (time embedding,
 conv_in and conv_out stay at 8 bit), `quantize_`, then `qdiff.calibrate.calibrate` on a few
@@ -36,14 +36,21 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
 import qdiff
+from eval.common.report import results_dir, write_json, write_markdown
 from qdiff.calibrate import calibrate
 from qdiff.config import load_config
 from qdiff.distill.trajectory import teacher_trajectory
-from qdiff.export import IntLayer, SplitIntLayer, export_pipeline, layer_mismatch, on_grid_reference
+from qdiff.export import (
+    IntLayer,
+    SplitIntLayer,
+    export_pipeline,
+    layer_mismatch,
+    on_grid_reference,
+)
 from qdiff.quant import iter_quant_layers, quantize_
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = results_dir("speed")
 BIT_WIDTHS = ("w8a8", "w4a8", "w4a4", "w3a3")
 LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
 GUIDANCE, STEPS = 2.0, 20
@@ -273,7 +280,7 @@ def _reading(rows: list[dict]) -> list[str]:
 
 def write_report(rows: list[dict], samples: int, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "export.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    write_json(RESULTS / "export.json", {"command": command, "rows": rows})
     lines = [
         "# Export of the embedded teacher's students: size and exactness", "",
         f"Command: `{command}`", "",
@@ -304,7 +311,7 @@ def write_report(rows: list[dict], samples: int, command: str) -> None:
         *[f"| {r['recipe']} | " + " | ".join(f"{v:.3f}" for v in r["seconds_per_forward"].values()) + " |"
           for r in rows],
     ]
-    (RESULTS / "export.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / "export.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         for recipe in args.bits.split(","):
             rows.append(evaluate(pipe, recipe, args.samples, Path(workdir)))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "breakdown"}), flush=True)
-    write_report(rows, args.samples, "python " + shlex.join(["eval/export.py", *sys.argv[1:]]))
+    write_report(rows, args.samples, shlex.join(["python", "-m", "eval.speed.export", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

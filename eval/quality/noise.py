@@ -1,35 +1,38 @@
 """The noise floor of every metric: the embedded teacher against itself with other seeds.
 
-    python eval/noise.py            # 3 pairs of 1000-sample sets, the eval defaults
+    python -m eval.quality.noise            # 3 pairs of 1000-sample sets, the eval defaults
 
 A difference between two models smaller than these numbers cannot be told from the
 luck of the seeds. For each pair of disjoint seed sets: FID, sFID, IS, precision and
 recall of one set against the other, and the change in class accuracy; and for every
 set, FID/sFID against the real held-out digits (their spread is the noise of
-"vs real" comparisons). Writes eval/results/eval-noise.md and eval-noise.json.
+"vs real" comparisons). Writes eval/results/quality/eval-noise.md and eval-noise.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import qdiff
+from eval.common.report import results_dir, write_json, write_markdown
 from qdiff.config import EvalConfig
-from qdiff.eval.evaluate import (Reference, held_out_digits_reference, reference_from_features,
-                                  score)
+from qdiff.eval.evaluate import (
+    Reference,
+    held_out_digits_reference,
+    reference_from_features,
+    score,
+)
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.eval.npz import from_uint8_nhwc
 from qdiff.eval.sampling import SamplingSettings, generate
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = results_dir("quality")
 SEED_STRIDE = 10_000  # batch b of a set uses seed + b: sets this far apart share no seed
 
 
@@ -61,8 +64,7 @@ def measure(pipe, net, real: Reference, settings: SamplingSettings, pairs: int) 
 
 def write_report(result: dict, settings: SamplingSettings, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "eval-noise.json").write_text(json.dumps(
-        {"settings": vars(settings), **result}, indent=2) + "\n")
+    write_json(RESULTS / "eval-noise.json", {"settings": vars(settings), **result})
     names = ["fid", "sfid", "precision", "recall", "is_change", "accuracy_change"]
     lines = ["# Noise floor of the metrics (embedded teacher vs itself, other seeds)", "",
              f"Command: `{command}`", "",
@@ -83,7 +85,7 @@ def write_report(result: dict, settings: SamplingSettings, command: str) -> None
         values = [row[name] for row in result["vs_real"]]
         lines.append(f"| {name} | {np.mean(values):.4f} | {np.std(values):.4f} | "
                      f"{np.min(values):.4f} | {np.max(values):.4f} |")
-    (RESULTS / "eval-noise.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / "eval-noise.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     net, stats = load_feature_net("digits")
     real = held_out_digits_reference(net, stats)
     result = measure(qdiff.load_pipeline(args.pipeline), net, real, settings, args.pairs)
-    write_report(result, settings, "python " + shlex.join(["eval/noise.py", *sys.argv[1:]]))
+    write_report(result, settings, shlex.join(["python", "-m", "eval.quality.noise", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """QVGen on the embedded video teacher: W4A4 with and without Phi, calibrated PTQ, W3A3.
 
-    python eval/video.py            # -> eval/results/video.md, .json, video-training.png, video-frames.png
-    python eval/video.py --quick    # smoke run: few videos and steps -> video-quick.*
-    python eval/video.py --rows "W4A4 calibrated PTQ,W4A4 qdiff" --report video-branches \
+    python -m eval.video            # -> eval/results/video/video.md, .json, video-training.png, video-frames.png
+    python -m eval.video --quick    # smoke run: few videos and steps -> video-quick.*
+    python -m eval.video --rows "W4A4 calibrated PTQ,W4A4 qdiff" --report video-branches \
         distill.target=branches    # a variant of every trained row -> video-branches.*
-    python eval/video.py --rows "W4A4 qdiff" --label "full QAT" --ptq-from video-act-groups-8 \
+    python -m eval.video --rows "W4A4 qdiff" --label "full QAT" --ptq-from video-act-groups-8 \
         --report video-qat quant.act_group_size=8 lora.enabled=false distill.base_weight_lr=1e-5
         # rows named "W4A4 qdiff (full QAT)", gap closed against that report's PTQ row
 
@@ -40,6 +40,9 @@ from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
 import qdiff
+from eval.common.plotting import require_matplotlib
+from eval.common.report import results_dir, write_json, write_markdown
+from eval.video.gaps import gap_closed, same_fp_videos
 from qdiff.config import load_config
 from qdiff.distill.checkpoint import latest_checkpoint
 from qdiff.distill.loop import build_student, distill, student_at
@@ -50,11 +53,8 @@ from qdiff.eval.video_metrics import frame_features, frame_fid, video_metrics
 from qdiff.export import export_pipeline
 from qdiff.families.class_wan import frames_side_by_side
 
-from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
-from video_gaps import gap_closed, same_fp_videos  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RESULTS = results_dir("video")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # row name -> (recipe bits, trained?, overrides of the recipe)
 ROWS: dict[str, tuple[str, bool, list[str]]] = {
     "W4A4 calibrated PTQ": ("w4a4", False, ["aux.enabled=false"]),
@@ -122,7 +122,7 @@ def teacher_videos(pipe, labels: torch.Tensor, settings: SamplingSettings, teach
 def borrowed_ptq_rows(report: str, fp: dict, num_videos: int) -> list[dict]:
     """The calibrated PTQ rows of an earlier report, to measure the gap this run's rows close
     without sampling PTQ again; only when that report scored the same FP videos (to float
-    rounding: video_gaps.FP_MATCH_TOLERANCE)."""
+    rounding: gaps.FP_MATCH_TOLERANCE)."""
     path = RESULTS / f"{report}.json"
     if not path.is_file():
         raise SystemExit(f"--ptq-from {report}: {path} does not exist; name a report in {RESULTS}")
@@ -146,8 +146,7 @@ def reference_ptq(row: dict, rows: list[dict]) -> dict | None:
 
 def write_table(rows: list[dict], cfg, num_videos: int, command: str, report: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{report}.json").write_text(json.dumps(
-        {"command": command, "num_videos": num_videos, "rows": rows}, indent=2) + "\n")
+    write_json(RESULTS / f"{report}.json", {"command": command, "num_videos": num_videos, "rows": rows})
     fp = rows[0]
     lines = ["# QVGen on the embedded video teacher", "", f"Command: `{command}`", "",
              f"{num_videos} videos per row ({num_videos * rows[0]['frames']} frames), "
@@ -180,7 +179,7 @@ def write_table(rows: list[dict], cfg, num_videos: int, command: str, report: st
     if any(row.get("log") for row in rows):
         lines += ["", f"![loss and Phi rank]({report}-training.png)"]
     lines += ["", f"![frames: FP, PTQ, qdiff + Phi]({report}-frames.png)"]
-    (RESULTS / f"{report}.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / f"{report}.md", "\n".join(lines) + "\n")
 
 
 def plot_training(rows: list[dict], path: Path, window: int) -> None:
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; rows: {list(ROWS)}")
-    require_matplotlib("eval/video.py")
+    require_matplotlib("python -m eval.video")
     report = args.report + ("-quick" if args.quick else "")
     extra = [*(QUICK if args.quick else []), *args.overrides]
     num_videos = 20 if args.quick else args.num_videos
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         settings, seed=settings.seed + math.ceil(num_videos / settings.batch_size))
     fp_other_videos = teacher_videos(pipe, labels, other_seeds, teacher, cache)
     fp_other_pool = frame_features(net, fp_other_videos).pool
-    command = "python " + shlex.join(["eval/video.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "eval.video", *(sys.argv[1:] if argv is None else argv)])
 
     def scored(name: str, videos: torch.Tensor, extra_fields: dict) -> dict:
         metrics = video_metrics(net, videos, labels, reference=fp_videos, real_pool=real)

@@ -1,7 +1,7 @@
 """What one clipped weight costs the low-rank LoRA backward, against the dense weight gradient.
 
-    python eval/gather_cost.py          # ~3 min on 2 cores
-    python eval/gather_cost.py --quick  # a quarter of the tokens and widths (smoke run)
+    python -m eval.training_cost.gather_cost          # ~3 min on 2 cores
+    python -m eval.training_cost.gather_cost --quick  # a quarter of the tokens and widths (smoke run)
 
 `lora.low_rank_backward` corrects B's and A's gradients at the clipped weights with one
 dot product over tokens per clipped entry (`GradOps.weight_grad_at`): gathered,
@@ -11,25 +11,24 @@ gathered multiply-add over that of a dense one, decides per call which way `lora
 goes. This times both, interleaved, median of `--repeats`, on SD-1.5 layer shapes at two
 clipped shares; the slope between the two shares is the cost per entry (what is left at
 zero entries -- the transposed copies a Linear's gathers read from -- is reported apart).
-Writes eval/results/gather-cost.md and .json.
+Writes eval/results/training_cost/gather-cost.md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from eval.common.report import results_dir, write_json, write_markdown
 from qdiff.quant.lora_backward import GATHER_COST, Conv2dGradOps, GradOps, LinearGradOps
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir("training_cost")
 # (label, kind, in channels, out channels, input size): batch 2 (guidance), SD's 64x64 latents
 SHAPES = [("attention q/k/v, 32x32 tokens, 640 wide", "linear", 640, 640, (2, 1024)),
           ("FFN in, 32x32 tokens, 640 -> 5120", "linear", 640, 5120, (2, 1024)),
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         ops, x, grad, shape = operands(kind, cin // divide, cout // divide, size, gen)
         rows.append({"layer": label, **measure(ops, x, grad, shape, args.repeats)})
         print(rows[-1], flush=True)
-    command = shlex.join(["python", "eval/gather_cost.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "eval.training_cost.gather_cost", *(argv if argv is not None else sys.argv[1:])])
     low, high = (str(share) for share in SHARES)
     ratios = [row["cost_ratio"] for row in rows]
     lines = ["# Cost of the low-rank backward's correction per clipped weight", "",
@@ -116,10 +115,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{max(ratios):.0f}; `qdiff.quant.lora_backward.GATHER_COST` is {GATHER_COST:g}."]
     RESULTS.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    (RESULTS / f"gather-cost{suffix}.json").write_text(
-        json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    write_json(RESULTS / f"gather-cost{suffix}.json", {"command": command, "rows": rows})
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"gather-cost{suffix}.md").write_text(text)
+    write_markdown(RESULTS / f"gather-cost{suffix}.md", text)
     print(text)
 
 

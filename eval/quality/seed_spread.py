@@ -1,7 +1,7 @@
 """Is a recipe change bigger than the spread between training runs? Several seeds per variant.
 
-    python eval/seed_spread.py                     # the W4A4 recipe with and without split inputs
-    python eval/seed_spread.py --seeds 1,2,3 --variant "rank 8=lora.rank=8"
+    python -m eval.quality.seed_spread                     # the W4A4 recipe with and without split inputs
+    python -m eval.quality.seed_spread --seeds 1,2,3 --variant "rank 8=lora.rank=8"
 
 One distilled student's FID to FP moves by about 0.05 from run to run: the run's seed
 draws LoRA's initialisation, the calibration and training trajectories, and on CPU the
@@ -9,11 +9,11 @@ thread count changes the order of float sums, which the chaotic sampling path am
 So a single run per recipe cannot tell changes of that size apart. This trains
 configs/tiny-ldm-w4a4.yaml once per (variant, seed) -- `--parallel` runs at a time, one
 thread each, which on 2 cores finishes two runs in about the time of one 2-thread run --
-then scores every student as eval/finetune.py does (1000 samples, the FP row's seeds,
+then scores every student as eval/quality/finetune.py does (1000 samples, the FP row's seeds,
 FID to the FP samples) and reports each variant's mean and range. A run that keeps a moving
 average (`distill.ema_decay`) is scored twice, its average and its last step's weights: the
 same training, so their difference is the average's alone.
-Writes eval/results/seed-spread.md and .json (or --report's name).
+Writes eval/results/quality/seed-spread.md and .json (or --report's name).
 """
 
 from __future__ import annotations
@@ -28,17 +28,17 @@ import time
 from pathlib import Path
 
 import qdiff
+from eval.common.report import results_dir, write_json, write_markdown
+from eval.quality.ptq import evaluate_row, evaluate_teacher
+from eval.quality.step_sensitivity import distilled_student
 from qdiff.config import load_config
 from qdiff.distill.checkpoint import latest_checkpoint
 from qdiff.distill.ema import EMA_FILE
 from qdiff.eval.sampling import SamplingSettings
 from qdiff.families import family_for
 
-from ptq import evaluate_row, evaluate_teacher  # noqa: E402  (eval/ is a folder of scripts)
-from step_sensitivity import distilled_student  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = results_dir("quality")
 CONFIG = ROOT / "configs" / "tiny-ldm-w4a4.yaml"
 OUTPUT = ROOT / "runs" / "bench-spread"
 DEFAULT_VARIANTS = ["recipe (split concatenated inputs)=",
@@ -90,8 +90,7 @@ def summary(rows: list[dict], labels: list[str]) -> list[str]:
 def write_report(rows: list[dict], labels: list[str], settings: SamplingSettings, command: str,
                  report: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{report}.json").write_text(json.dumps({"settings": vars(settings), "rows": rows},
-                                                         indent=2) + "\n")
+    write_json(RESULTS / f"{report}.json", {"settings": vars(settings), "rows": rows})
     lines = ["# Run-to-run spread of the distilled W4A4 student", "", f"Command: `{command}`", "",
              f"configs/tiny-ldm-w4a4.yaml, one distillation per (variant, seed), each on one thread; "
              f"{settings.num_samples} samples per student, {settings.steps} DDIM steps, guidance "
@@ -101,7 +100,7 @@ def write_report(rows: list[dict], labels: list[str], settings: SamplingSettings
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['seed']} | {r['accuracy']:.2%} | {r['fid']:.3f} | "
               f"{r['fid_to_fp']:.3f} | {r['loss']:.5f} |" for r in rows]
-    (RESULTS / f"{report}.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / f"{report}.md", "\n".join(lines) + "\n")
 
 
 def last_loss(run_dir: Path) -> float:
@@ -150,7 +149,7 @@ def main() -> None:
                          **scores})
             print(rows[-1], flush=True)
     write_report(rows, labels, settings,
-                 "python " + shlex.join(["eval/seed_spread.py", *sys.argv[1:]]), args.report)
+                 shlex.join(["python", "-m", "eval.quality.seed_spread", *sys.argv[1:]]), args.report)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Speed and memory of the exported W4A8 / W4A4 pipelines against their float teacher.
 
-    python eval/speed.py              # -> eval/results/speed.md, speed.json, speed.png
-    python eval/speed.py --quick      # small sizes, few repeats: checks that it runs (own files)
-    python eval/speed.py --no-bf16-sampling   # CPUs without bfloat16 instructions (see --help)
+    python -m eval.speed              # -> eval/results/speed/speed.md, speed.json, speed.png
+    python -m eval.speed --quick      # small sizes, few repeats: checks that it runs (own files)
+    python -m eval.speed --no-bf16-sampling   # CPUs without bfloat16 instructions (see --help)
 
 Two models, each run side by side in one process: the embedded teacher
 (assets/tiny-ldm-digits) and a Stable-Diffusion-1.5-sized `UNet2DConditionModel`
@@ -41,21 +41,27 @@ from typing import Callable
 
 import torch
 import torch._inductor.config
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import qdiff
+from eval.common.memory import peak_bytes, reset_peak, rss_bytes  # noqa: F401  (PROBE and other suites)
+from eval.common.plotting import require_matplotlib
+from eval.common.report import machine, results_dir, write_json, write_markdown
 from qdiff.calibrate import calibrate
 from qdiff.config import LayerOverride, LoRAConfig, QuantConfig, load_config
 from qdiff.export import export_pipeline
 from qdiff.kernels import choices, integer_kernel
 from qdiff.quant import calibrating, quantize_, set_timesteps
 
-from plotting import require_matplotlib  # noqa: E402  (eval/ is a folder of scripts)
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = results_dir("speed")
 BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
 TEACHERS = ("float32", "bfloat16")
 EIGHT_BIT = ("time_embedding.*", "conv_in", "conv_out")  # EfficientDM's higher-precision layers
@@ -144,7 +150,7 @@ def sd_case(workdir: Path, quick: bool, steps: int) -> Case:
     pipes = {"float32": pipe}
     for name, bits in BITS.items():
         student, cfg = sd_student(pipe.unet, bits, calibration)
-        pipes[name] = _export(pipe, student, cfg, workdir / f"sd-{name}")
+        pipes[name] = export_student(pipe, student, cfg, workdir / f"sd-{name}")
         del student
     pipes["bfloat16"] = copy.deepcopy(pipe).to(torch.bfloat16)
     size = 8 * pipe.unet.config.sample_size
@@ -180,7 +186,7 @@ def digits_case(workdir: Path, steps: int, calibration_samples: int) -> Case:
         quantize_(student, cfg.quant, LoRAConfig(enabled=False))
         calibrate(student, pipe, calibration_samples, cfg.distill.trajectory_steps, cfg.distill.eta,
                   cfg.distill.guidance_scale, batch_size=calibration_samples, seed=cfg.seed)
-        pipes[name] = _export(pipe, student, cfg.quant, workdir / f"digits-{name}")
+        pipes[name] = export_student(pipe, student, cfg.quant, workdir / f"digits-{name}")
     pipes["bfloat16"] = copy.deepcopy(pipe).to(torch.bfloat16)
 
     def forward(p):
@@ -198,7 +204,7 @@ def digits_case(workdir: Path, steps: int, calibration_samples: int) -> Case:
                 f"sampling {steps} DDIM steps")
 
 
-def _export(pipe, student, quant_cfg: QuantConfig, folder: Path):
+def export_student(pipe, student, quant_cfg: QuantConfig, folder: Path):
     export_pipeline(pipe, student, folder, quant_cfg)
     loaded = qdiff.load_pipeline(folder)
     loaded.set_progress_bar_config(disable=True)
@@ -259,8 +265,8 @@ torch.set_num_threads(int(sys.argv[4]))
 import qdiff
 from diffusers import UNet2DConditionModel
 from qdiff.export import QuantizedUNet2DConditionModel
-sys.path.insert(0, sys.argv[5])
-from speed import sd_inputs, rss_bytes, reset_peak, peak_bytes
+from eval.common.memory import rss_bytes, reset_peak, peak_bytes
+from eval.speed.speed import sd_inputs
 base = rss_bytes()
 folder, variant = sys.argv[1], sys.argv[2]
 dtype = torch.bfloat16 if variant == "bfloat16" else torch.float32
@@ -277,25 +283,6 @@ json.dump({"resident": resident, "peak": peak_bytes() - base}, open(sys.argv[3],
 """
 
 
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}: peak memory needs Linux.")
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from VmRSS
-
-
 # glibc's malloc raises its mmap threshold each time a large block is freed, so later blocks
 # of that size come from the heap, where freed memory stays resident when fragmented. A fixed
 # threshold (the environment variable; any value turns the adjustment off) returns every block
@@ -307,9 +294,8 @@ def peak_memory(folder: Path, variant: str, threads: int, workdir: Path, env: di
     """Resident and peak-forward bytes of the denoiser in `folder`, in a fresh process
     whose environment adds `env`."""
     out = workdir / f"memory-{variant}.json"
-    result = subprocess.run([sys.executable, "-c", PROBE, str(folder), variant, str(out), str(threads),
-                             str(Path(__file__).parent)], capture_output=True, text=True,
-                            env={**os.environ, **env})
+    result = subprocess.run([sys.executable, "-c", PROBE, str(folder), variant, str(out), str(threads)],
+                            capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"memory probe of {variant} failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -327,13 +313,13 @@ def sd_memory(case: Case, workdir: Path, threads: int) -> dict:
 
 # ---------------------------------------------------------------- report
 
-def _ratio_cell(r: dict) -> str:
+def ratio_cell(r: dict) -> str:
     return f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})"
 
 
 def report(results: dict, command: str, suffix: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"speed{suffix}.json").write_text(json.dumps({"command": command, **results}, indent=2) + "\n")
+    write_json(RESULTS / f"speed{suffix}.json", {"command": command, **results})
     lines = ["# Speed of the exported low-bit pipelines against their float teacher", "",
              f"Command: `{command}`", "", results["machine"], "",
              "Ratios: teacher time / low-bit time per repeat (> 1: the low-bit pipeline is faster), "
@@ -350,7 +336,7 @@ def report(results: dict, command: str, suffix: str) -> None:
                           f"{statistics.median(m['seconds'][v]):.3f}" for v in variants) + " |"]
             for teacher in teachers(m["seconds"]):
                 lines.append(f"| {teacher} time / this | " + " | ".join(
-                    _ratio_cell(m["ratios"][f"{v} vs {teacher}"]) if v in low_bit(m["seconds"]) else ""
+                    ratio_cell(m["ratios"][f"{v} vs {teacher}"]) if v in low_bit(m["seconds"]) else ""
                     for v in variants) + " |")
             if "bfloat16" not in m["seconds"]:
                 lines += ["", "(bfloat16 not timed: `--no-bf16-sampling`)"]
@@ -368,10 +354,10 @@ def report(results: dict, command: str, suffix: str) -> None:
                     f"{mem[v]['peak'] / base:.3f}" for v in variants) + " |")
             lines += ["", "Fixed mmap threshold: `MALLOC_MMAP_THRESHOLD_=1048576`, so glibc returns "
                       "every freed block of 1 MB or more; by default it keeps freed heap memory "
-                      "resident when fragmented (`ALLOCATORS` in eval/speed.py)."]
+                      "resident when fragmented (`ALLOCATORS` in eval/speed/speed.py)."]
         lines += ["", f"Kernels \"auto\" picked: {case['kernels']}", ""]
     lines.append(f"![median speed-up over float32 and bfloat16](speed{suffix}.png)")
-    (RESULTS / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / f"speed{suffix}.md", "\n".join(lines) + "\n")
     plot(results, RESULTS / f"speed{suffix}.png")
 
 
@@ -415,10 +401,7 @@ def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool,
 
 
 def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown model"
+    return machine()["cpu"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -434,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(on a CPU without bfloat16 instructions it is many times slower than "
                              "float32: an hour of sampling)")
     args = parser.parse_args(argv)
-    require_matplotlib("eval/speed.py")
+    require_matplotlib("python -m eval.speed")
     torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()
     repeats = args.repeats or (3 if args.quick else 7)
@@ -454,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
             measured = measure_case(case, repeats, max(2, repeats // 2), args.compile, args.bf16_sampling)
             measured["memory"] = sd_memory(case, workdir, args.threads)
             results["cases"].append(measured)
-    command = "python eval/speed.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m eval.speed" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     report(results, command, "-quick" if args.quick else "")
     print((RESULTS / f"speed{'-quick' if args.quick else ''}.md").read_text())
 

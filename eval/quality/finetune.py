@@ -1,8 +1,8 @@
 """Data-free distillation against its starting point (calibrated PTQ), side by side in one run.
 
-    python eval/finetune.py                      # W4A8, W4A4, W3A3 recipes of configs/
-    python eval/finetune.py --ablation           # and, at W4A4, the steps from EfficientDM's objective
-    python eval/finetune.py --bits w4a4 --report finetune-no-split name=w4a4-no-split \
+    python -m eval.quality.finetune                      # W4A8, W4A4, W3A3 recipes of configs/
+    python -m eval.quality.finetune --ablation           # and, at W4A4, the steps from EfficientDM's objective
+    python -m eval.quality.finetune --bits w4a4 --report finetune-no-split name=w4a4-no-split \
         quant.split_concat_inputs=false        # the W4A4 recipe without split inputs
 
 For each recipe (configs/tiny-ldm-<bits>.yaml): calibrated PTQ (Lp-searched weight ranges,
@@ -11,14 +11,13 @@ when the recipe sets other weight ranges or splits concatenated inputs, and the 
 with the FP teacher's seeds and scored in the digits feature network's space: class
 accuracy, FID/sFID against the real held-out digits, and FID to the FP samples (same
 seeds), whose noise floor is in eval-noise.md. `gap closed` = how much of calibrated
-PTQ's FID-to-FP distillation removes. Writes eval/results/finetune.md and .json (or
+PTQ's FID-to-FP distillation removes. Writes eval/results/quality/finetune.md and .json (or
 --report's name).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import sys
@@ -26,14 +25,14 @@ import time
 from pathlib import Path
 
 import qdiff
+from eval.common.report import results_dir, write_json, write_markdown
+from eval.quality.ptq import evaluate_row, evaluate_teacher
 from qdiff.config import load_config
 from qdiff.distill.loop import build_student, distill
 from qdiff.eval.sampling import SamplingSettings
 
-from ptq import evaluate_row, evaluate_teacher  # noqa: E402  (eval/ is a folder of scripts)
-
-RESULTS = Path(__file__).parent / "results"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RESULTS = results_dir("quality")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _with_unet(pipe, unet):
@@ -107,8 +106,7 @@ def run_recipe(pipe, recipe: str, settings, net, real, fp, overrides: list[str],
 
 def write_report(rows: list[dict], settings: SamplingSettings, command: str, report: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{report}.json").write_text(json.dumps({"settings": vars(settings), "rows": rows},
-                                                      indent=2) + "\n")
+    write_json(RESULTS / f"{report}.json", {"settings": vars(settings), "rows": rows})
     lines = ["# Distillation vs calibrated PTQ on the embedded teacher", "",
              f"Command: `{command}`", "",
              f"{settings.num_samples} samples per row, {settings.steps} DDIM steps, guidance "
@@ -126,7 +124,7 @@ def write_report(rows: list[dict], settings: SamplingSettings, command: str, rep
         lines.append(f"| {row['method']} | {row['bits']} | {row['accuracy']:.2%} | {row['fid']:.3f} "
                      f"| {row['sfid']:.3f} | {row['fid_to_fp']:.3f} | {closed} | "
                      f"{row.get('distill_min', '')} |")
-    (RESULTS / f"{report}.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / f"{report}.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in args.bits.split(","):
         rows += run_recipe(pipe, recipe, settings, net, real, fp, args.overrides, args.ablation)
         print(rows[-1], flush=True)
-        write_report(rows, settings, "python " + shlex.join(["eval/finetune.py", *sys.argv[1:]]),
+        write_report(rows, settings, shlex.join(["python", "-m", "eval.quality.finetune", *sys.argv[1:]]),
                      args.report)
 
 
