@@ -71,7 +71,8 @@ class ActCodesModule(nn.Module):
             getattr(self, name).copy_(value)
 
     def zero_points_on_grid(self) -> bool:
-        """Whether every zero point it can produce lies in [qmin, qmax]."""
+        """Whether every zero point it can produce lies in [qmin, qmax] (true by default:
+        a zero point derived from a range, as per-token grids do, lies there)."""
         return True
 
     def forward(self, x: torch.Tensor) -> ActCodes:  # pragma: no cover - abstract

@@ -18,7 +18,7 @@ below say "none". To export, `export_table` names a granularity that a codes mod
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ class UnknownActModeError(QdiffError, ValueError):
 
 
 Q = TypeVar("Q", bound=type)
-_ACT_QUANTIZERS: Dict[str, type] = {}
+_ACT_QUANTIZERS: dict[str, type] = {}
 
 
 def register_act_quantizer(mode: str) -> Callable[[Q], Q]:
@@ -130,7 +130,7 @@ def unregister_act_quantizer(mode: str) -> None:
     del _ACT_QUANTIZERS[mode]
 
 
-def act_modes() -> Tuple[str, ...]:
+def act_modes() -> tuple[str, ...]:
     """The registered `quant.act_mode` values, in registration order."""
     return tuple(_ACT_QUANTIZERS)
 
