@@ -45,6 +45,17 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ConfigError(f"{name}='{value}' is not allowed; choose one of {list(choices)}.{hint}")
 
 
+def act_modes() -> tuple[str, ...]:
+    """The registered `quant.act_mode` values (`qdiff.quant.register_act_quantizer`)."""
+    from qdiff.quant import act_modes as registered  # late: qdiff.quant imports this module
+    return registered()
+
+
+def _act_quantizer_class(mode: str) -> type:
+    from qdiff.quant import act_quantizer_class
+    return act_quantizer_class(mode)
+
+
 def _check_finite(name: str, value: float, allowed: str = "") -> None:
     if not math.isfinite(value):
         raise ConfigError(f"{name}={value} is not a finite number; give a number"
@@ -139,7 +150,9 @@ class QuantConfig:
     lp_norm: float = 2.4
     learn_zero_point: bool = False  # LSQ+ instead of LSQ
     lsq_grad_scale: bool = True  # scale step-size gradients by 1/sqrt(numel * qmax)
-    act_mode: str = "temporal"  # "temporal" (LSQ table per timestep) or "dynamic_per_token"
+    # "temporal" (LSQ table per timestep), "dynamic_per_token", or a mode registered with
+    # qdiff.quant.register_act_quantizer
+    act_mode: str = "temporal"
     act_init: str = "mse"  # temporal: "mse" (Lp search) or "minmax" over the observed range
     act_per_timestep: bool = True  # temporal: False starts every timestep from one pooled range
     act_timestep_groups: int = 10  # dynamic_per_token: clipping ratios per bucket of timesteps
@@ -163,16 +176,17 @@ class QuantConfig:
         _check_bits("quant.weight_bits", self.weight_bits)
         _check_bits("quant.act_bits", self.act_bits)
         _check_choice("quant.weight_init", self.weight_init, ("minmax", "mse"))
-        _check_choice("quant.act_mode", self.act_mode, ("temporal", "dynamic_per_token"))
+        _check_choice("quant.act_mode", self.act_mode, act_modes())
         _check_choice("quant.act_init", self.act_init, ("minmax", "mse"))
         _check_range("quant.lp_norm", self.lp_norm, 1.0)
         _check_range("quant.calibration_samples", self.calibration_samples, 1)
         _check_range("quant.act_timestep_groups", self.act_timestep_groups, 1)
         _check_range("quant.act_group_size", self.act_group_size, 0)
-        if self.act_group_size and self.act_mode != "dynamic_per_token":
+        grouped = [mode for mode in act_modes() if _act_quantizer_class(mode).channel_groups]
+        if self.act_group_size and self.act_mode not in grouped:
             raise ConfigError(f"quant.act_group_size={self.act_group_size} needs "
-                              f"quant.act_mode=dynamic_per_token (a per-tensor step size has no "
-                              f"token to group); set act_group_size=0 or change act_mode.")
+                              f"quant.act_mode={' or '.join(grouped)} (a per-tensor step size has "
+                              f"no token to group); set act_group_size=0 or change act_mode.")
 
 
 @_finite_floats("lora")

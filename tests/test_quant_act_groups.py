@@ -33,8 +33,8 @@ def _tokens(channels: int, loud_channel: int = 3, seed: int = 0) -> torch.Tensor
 def test_each_group_is_quantized_as_a_token_of_its_own(symmetric):
     """The grouped quantizer equals the ungrouped one applied to every group alone."""
     context = TimestepContext()
-    grouped = DynamicActQuantizer(4, context, symmetric, num_groups=2, group_size=8)
-    whole = DynamicActQuantizer(4, context, symmetric, num_groups=2)
+    grouped = DynamicActQuantizer(4, context, symmetric=symmetric, num_groups=2, group_size=8)
+    whole = DynamicActQuantizer(4, context, symmetric=symmetric, num_groups=2)
     with torch.no_grad():
         for quantizer in (grouped, whole):
             quantizer.clip_ratio.copy_(torch.tensor([0.9, 0.7]))

@@ -13,17 +13,24 @@ Per call a layer's own work is small, so the lookup is kept off the hot path: th
 context finds the nearest entry once per call for all layers that share a table, and
 where all samples share it (one timestep per batch, as samplers call) each layer reuses
 its entry's (scale, zero point) tensors, made once per entry, dtype and device.
+
+Each codes module computes one `act_granularity` of the format and is registered under
+it (`register_act_codes`): the loader builds the module a layer's spec names, and the
+freeze loads the student quantizer's `ActQuantizer.export_table` into it.
 """
 
 from __future__ import annotations
 
-from typing import Hashable, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Hashable, Mapping, NamedTuple, Optional, TypeVar
 
 import torch
 from torch import nn
 
 from qdiff.quant.primitives import grid_codes, int_range, per_token_grid
 from qdiff.quant.timestep_context import TimestepContext, nearest_index
+
+if TYPE_CHECKING:
+    from .format import LayerSpec
 
 
 class ActCodes(NamedTuple):
@@ -38,10 +45,70 @@ class ActCodes(NamedTuple):
     scale: torch.Tensor
 
 
-class TimestepActCodes(nn.Module):
+class ActCodesModule(nn.Module):
+    """Base of the exported layers' activation modules: `forward(x)` gives `ActCodes`.
+
+    `granularity` is the format's `act_granularity` it computes (set by
+    `register_act_codes`); its buffers are the table that `load_table` fills.
+    """
+
+    granularity: ClassVar[str] = ""
+    channel_groups: ClassVar[bool] = False  # whether a spec may give it `act_group_size` > 0
+    one_grid_per_sample: ClassVar[bool] = False  # a convolution then has an integer form
+    qmin: int
+    qmax: int
+
+    @classmethod
+    def from_spec(cls, spec: "LayerSpec", context: TimestepContext, channel_dim: int) -> "ActCodesModule":
+        """An empty (not yet loaded) module for a layer of `spec`; `channel_dim` is the
+        input's feature dim (-1 for Linear, 1 for convolutions)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def load_table(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy a frozen table (`ActTable.tensors`: buffer name -> values) into the buffers."""
+        for name, value in tensors.items():
+            getattr(self, name).copy_(value)
+
+    def zero_points_on_grid(self) -> bool:
+        """Whether every zero point it can produce lies in [qmin, qmax] (true by default:
+        a zero point derived from a range, as per-token grids do, lies there)."""
+        return True
+
+    def forward(self, x: torch.Tensor) -> ActCodes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+C = TypeVar("C", bound=type)
+ACT_CODES: dict[str, type] = {}
+
+
+def register_act_codes(granularity: str) -> Callable[[C], C]:
+    """Class decorator: the format's `act_granularity: granularity` loads into this
+    `ActCodesModule` subclass."""
+    def register(cls: C) -> C:
+        if not (isinstance(cls, type) and issubclass(cls, ActCodesModule)):
+            raise TypeError(f"register_act_codes({granularity!r}) decorates an ActCodesModule "
+                            f"subclass, not {cls!r}.")
+        if granularity in ACT_CODES:
+            raise ValueError(f"Activation granularity {granularity!r} is taken by "
+                             f"{ACT_CODES[granularity].__name__}; registered: {list(ACT_CODES)}.")
+        cls.granularity = granularity
+        ACT_CODES[granularity] = cls
+        return cls
+    return register
+
+
+def unregister_act_codes(granularity: str) -> None:
+    """Remove a registered granularity (files naming it are refused from then on)."""
+    del ACT_CODES[granularity]
+
+
+@register_act_codes("per_tensor_per_timestep")
+class TimestepActCodes(ActCodesModule):
     """Per-tensor step size and zero point looked up by timestep (temporal LSQ, frozen)."""
 
-    granularity = "per_tensor_per_timestep"
+    one_grid_per_sample = True
 
     def __init__(self, bits: int, symmetric: bool, table_size: int,
                  context: Optional[TimestepContext] = None) -> None:
@@ -54,8 +121,16 @@ class TimestepActCodes(nn.Module):
         self.register_buffer("zero_point", torch.zeros(table_size))
         self._forget_entries()
 
+    @classmethod
+    def from_spec(cls, spec: "LayerSpec", context: TimestepContext, channel_dim: int) -> "TimestepActCodes":
+        return cls(spec.act_bits, spec.act_symmetric, spec.act_table_size, context)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, timesteps={self.timesteps.numel()}"
+
+    def zero_points_on_grid(self) -> bool:
+        """A table entry off the grid (a learned zero point) is possible."""
+        return bool(((self.zero_point >= self.qmin) & (self.zero_point <= self.qmax)).all())
 
     def forward(self, x: torch.Tensor) -> ActCodes:
         scale, zero_point = self.grid(x)
@@ -121,7 +196,8 @@ class TimestepActCodes(nn.Module):
         return super()._apply(fn, recurse)
 
 
-class TokenActCodes(nn.Module):
+@register_act_codes("per_token")
+class TokenActCodes(ActCodesModule):
     """Per-token grid from each token's clipped range; the clip ratio by timestep group.
 
     With `group_size` > 0 each token has one grid per that many consecutive channels (the
@@ -129,7 +205,7 @@ class TokenActCodes(nn.Module):
     the shape of the input, one value per channel (those of its group).
     """
 
-    granularity = "per_token"
+    channel_groups = True
 
     def __init__(self, bits: int, symmetric: bool, num_groups: int, channel_dim: int,
                  context: Optional[TimestepContext] = None, group_size: int = 0) -> None:
@@ -140,6 +216,11 @@ class TokenActCodes(nn.Module):
         self.context = context or TimestepContext()
         self.register_buffer("clip_ratio", torch.ones(num_groups))
         self.register_buffer("group_edges", torch.zeros(max(num_groups - 1, 0)))
+
+    @classmethod
+    def from_spec(cls, spec: "LayerSpec", context: TimestepContext, channel_dim: int) -> "TokenActCodes":
+        return cls(spec.act_bits, spec.act_symmetric, spec.act_table_size, channel_dim, context,
+                   spec.act_group_size)
 
     def extra_repr(self) -> str:
         grouping = f", group_size={self.group_size}" if self.group_size else ""
@@ -177,14 +258,7 @@ class TokenActCodes(nn.Module):
         return scale.movedim(-1, self.channel_dim), zero_point.movedim(-1, self.channel_dim)
 
 
-ActCodesModule = Union[TimestepActCodes, TokenActCodes]
-
-
 def centres_codes(act: ActCodesModule) -> bool:
     """Whether `code - zp` fits int8 for every grid the module can produce (the fast
     kernels' activation operand then needs no zero-point term; see `qdiff.kernels.int8_acts`)."""
-    if act.qmax - act.qmin > 127:
-        return False
-    if isinstance(act, TimestepActCodes):  # a table entry off the grid would not fit
-        return bool(((act.zero_point >= act.qmin) & (act.zero_point <= act.qmax)).all())
-    return True  # per-token zero points are derived inside [qmin, qmax]
+    return act.qmax - act.qmin <= 127 and act.zero_points_on_grid()

@@ -10,8 +10,9 @@ paid per call: the weights are int8 operands prepared once (`Int8Weight`), not d
 from packed bytes, and the sum runs on the kernel the registry gives for the layer's
 setting and these operands (`qdiff.kernels.candidates`; "auto" times them per shape).
 
-A per-token convolution (a step size per input position) has no integer form: the
-positions of one patch carry different scales. It runs the reference computation.
+A convolution whose activation grid varies within a sample (per token: a step size per
+input position) has no integer form: the positions of one patch carry different scales.
+It runs the reference computation (`ActCodesModule.one_grid_per_sample`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import torch
 
 from qdiff.kernels import Int8Acts, Kernel, candidates, int8_acts, pick
 from qdiff.kernels.base import sample_zero
-
-from .act_codes import TokenActCodes
 
 if TYPE_CHECKING:
     from .int_layers import IntLayer, IntLinear, _IntConv
@@ -66,7 +65,7 @@ def linear_forward(layer: "IntLinear", x: torch.Tensor) -> torch.Tensor:
 
 
 def conv_forward(layer: "_IntConv", x: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer.act, TokenActCodes):
+    if not layer.act.one_grid_per_sample:
         return layer.reference_forward(x)
     weight, dtype = layer.int8_weight(), _out_dtype(x)
     acts = int8_acts(layer.act, x, layer.centred_acts())

@@ -41,7 +41,6 @@ QUANT_METHOD = "qdiff"
 FORMAT_VERSION = 5
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-ACT_GRANULARITIES = ("per_tensor_per_timestep", "per_token")
 LAYER_TYPES = ("Linear", "Conv2d", "Conv3d")
 INPUT_ROTATIONS = ("none", "hadamard")
 
@@ -87,8 +86,8 @@ class LayerSpec:
         shape, split = data["weight_shape"], data["act_split"]
         problems = [
             data["type"] not in LAYER_TYPES and f"type {data['type']!r} is not one of {LAYER_TYPES}",
-            data["act_granularity"] not in ACT_GRANULARITIES
-            and f"act_granularity {data['act_granularity']!r} is not one of {ACT_GRANULARITIES}",
+            data["act_granularity"] not in _act_codes()
+            and f"act_granularity {data['act_granularity']!r} is not one of {tuple(_act_codes())}",
             not all(_is_int(data[key], 2, 8) for key in ("weight_bits", "act_bits"))
             and "bits must be integers in 2..8",
             not _is_int(data["act_table_size"], 1) and "act_table_size must be a positive integer",
@@ -111,6 +110,12 @@ class LayerSpec:
         return cls(**{**data, "weight_shape": tuple(shape), "act_split": tuple(split)})
 
 
+def _act_codes() -> Mapping[str, type]:
+    """The registered act_granularity values -> their codes modules (`act_codes.ACT_CODES`)."""
+    from .act_codes import ACT_CODES  # late: this module reads JSON and needs no torch until here
+    return ACT_CODES
+
+
 def _group_problem(data: Mapping[str, Any]) -> str:
     """What is wrong with a layer's `act_group_size`, or "" (checked after the other keys)."""
     group, shape, split = data["act_group_size"], data["weight_shape"], data["act_split"]
@@ -118,8 +123,9 @@ def _group_problem(data: Mapping[str, Any]) -> str:
         return "act_group_size must be a non-negative integer"
     if group == 0:
         return ""
-    if data["act_granularity"] != "per_token":
-        return "act_group_size > 0 needs act_granularity 'per_token'"
+    grouped = [name for name, cls in _act_codes().items() if cls.channel_groups]
+    if data["act_granularity"] not in grouped:
+        return f"act_group_size > 0 needs act_granularity {' or '.join(map(repr, grouped))}"
     widths = split or (shape[1:2] if isinstance(shape, list) else [])
     if not widths or any(not _is_int(w, 1) or w % group for w in widths):
         return (f"act_group_size {group} must divide the input width (weight_shape[1], or each "

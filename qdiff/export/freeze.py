@@ -13,10 +13,9 @@ from typing import Iterable, Union
 
 import torch
 
-from qdiff.quant import (DynamicActQuantizer, QuantLayer, SplitActQuantizer, TemporalActQuantizer,
-                         TimestepContext)
+from qdiff.quant import ActTable, QuantLayer, TimestepContext
 
-from .act_codes import ActCodesModule, TimestepActCodes, TokenActCodes
+from .act_codes import ACT_CODES, ActCodesModule
 from .format import LayerSpec
 from .int_layers import INT_LAYERS, IntLayer
 from .split_layer import SplitIntLayer
@@ -35,33 +34,34 @@ def check_no_aux(layers: Iterable[tuple[str, QuantLayer]]) -> None:
             f"its end, which deletes it, before exporting.")
 
 
-def _act_table(name: str, quantizer: torch.nn.Module) -> tuple[str, int, int]:
-    """(granularity, table size, channel group size) of one activation quantizer, checked
-    to be exportable."""
-    if isinstance(quantizer, TemporalActQuantizer):
-        if quantizer.calibrating or quantizer.timesteps.numel() == 0:
-            raise ValueError(f"Cannot export layer '{name}': its activation step sizes are not "
-                             f"calibrated (run qdiff.calibrate.calibrate, or finish calibration).")
-        return TimestepActCodes.granularity, quantizer.timesteps.numel(), 0
-    if isinstance(quantizer, DynamicActQuantizer):
-        return TokenActCodes.granularity, quantizer.clip_ratio.numel(), quantizer.group_size
-    raise TypeError(f"Layer '{name}': unknown activation quantizer {type(quantizer).__name__}.")
+def _act_tables(name: str, layer: QuantLayer) -> list[ActTable]:
+    """The frozen table of each activation quantizer of `layer` (one per input slice),
+    checked to be of one kind, size and channel grouping, and exportable."""
+    tables = [quantizer.export_table(name) for quantizer in layer.act_quantizers()]
+    kinds = {table[:3] for table in tables}
+    if len(kinds) > 1:  # one spec describes every slice's table
+        raise ValueError(f"Cannot export layer '{name}': its input slices have activation tables "
+                         f"of different kinds, sizes or channel groups {sorted(kinds)}; "
+                         f"calibrate them together.")
+    if tables[0].granularity not in ACT_CODES:
+        raise ValueError(f"Cannot export layer '{name}': no activation codes module computes its "
+                         f"act_granularity {tables[0].granularity!r}; registered: {list(ACT_CODES)} "
+                         f"(qdiff.export.act_codes.register_act_codes).")
+    return tables
 
 
 def layer_spec(name: str, layer: QuantLayer) -> LayerSpec:
-    tables = {_act_table(name, quantizer) for quantizer in _act_quantizers(layer)}
-    if len(tables) > 1:  # one spec describes every slice's table
-        raise ValueError(f"Cannot export layer '{name}': its input slices have activation tables "
-                         f"of different kinds, sizes or channel groups {sorted(tables)}; "
-                         f"calibrate them together.")
-    (granularity, table_size, group_size), = tables
+    return _layer_spec(layer, _act_tables(name, layer)[0])
+
+
+def _layer_spec(layer: QuantLayer, table: ActTable) -> LayerSpec:
+    granularity, table_size, group_size, _ = table
     quantizer = layer.act_quantizer
-    act_split = quantizer.widths if isinstance(quantizer, SplitActQuantizer) else ()
     return LayerSpec(type=layer.base_type.__name__, weight_bits=layer.weight_bits,
                      weight_symmetric=layer.weight_quantizer.symmetric, act_bits=layer.act_bits,
                      act_symmetric=quantizer.symmetric, act_granularity=granularity,
                      act_table_size=table_size, weight_shape=tuple(layer.weight_shape),
-                     act_split=act_split,
+                     act_split=layer.act_split,
                      input_rotation="none" if layer.input_rotation is None else "hadamard",
                      act_group_size=group_size)
 
@@ -75,23 +75,10 @@ def empty_int_layer(module: torch.nn.Module, spec: LayerSpec, context: TimestepC
 
 
 def act_codes_module(spec: LayerSpec, context: TimestepContext) -> ActCodesModule:
-    """An empty (not yet loaded) activation module for a layer of `spec`."""
-    if spec.act_granularity == TimestepActCodes.granularity:
-        return TimestepActCodes(spec.act_bits, spec.act_symmetric, spec.act_table_size, context)
+    """An empty (not yet loaded) activation module for a layer of `spec`: the one
+    registered under its `act_granularity`."""
     channel_dim = -1 if spec.type == "Linear" else 1
-    return TokenActCodes(spec.act_bits, spec.act_symmetric, spec.act_table_size, channel_dim, context,
-                         spec.act_group_size)
-
-
-@torch.no_grad()
-def _copy_act_tables(source: torch.nn.Module, target: ActCodesModule) -> None:
-    if isinstance(target, TimestepActCodes):
-        target.timesteps.copy_(source.timesteps)
-        target.scale.copy_(source.scale.detach().clamp_min(1e-8))  # as the student's forward
-        target.zero_point.copy_(source.zero_point.detach().round())
-    else:
-        target.clip_ratio.copy_(source.clip_ratio.detach().clamp_min(1e-4))
-        target.group_edges.copy_(source.group_edges)
+    return ACT_CODES[spec.act_granularity].from_spec(spec, context, channel_dim)
 
 
 @torch.no_grad()
@@ -117,17 +104,13 @@ def _act_modules(layer: ExportLayer) -> list[ActCodesModule]:
     return [part.act for part in layer.parts] if isinstance(layer, SplitIntLayer) else [layer.act]
 
 
-def _act_quantizers(layer: QuantLayer) -> list[torch.nn.Module]:
-    quantizer = layer.act_quantizer
-    return list(quantizer.parts) if isinstance(quantizer, SplitActQuantizer) else [quantizer]
-
-
 def freeze_layer(name: str, layer: QuantLayer, context: TimestepContext) -> ExportLayer:
     """The integer layer that computes what `layer` (Phi-free) computes."""
     check_no_aux([(name, layer)])
-    spec = layer_spec(name, layer)
+    tables = _act_tables(name, layer)
+    spec = _layer_spec(layer, tables[0])
     int_layer = empty_int_layer(layer.base_layer, spec, context).to(layer.weight_quantizer.scale.device)
-    for source, target in zip(_act_quantizers(layer), _act_modules(int_layer)):
-        _copy_act_tables(source, target)
+    for table, target in zip(tables, _act_modules(int_layer)):
+        target.load_table(table.tensors)
     int_layer.set_weight(*weight_codes(name, layer))
     return int_layer

@@ -6,8 +6,12 @@
     decay = RankDecay(student, cfg.aux, total_steps, optimizer)   # if cfg.aux.enabled
 """
 
+# the built-in activation quantizers register their modes on import, the default first
+from .temporal_act_quantizer import TemporalActQuantizer  # isort: skip
+from .dynamic_act_quantizer import DynamicActQuantizer  # isort: skip
+from .act_quantizer import (ActQuantizer, ActTable, UnknownActModeError, act_modes,
+                            act_quantizer_class, register_act_quantizer, unregister_act_quantizer)
 from .aux_branch import AuxBranch
-from .dynamic_act_quantizer import DynamicActQuantizer
 from .layers import QUANT_LAYERS, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
 from .model_ops import (QuantParams, act_param_groups, calibrating, finish_calibration,
                         iter_quant_layers, lora_param_groups, mean_weight_steps, merge_lora,
@@ -20,11 +24,12 @@ from .quantize import quantize_, timestep_context
 from .rank_decay import RankDecay
 from .report import QuantizationReport, ReportRow
 from .split_act_quantizer import SplitActQuantizer
-from .temporal_act_quantizer import TemporalActQuantizer
 from .timestep_context import TimestepContext
 from .weight_quantizer import LSQWeightQuantizer
 
 __all__ = [
+    "ActQuantizer", "ActTable", "UnknownActModeError", "act_modes", "act_quantizer_class",
+    "register_act_quantizer", "unregister_act_quantizer",
     "AuxBranch", "DynamicActQuantizer", "LSQWeightQuantizer", "QUANT_LAYERS", "QuantConv2d",
     "QuantConv3d", "QuantLayer", "QuantLinear", "QuantParams", "QuantizationReport", "RankDecay",
     "ReportRow", "SplitActQuantizer", "TemporalActQuantizer", "TimestepContext", "act_param_groups", "calibrating", "fake_quantize",

@@ -10,20 +10,25 @@ large channels then coarsen the grid of their own group only.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 import torch
 from torch import nn
 
+from .act_quantizer import ActQuantizer, ActTable, register_act_quantizer
 from .observer import KeyedObservations, SampleObserver
 from .primitives import (DEFAULT_RATIOS, fake_quantize, grad_scale, int_range, lsq_gradient_factor,
                          per_token_grid, ratio_batches)
 from .timestep_context import TimestepContext
 
+if TYPE_CHECKING:
+    from qdiff.config import QuantConfig
+
 MAX_TIMESTEP = 1000.0  # diffusers' denoisers take timesteps on a 0..1000 scale
 
 
-class DynamicActQuantizer(KeyedObservations, nn.Module):
+@register_act_quantizer("dynamic_per_token")
+class DynamicActQuantizer(KeyedObservations, ActQuantizer):
     """Per-token fake-quantizer: scale = ratio[group(t)] * range(token) / levels.
 
     `group_size` > 0: the range is each group's of `group_size` consecutive channels within
@@ -35,7 +40,9 @@ class DynamicActQuantizer(KeyedObservations, nn.Module):
     under the Lp norm on a sample of tokens; without it every ratio starts at 1 (min-max).
     """
 
-    def __init__(self, bits: int, context: TimestepContext, symmetric: bool = False,
+    channel_groups = True
+
+    def __init__(self, bits: int, context: TimestepContext, *, symmetric: bool = False,
                  num_groups: int = 10, channel_dim: int = -1, lsq_grad_scale: bool = True,
                  p: float = 2.4, sample_size: int = 256, group_size: int = 0) -> None:
         super().__init__()
@@ -52,6 +59,19 @@ class DynamicActQuantizer(KeyedObservations, nn.Module):
         self._observers: Dict[int, SampleObserver] = {}
         self.clip_ratio = nn.Parameter(torch.ones(num_groups))
         self.register_buffer("group_edges", torch.linspace(0, MAX_TIMESTEP, num_groups + 1)[1:-1])
+
+    @classmethod
+    def from_config(cls, cfg: "QuantConfig", *, bits: int, context: TimestepContext,
+                    channel_dim: int, group_size: int) -> "DynamicActQuantizer":
+        return cls(bits, context, symmetric=cfg.act_symmetric, num_groups=cfg.act_timestep_groups,
+                   channel_dim=channel_dim, lsq_grad_scale=cfg.lsq_grad_scale, p=cfg.lp_norm,
+                   group_size=group_size)
+
+    @torch.no_grad()
+    def export_table(self, name: str) -> ActTable:
+        """The clipping ratio of each timestep group, as the forward uses it, and the edges."""
+        return ActTable("per_token", self.clip_ratio.numel(), self.group_size, {
+            "clip_ratio": self.clip_ratio.detach().clamp_min(1e-4), "group_edges": self.group_edges})
 
     def extra_repr(self) -> str:
         grouping = f", group_size={self.group_size}" if self.group_size else ""

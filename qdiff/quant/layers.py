@@ -28,17 +28,14 @@ from torch.nn import functional as F
 
 from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
 
+from .act_quantizer import ActQuantizer, act_quantizer_class
 from .aux_branch import AuxBranch
-from .dynamic_act_quantizer import DynamicActQuantizer
 from .lora_backward import Conv2dGradOps, GradOps, LinearGradOps, LowRankLoRAFunction
 from .packing import pack_codes, unpack_codes
 from .rotation import HadamardRotation
 from .split_act_quantizer import SplitActQuantizer
-from .temporal_act_quantizer import TemporalActQuantizer
 from .timestep_context import TimestepContext
 from .weight_quantizer import LSQWeightQuantizer
-
-ActQuantizer = Union[TemporalActQuantizer, DynamicActQuantizer, SplitActQuantizer]
 
 
 class QuantLayer(nn.Module):
@@ -64,7 +61,8 @@ class QuantLayer(nn.Module):
             quant_cfg.lsq_grad_scale).to(weight.device)
         self.weight_quantizer.init_from(weight, quant_cfg.weight_init, quant_cfg.lp_norm)
         self.base_layer = base_layer.requires_grad_(False)
-        self.act_quantizer = self._make_act_quantizer(act_bits, quant_cfg, self.weight_shape[1]).to(weight.device)
+        self.act_quantizer: Union[ActQuantizer, SplitActQuantizer] = self._make_act_quantizer(
+            act_bits, quant_cfg, self.weight_shape[1]).to(weight.device)
         self.packed = quant_cfg.packed_base_weight
         if self.packed:
             self._pack_base(weight, self.weight_quantizer)
@@ -99,14 +97,17 @@ class QuantLayer(nn.Module):
         self.input_rotation = rotation
 
     def _make_act_quantizer(self, bits: int, cfg: QuantConfig, width: int) -> ActQuantizer:
-        """The quantizer of an input (slice) of `width` channels."""
-        if cfg.act_mode == "dynamic_per_token":
-            return DynamicActQuantizer(bits, self.context, cfg.act_symmetric, cfg.act_timestep_groups,
-                                       self.channel_dim, cfg.lsq_grad_scale, cfg.lp_norm,
-                                       group_size=self._act_group_size(cfg.act_group_size, width))
-        return TemporalActQuantizer(bits, self.context, cfg.act_symmetric, cfg.learn_zero_point,
-                                    cfg.lsq_grad_scale, cfg.lp_norm, init_method=cfg.act_init,
-                                    per_timestep=cfg.act_per_timestep)
+        """The quantizer of an input (slice) of `width` channels, of the class registered
+        under `cfg.act_mode`."""
+        cls = act_quantizer_class(cfg.act_mode)
+        group_size = self._act_group_size(cfg.act_group_size, width) if cls.channel_groups else 0
+        return cls.from_config(cfg, bits=bits, context=self.context, channel_dim=self.channel_dim,
+                               group_size=group_size)
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        """The activation quantizers of the input: one, or one per slice of `act_split`."""
+        quantizer = self.act_quantizer
+        return list(quantizer.parts) if self.act_split else [quantizer]
 
     def _act_group_size(self, group_size: int, width: int) -> int:
         """`group_size`, or 0 (one grid per token) where the input is no wider than a group.
@@ -142,13 +143,19 @@ class QuantLayer(nn.Module):
                              f"input channels.")
         device = self.weight_quantizer.scale.device
         parts = [self._make_act_quantizer(self.act_bits, cfg, width).to(device) for width in widths]
-        if len({getattr(part, "group_size", 0) for part in parts}) > 1:
+        if len({part.group_size for part in parts}) > 1:
             raise ValueError(f"Cannot quantize the input slices {list(widths)} of {self.base_layer} in "
                              f"channel groups of quant.act_group_size={cfg.act_group_size}: a slice no "
                              f"wider than a group keeps one grid per token, and one exported layer "
                              f"cannot mix that with grouped slices. Pick a group size below the "
                              f"narrowest slice ({min(widths)}), or act_group_size=0.")
         self.act_quantizer = SplitActQuantizer(parts, widths, self.channel_dim)
+
+    @property
+    def act_split(self) -> tuple[int, ...]:
+        """The channel widths of the input's slices (`split_input`); () for one quantizer."""
+        quantizer = self.act_quantizer
+        return quantizer.widths if isinstance(quantizer, SplitActQuantizer) else ()
 
     def _init_lora(self, weight: torch.Tensor, cfg: Optional[LoRAConfig]) -> None:
         """A (rank, in/groups, *kernel) kaiming-uniform, B (out, rank) zero: B @ A = 0 at start."""

@@ -14,11 +14,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .dynamic_act_quantizer import DynamicActQuantizer
+from .act_quantizer import ActQuantizer
 from .layers import QuantLayer
-from .temporal_act_quantizer import TemporalActQuantizer
-
-ActQuantizers = (TemporalActQuantizer, DynamicActQuantizer)
 
 
 def iter_quant_layers(model: nn.Module) -> Iterator[Tuple[str, QuantLayer]]:
@@ -31,7 +28,7 @@ def iter_quant_layers(model: nn.Module) -> Iterator[Tuple[str, QuantLayer]]:
 def start_calibration(model: nn.Module) -> None:
     """Activation quantizers pass inputs through and record per-timestep samples."""
     for module in model.modules():
-        if isinstance(module, ActQuantizers):
+        if isinstance(module, ActQuantizer):
             module.start_calibration()
 
 
@@ -43,12 +40,12 @@ def finish_calibration(model: nn.Module) -> List[str]:
     """
     unobserved = []
     for name, module in model.named_modules():
-        if not isinstance(module, ActQuantizers):
+        if not isinstance(module, ActQuantizer):
             continue
         if module.has_observations:
             module.finish_calibration()
         else:
-            module.calibrating = False
+            module.stop_calibration()
             unobserved.append(name)
     if unobserved:
         warnings.warn(f"Calibration never reached {len(unobserved)} activation quantizers "
@@ -65,21 +62,31 @@ def calibrating(model: nn.Module) -> Iterator[None]:
 
 
 def set_timesteps(model: nn.Module, timesteps: Union[Sequence[float], torch.Tensor]) -> None:
-    """Declare the timestep table of every temporal activation quantizer (e.g. scheduler.timesteps)."""
+    """Declare the timestep table of every activation quantizer that keeps one (e.g.
+    scheduler.timesteps)."""
     for module in model.modules():
-        if isinstance(module, TemporalActQuantizer):
+        if isinstance(module, ActQuantizer):
             module.set_timesteps(timesteps)
 
 
 def nonpositive_step_tables(model: nn.Module) -> List[str]:
-    """Names of the temporal activation quantizers with a step size at or below zero.
+    """Names of the activation quantizers with a step size (`step_sizes`) at or below zero.
 
     Training can push a step size through zero (or onto it, a division by zero). Past it the
     grid is mirrored about the zero point: unless that sits mid-range, most of the layer's
     input is clipped from then on -- silently, unless someone looks.
     """
-    return [name for name, module in model.named_modules()
-            if isinstance(module, TemporalActQuantizer) and bool((module.scale.detach() <= 0).any())]
+    return [name for name, steps in _step_tables(model).items() if bool((steps.detach() <= 0).any())]
+
+
+def _step_tables(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Name -> step-size table (`ActQuantizer.step_sizes`) of every activation quantizer with one."""
+    tables = {}
+    for name, module in model.named_modules():
+        steps = module.step_sizes() if isinstance(module, ActQuantizer) else None
+        if steps is not None:
+            tables[name] = steps
+    return tables
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -152,9 +159,8 @@ def act_param_groups(model: nn.Module, lr: float, scale_aware: bool = False) -> 
     if not scale_aware:
         return [{"params": params, "lr": lr, "name": "act_scales"}]
     trainable = {id(param) for param in params}
-    tables = {name: module.scale for name, module in model.named_modules()
-              if isinstance(module, TemporalActQuantizer) and id(module.scale) in trainable
-              and module.scale.numel()}
+    tables = {name: scale for name, scale in _step_tables(model).items()
+              if id(scale) in trainable and scale.numel()}
     steps = {name: float(scale.detach().abs().mean()) for name, scale in tables.items()}
     rates = _rates_by_step(steps, lr)
     in_tables = {id(scale) for scale in tables.values()}

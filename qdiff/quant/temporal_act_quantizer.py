@@ -9,18 +9,23 @@ nearest calibrated one (100-step calibration serves 20-step sampling).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from .act_quantizer import ActQuantizer, ActTable, register_act_quantizer
 from .observer import KeyedObservations, SampleObserver
 from .primitives import (fake_quantize, grad_scale, int_range, lp_search_init, lsq_gradient_factor,
                          scale_from_range)
 from .timestep_context import TimestepContext, nearest_index
 
+if TYPE_CHECKING:
+    from qdiff.config import QuantConfig
 
-class TemporalActQuantizer(KeyedObservations, nn.Module):
+
+@register_act_quantizer("temporal")
+class TemporalActQuantizer(KeyedObservations, ActQuantizer):
     """Per-tensor activation fake-quantizer whose step size depends on the timestep.
 
     Lifecycle: `start_calibration()`, run the model over calibration trajectories
@@ -30,7 +35,7 @@ class TemporalActQuantizer(KeyedObservations, nn.Module):
     form it.
     """
 
-    def __init__(self, bits: int, context: TimestepContext, symmetric: bool = False,
+    def __init__(self, bits: int, context: TimestepContext, *, symmetric: bool = False,
                  learn_zero_point: bool = False, lsq_grad_scale: bool = True,
                  p: float = 2.4, sample_size: int = 2048, init_method: str = "mse",
                  per_timestep: bool = True) -> None:
@@ -51,8 +56,29 @@ class TemporalActQuantizer(KeyedObservations, nn.Module):
         self.scale = nn.Parameter(torch.ones(0))
         self._set_zero_point(torch.zeros(0))
 
+    @classmethod
+    def from_config(cls, cfg: "QuantConfig", *, bits: int, context: TimestepContext,
+                    channel_dim: int, group_size: int) -> "TemporalActQuantizer":
+        """Per-tensor: the channel dim and group size do not apply."""
+        return cls(bits, context, symmetric=cfg.act_symmetric, learn_zero_point=cfg.learn_zero_point,
+                   lsq_grad_scale=cfg.lsq_grad_scale, p=cfg.lp_norm, init_method=cfg.act_init,
+                   per_timestep=cfg.act_per_timestep)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, timesteps={self.timesteps.numel()}"
+
+    def step_sizes(self) -> nn.Parameter:
+        return self.scale
+
+    @torch.no_grad()
+    def export_table(self, name: str) -> ActTable:
+        """The step sizes and zero points by timestep, as the forward uses them."""
+        if self.calibrating or self.timesteps.numel() == 0:
+            raise ValueError(f"Cannot export layer '{name}': its activation step sizes are not "
+                             f"calibrated (run qdiff.calibrate.calibrate, or finish calibration).")
+        return ActTable("per_tensor_per_timestep", self.timesteps.numel(), 0, {
+            "timesteps": self.timesteps, "scale": self.scale.detach().clamp_min(1e-8),
+            "zero_point": self.zero_point.detach().round()})
 
     def _set_zero_point(self, value: torch.Tensor) -> None:
         if self.learn_zero_point:
