@@ -28,6 +28,7 @@ from torch import nn
 
 from qdiff.quant.primitives import grid_codes, int_range, per_token_grid
 from qdiff.quant.timestep_context import TimestepContext, nearest_index
+from qdiff.registry import ClassRegistry
 
 if TYPE_CHECKING:
     from .format import LayerSpec
@@ -80,28 +81,19 @@ class ActCodesModule(nn.Module):
 
 
 C = TypeVar("C", bound=type)
-ACT_CODES: dict[str, type] = {}
+ACT_CODES = ClassRegistry("Activation granularity", ActCodesModule, "granularity")
+"""The format's `act_granularity` values -> the `ActCodesModule` that computes each."""
 
 
 def register_act_codes(granularity: str) -> Callable[[C], C]:
     """Class decorator: the format's `act_granularity: granularity` loads into this
     `ActCodesModule` subclass."""
-    def register(cls: C) -> C:
-        if not (isinstance(cls, type) and issubclass(cls, ActCodesModule)):
-            raise TypeError(f"register_act_codes({granularity!r}) decorates an ActCodesModule "
-                            f"subclass, not {cls!r}.")
-        if granularity in ACT_CODES:
-            raise ValueError(f"Activation granularity {granularity!r} is taken by "
-                             f"{ACT_CODES[granularity].__name__}; registered: {list(ACT_CODES)}.")
-        cls.granularity = granularity
-        ACT_CODES[granularity] = cls
-        return cls
-    return register
+    return ACT_CODES.register(granularity)
 
 
 def unregister_act_codes(granularity: str) -> None:
     """Remove a registered granularity (files naming it are refused from then on)."""
-    del ACT_CODES[granularity]
+    ACT_CODES.unregister(granularity)
 
 
 @register_act_codes("per_tensor_per_timestep")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qdiff.errors import QdiffError
+from qdiff.registry import ClassRegistry
 
 from .timestep_context import TimestepContext
 
@@ -106,28 +107,18 @@ class UnknownActModeError(QdiffError, ValueError):
 
 
 Q = TypeVar("Q", bound=type)
-_ACT_QUANTIZERS: dict[str, type] = {}
+_ACT_QUANTIZERS = ClassRegistry("Activation mode", ActQuantizer, "mode")
 
 
 def register_act_quantizer(mode: str) -> Callable[[Q], Q]:
     """Class decorator: `quant.act_mode: mode` builds this `ActQuantizer` subclass."""
-    def register(cls: Q) -> Q:
-        if not (isinstance(cls, type) and issubclass(cls, ActQuantizer)):
-            raise TypeError(f"register_act_quantizer({mode!r}) decorates an ActQuantizer "
-                            f"subclass, not {cls!r}.")
-        if mode in _ACT_QUANTIZERS:
-            raise ValueError(f"Activation mode {mode!r} is taken by "
-                             f"{_ACT_QUANTIZERS[mode].__name__}; registered: {list(act_modes())}.")
-        cls.mode = mode
-        _ACT_QUANTIZERS[mode] = cls
-        return cls
-    return register
+    return _ACT_QUANTIZERS.register(mode)
 
 
 def unregister_act_quantizer(mode: str) -> None:
     """Remove a registered mode (configs naming it are refused from then on)."""
     act_quantizer_class(mode)
-    del _ACT_QUANTIZERS[mode]
+    _ACT_QUANTIZERS.unregister(mode)
 
 
 def act_modes() -> tuple[str, ...]:
