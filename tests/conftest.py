@@ -26,6 +26,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def quiet():
+    """No diffusers or transformers progress bars in the test log.
+
+    Use it with `pytestmark = pytest.mark.usefixtures("one_thread", "quiet")`.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    yield
+
+
 @pytest.fixture
 def random_class_ldm_pipeline():
     """The embedded teacher's architecture with random weights (seeded)."""

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 
 import qdiff
@@ -27,13 +26,7 @@ QUANT = QuantConfig(weight_bits=4, act_bits=4, split_concat_inputs=True)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    diffusers_logging.disable_progress_bar()
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,6 @@ import torch
 from diffusers import (AutoencoderKL, CogVideoXTransformer3DModel, DDIMScheduler, DiffusionPipeline,
                        DiTPipeline, DiTTransformer2DModel, LDMPipeline, StableDiffusionPipeline,
                        UNet2DConditionModel, UNet2DModel, VQModel, WanTransformer3DModel)
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
 
 import qdiff
 from qdiff.config import LoRAConfig, QuantConfig
@@ -37,14 +35,7 @@ from tiny_families import tiny_clip_text
 CALIBRATION_TIMESTEPS = torch.tensor([951.0, 651.0, 351.0, 51.0])
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
 
 
 def _vae(kind=AutoencoderKL):

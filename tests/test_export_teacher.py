@@ -11,7 +11,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 import qdiff
 from qdiff.calibrate import calibrate
@@ -24,13 +23,7 @@ from conftest import ASSETS, REPO_ROOT
 SAMPLE = {"class_labels": [3, 8], "guidance_scale": 2.0, "num_inference_steps": 4}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    diffusers_logging.disable_progress_bar()
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 import qdiff
 from qdiff.config import AuxConfig, ConfigError, ModelConfig, load_config
@@ -69,13 +68,7 @@ TINY = ["distill.trajectory_steps=8", "distill.batch_size=2", "quant.calibration
         "lora.rank=4", "distill.steps=16", "distill.log_every=1",
         "distill.checkpoint_every=96", "distill.sample_every=1000", "eval.steps=2"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    diffusers_logging.disable_progress_bar()
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
 
 
 def _config(name: str, root: Path):

@@ -11,7 +11,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 import qdiff
 from qdiff.config import LoRAConfig, QuantConfig
@@ -25,13 +24,7 @@ from conftest import micro_class_ldm_pipeline
 
 SETTINGS = SamplingSettings(num_samples=4, steps=2, guidance=2.0, seed=0, batch_size=2)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    diffusers_logging.disable_progress_bar()
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
 
 
 @pytest.fixture(scope="module")

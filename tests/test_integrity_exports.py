@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 from damage import cut, flip_bit, tensor_offset
-from diffusers.utils import logging as diffusers_logging
 
 import qdiff
 from qdiff.checksums import sha256_file
@@ -23,13 +22,7 @@ from conftest import micro_class_ldm_pipeline, micro_student
 QUANT = QuantConfig(weight_bits=4, act_bits=4)
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    diffusers_logging.disable_progress_bar()
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
 
 
 @pytest.fixture(scope="module")
