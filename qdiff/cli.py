@@ -101,32 +101,24 @@ def _number(kind: Callable[[str], T], text: str) -> T:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
-    return value
+def _at_least(kind: Callable[[str], T], low: T, strict: bool = False,
+              name: str = "") -> Callable[[str], T]:
+    """An argparse type: a finite `kind` number of at least `low` (more than `low` when
+    `strict`)."""
+    def parse(text: str) -> T:
+        value = _number(kind, text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(
+                f"{value} must be more than {low:g}" if strict else f"{value} must be {low:g} or more")
+        return value
+    parse.__name__ = name  # argparse names the type in its own messages
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be more than 0")
-    return value
+positive_int = _at_least(int, 1, name="positive_int")
+nonnegative_int = _at_least(int, 0, name="nonnegative_int")
+nonnegative_float = _at_least(float, 0.0, name="nonnegative_float")
+positive_float = _at_least(float, 0.0, strict=True, name="positive_float")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,24 @@ def micro_student(pipe, quant, aux=None, calibrate: bool = True):
             for t in (900.0, 100.0):
                 student(torch.randn(2, 4, 8, 8), t, encoder_hidden_states=torch.randn(2, 1, 16))
     return student
+
+
+@contextmanager
+def ctrl_c_at_training_step(step: int):
+    """Within the block, training raises KeyboardInterrupt at its `step`-th optimizer step
+    (counted from 1 over every run the block starts), as Ctrl-C or a kill stops it there."""
+    from qdiff.distill import loop
+
+    original, calls = loop._train_step, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    loop._train_step = interrupted
+    try:
+        yield
+    finally:
+        loop._train_step = original

@@ -24,6 +24,8 @@ from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches
 from qdiff.quant import nonpositive_step_tables
 
+from conftest import ctrl_c_at_training_step
+
 TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
         "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "export.enabled=false",
         "eval.steps=2"]  # the end-of-run sample grid, drawn at the training batch
@@ -89,19 +91,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     expected = _trainable_state(loop.distill(pipe, steady, steady.run_dir))
 
     crashing = _config(tmp_path / "b", *settings)
-    original, calls = loop._train_step, []
-
-    def crash(*args):
-        calls.append(1)
-        if len(calls) == crash_at:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(loop, "_train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_training_step(crash_at), pytest.raises(KeyboardInterrupt):
         loop.distill(pipe, crashing, crashing.run_dir)
     assert [p.name for p in list_checkpoints(crashing.run_dir)] == [checkpoint]
-    monkeypatch.setattr(loop, "_train_step", original)
     resumed = _trainable_state(loop.distill(pipe, crashing, crashing.run_dir, resume=True))
     assert resumed.keys() == expected.keys()
     for key in expected:

@@ -23,6 +23,8 @@ from qdiff.distill.divergence import (
 )
 from qdiff.quant import TemporalActQuantizer
 
+from conftest import ctrl_c_at_training_step
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
         "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "eval.steps=2",
@@ -63,21 +65,14 @@ def test_the_references_survive_a_resume(random_class_ldm_pipeline, tmp_path, mo
     """The checkpoints keep the run's references; a resumed run whose loss is 100x the run's
     start is stopped, though it is level with its own start."""
     cfg = _config(tmp_path, "distill.steps=12", "distill.walker=teacher")
-    original, calls = loop._train_step, []
-
-    def crash_at_step_nine(*args):
-        calls.append(1)
-        if len(calls) == 9:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(loop, "_train_step", crash_at_step_nine)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_training_step(9), pytest.raises(KeyboardInterrupt):
         loop.distill(random_class_ldm_pipeline, cfg, cfg.run_dir)
     losses = [json.loads(line)["loss"] for line in (cfg.run_dir / "log.jsonl").read_text().splitlines()]
     meta = json.loads((cfg.run_dir / "checkpoints" / "step-0000008" / "meta.json").read_text())
     assert meta[FIRST_STEP_KEY] == losses[0]
     assert meta[TRAJECTORY_KEY] == pytest.approx(sum(losses[:4]) / 4)
+
+    original = loop._train_step
 
     def hundredfold(*args):
         _, output = original(*args)

@@ -25,6 +25,8 @@ from qdiff.distill.checkpoint import (
 )
 from qdiff.errors import QdiffError
 
+from conftest import ctrl_c_at_training_step
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
@@ -142,16 +144,7 @@ def test_the_save_after_a_fallback_keeps_the_good_checkpoint(pipe, run, monkeypa
     flip_float_exponent(_latest(run) / "student.safetensors", STEP_SIZE)
     good = run.run_dir / "checkpoints" / "step-0000002"
     good_hashes = {f.name: sha256_file(f) for f in good.iterdir()}
-    original, calls = loop._train_step, []
-
-    def crash_after_one(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(loop, "_train_step", crash_after_one)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_training_step(2), pytest.raises(KeyboardInterrupt):
         loop.distill(pipe, _config(run.run_dir.parent, "distill.steps=4",
                                    "distill.checkpoint_every=3"), run.run_dir, resume=True)
     assert [p.name for p in list_checkpoints(run.run_dir)] == ["step-0000002", "step-0000003"]

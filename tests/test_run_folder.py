@@ -31,6 +31,8 @@ from qdiff.distill.run_dir import (
     truncate_log,
 )
 
+from conftest import ctrl_c_at_training_step
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
         "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "eval.steps=2",
@@ -244,21 +246,11 @@ def test_allow_config_change_resumes_and_says_so(tmp_path, caplog):
 def test_a_resumed_run_logs_each_step_once(random_class_ldm_pipeline, tmp_path, monkeypatch):
     """Crash at step 7 after the checkpoint at 4: steps 5 and 6 are trained, and logged, again."""
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=run", *TINY, "distill.steps=8"])
-    original, calls = loop._train_step, []
-
-    def crash(*args):
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(loop, "_train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_training_step(7), pytest.raises(KeyboardInterrupt):
         loop.distill(random_class_ldm_pipeline, cfg, cfg.run_dir)
     log = cfg.run_dir / "log.jsonl"
     with log.open("a") as torn:
         torn.write('{"step": 7, "lo')  # a kill in the middle of a line
-    monkeypatch.setattr(loop, "_train_step", original)
     loop.distill(random_class_ldm_pipeline, cfg, cfg.run_dir, resume=True)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 9))
 
@@ -275,17 +267,9 @@ def test_truncating_the_log_keeps_the_steps_up_to_the_checkpoint(tmp_path):
 
 def test_ctrl_c_exits_130_naming_the_checkpoint_and_the_resume_command(tmp_path, capsys,
                                                                          monkeypatch):
-    original, calls = loop._train_step, []
-
-    def ctrl_c_at_step_six(*args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(loop, "_train_step", ctrl_c_at_step_six)
     args = _args(tmp_path, "distill.steps=8")
-    code, err = _main(args, capsys)
+    with ctrl_c_at_training_step(6):
+        code, err = _main(args, capsys)
     assert code == 130
     command = " ".join(["python -m qdiff.finetune", *args, "--resume"])
     assert _error_line(err) == (f"interrupted: the last checkpoint is "
