@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "assets"
+# A distillation run of a few seconds: 4-step trajectories of 4 samples, rank-4 LoRA, a log
+# line per step, no sample grid but the end-of-run one (drawn at the training batch)
+TINY_RUN = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
+            "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "eval.steps=2"]
 
 
 @pytest.fixture(scope="module")

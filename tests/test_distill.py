@@ -24,11 +24,9 @@ from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches
 from qdiff.quant import nonpositive_step_tables
 
-from conftest import ctrl_c_at_training_step
+from conftest import TINY_RUN, ctrl_c_at_training_step
 
-TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
-        "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "export.enabled=false",
-        "eval.steps=2"]  # the end-of-run sample grid, drawn at the training batch
+TINY = [*TINY_RUN, "export.enabled=false"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,12 +23,10 @@ from qdiff.distill.divergence import (
 )
 from qdiff.quant import TemporalActQuantizer
 
-from conftest import ctrl_c_at_training_step
+from conftest import TINY_RUN, ctrl_c_at_training_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
-        "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "eval.steps=2",
-        "distill.checkpoint_every=4"]
+TINY = [*TINY_RUN, "distill.checkpoint_every=4"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

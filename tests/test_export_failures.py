@@ -232,6 +232,6 @@ def test_an_export_whose_layer_gives_nan_is_refused(pipe, tmp_path):
 
     def check(folder):
         check_export(family, other, _load_unet(folder), guidance=2.0)
-    with pytest.raises(ExportMismatchError, match=rf"worst relative error \S+ \(nan\)"):
+    with pytest.raises(ExportMismatchError, match=r"worst relative error \S+ \(nan\)"):
         export_pipeline(pipe, student, tmp_path / "export", QUANT, check=check)
     assert not any(tmp_path.iterdir())

@@ -25,13 +25,11 @@ from qdiff.distill.checkpoint import (
 )
 from qdiff.errors import QdiffError
 
-from conftest import ctrl_c_at_training_step
+from conftest import TINY_RUN, ctrl_c_at_training_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["distill.trajectory_steps=4", "distill.batch_size=4", "quant.calibration_samples=2",
-        "distill.log_every=1", "distill.sample_every=1000", "lora.rank=4", "export.enabled=false",
-        "eval.steps=2", "distill.walker=teacher", "distill.checkpoint_every=2"]
+TINY = [*TINY_RUN, "export.enabled=false", "distill.walker=teacher", "distill.checkpoint_every=2"]
 STEP_SIZE = "conv_in.act_quantizer.scale"
 
 
