@@ -176,6 +176,7 @@ def pipeline_folder(path: Path | str, option: str = "--pipeline") -> dict[str, A
     A missing path that reads as a hub id (`owner/name`) is left to the loader (empty dict).
     """
     from qdiff.models.hub import looks_like_hub_id
+    from qdiff.models.loading import read_model_index  # late: it imports diffusers
 
     folder = Path(path)
     if not folder.exists():
@@ -187,13 +188,13 @@ def pipeline_folder(path: Path | str, option: str = "--pipeline") -> dict[str, A
     if not index.is_file():
         raise InputError(f"{option} {path} is not a pipeline folder: it has no model_index.json; "
                          f"give the folder that save_pretrained wrote, e.g. assets/tiny-ldm-digits.")
-    return _json_object(index, "_class_name", "re-export the pipeline")
+    return read_model_index(folder)
 
 
 def component_config(folder: Path | str, component: str, name: str = "config.json") -> dict[str, Any]:
     """A component's JSON config in a pipeline folder (empty dict when there is none)."""
     path = Path(folder) / component / name
-    return _json_object(path, None, "re-export the pipeline") if path.is_file() else {}
+    return _json_object(path) if path.is_file() else {}
 
 
 def check_steps(folder: Path | str, steps: int, option: str = "--steps") -> None:
@@ -205,12 +206,12 @@ def check_steps(folder: Path | str, steps: int, option: str = "--steps") -> None
                          f"was trained with; give {option} {train_steps} or fewer.")
 
 
-def _json_object(path: Path, required: str | None, fix: str) -> dict[str, Any]:
+def _json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"{path} is not valid JSON ({error}); {fix}.") from None
-    if not isinstance(data, dict) or (required is not None and required not in data):
-        raise InputError(f"{path} is not a valid pipeline config (no {required or 'mapping'}); "
-                         f"{fix}.")
+        raise InputError(f"{path} is not valid JSON ({error}); re-export the pipeline.") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not a valid pipeline config (no mapping); re-export the "
+                         f"pipeline.")
     return data

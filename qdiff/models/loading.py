@@ -33,7 +33,8 @@ QDIFF_PIPELINES: dict[str, type[DiffusionPipeline]] = {
 }
 
 
-def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """The pipeline folder's `model_index.json`, refused by name when it is not one."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(
@@ -41,11 +42,16 @@ def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
             f"Point at the folder that `save_pretrained` wrote (it holds model_index.json "
             f"and one sub-folder per component).")
     try:
-        class_name = json.loads(index_file.read_text())["_class_name"]
+        index = json.loads(index_file.read_text())
+        index["_class_name"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise PipelineLoadError(f"{index_file} is not a valid model index ({error}); "
                                 f"re-export the pipeline.") from None
-    return QDIFF_PIPELINES.get(class_name, DiffusionPipeline)
+    return index
+
+
+def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
+    return QDIFF_PIPELINES.get(read_model_index(folder)["_class_name"], DiffusionPipeline)
 
 
 def load_pipeline(path: str | Path, verify: bool = True, **kwargs: Any) -> DiffusionPipeline:
