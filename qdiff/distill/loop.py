@@ -247,7 +247,8 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
                     last = latest_checkpoint(run_dir)
                     raise NonFiniteLossError(
                         f"Stopped at step {step}: {error}. The last good checkpoint is {last}; "
-                        f"resume with a lower distill.lr (or act_lr), or check the teacher.") from None
+                        f"resume from it with a lower distill.lr (or act_lr) and "
+                        f"--allow-config-change, or check the teacher.") from None
                 diverged = watch.check(step, loss)
                 if diverged:
                     _stop_diverged(step, diverged, run_dir, first_checked=per_trajectory)
