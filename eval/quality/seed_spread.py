@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import qdiff
-from eval.common.report import results_dir, write_json, write_markdown
+from eval.common.report import ROOT, results_dir, write_json, write_markdown
 from eval.quality.ptq import evaluate_row, evaluate_teacher
 from eval.quality.step_sensitivity import distilled_student
 from qdiff.config import load_config
@@ -37,7 +37,6 @@ from qdiff.distill.ema import EMA_FILE
 from qdiff.eval.sampling import SamplingSettings
 from qdiff.families import family_for
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = results_dir("quality")
 CONFIG = ROOT / "configs" / "tiny-ldm-w4a4.yaml"
 OUTPUT = ROOT / "runs" / "bench-spread"

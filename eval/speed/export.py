@@ -36,7 +36,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
 import qdiff
-from eval.common.report import results_dir, write_json, write_markdown
+from eval.common.report import ROOT, results_dir, write_json, write_markdown
 from qdiff.calibrate import calibrate
 from qdiff.config import load_config
 from qdiff.distill.trajectory import teacher_trajectory
@@ -49,7 +49,6 @@ from qdiff.export import (
 )
 from qdiff.quant import iter_quant_layers, quantize_
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = results_dir("speed")
 BIT_WIDTHS = ("w8a8", "w4a8", "w4a4", "w3a3")
 LABELS = [0, 1, 2, 3, 4, 5, 6, 7]

@@ -51,16 +51,14 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import qdiff
-from eval.common.memory import peak_bytes, reset_peak, rss_bytes  # noqa: F401  (PROBE and other suites)
 from eval.common.plotting import require_matplotlib
-from eval.common.report import machine, results_dir, write_json, write_markdown
+from eval.common.report import ROOT, machine, results_dir, write_json, write_markdown
 from qdiff.calibrate import calibrate
 from qdiff.config import LayerOverride, LoRAConfig, QuantConfig, load_config
 from qdiff.export import export_pipeline
 from qdiff.kernels import choices, integer_kernel
 from qdiff.quant import calibrating, quantize_, set_timesteps
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = results_dir("speed")
 BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
 TEACHERS = ("float32", "bfloat16")

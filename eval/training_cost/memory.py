@@ -13,16 +13,14 @@ are not in the count: no GPU was available to measure them.
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 from torch import nn
 
-from eval.common.report import results_dir, write_markdown
+from eval.common.report import ROOT, results_dir, write_markdown
 
-ROOT = Path(__file__).resolve().parents[2]
 from qdiff.config import LayerOverride, load_config  # noqa: E402
 from qdiff.families import FAMILY_ADAPTERS  # noqa: E402
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from eval.common.report import results_dir, write_json, write_markdown
+from eval.common.report import ROOT, results_dir, write_json, write_markdown
 from eval.speed.speed import build_sd
 from eval.training_cost.train_cost import (
     FLOAT_W0,
@@ -57,7 +57,6 @@ from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import combine_branches, family_for
 from qdiff.quant import QuantLayer, lora_backward
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = results_dir("training_cost")
 BOUND = "no weight gradient (bound)"
 # The bound trains only the activation step sizes: no layer forms a weight gradient, so its

@@ -53,12 +53,11 @@ import torch
 
 import qdiff
 from eval.common.memory import peak_bytes, settle
-from eval.common.report import results_dir, write_json, write_markdown
+from eval.common.report import ROOT, results_dir, write_json, write_markdown
 from eval.speed.speed import build_sd
 from qdiff.config import load_config
 from qdiff.distill.loop import distill
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = results_dir("training_cost")
 CONFIG = ROOT / "configs" / "sd15-w4a4.yaml"
 FLOAT_W0 = ["quant.packed_base_weight=false"]

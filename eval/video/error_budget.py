@@ -18,20 +18,18 @@ velocities, so their relative error is large and matters little.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 import qdiff
-from eval.common.report import results_dir, write_json, write_markdown
+from eval.common.report import ROOT, results_dir, write_json, write_markdown
 from qdiff.config import LayerOverride, load_config
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.loop import build_student
 from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import family_for
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULTS = results_dir("video")
 NUM_VIDEOS, SEED = 16, 1234
 FFN_IN, QKV, FFN_OUT, ATTN_OUT = "*ffn.net.0.proj", "*attn1.to_[qkv]", "*ffn.net.2", "*attn1.to_out.0"
