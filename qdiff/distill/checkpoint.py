@@ -118,12 +118,17 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def checkpoint_step(path: Path) -> int:
-    """The number of optimizer steps the checkpoint at `path` was written after."""
+def checkpoint_meta(path: Path) -> dict:
+    """The checkpoint's `meta.json`: its step, the run's extra entries, its files' checksums."""
     meta, problem = _read_meta(path)
     if problem:
         raise CheckpointError(f"{path}: {problem}; use another checkpoint of the run.")
-    return meta["step"]
+    return meta
+
+
+def checkpoint_step(path: Path) -> int:
+    """The number of optimizer steps the checkpoint at `path` was written after."""
+    return checkpoint_meta(path)["step"]
 
 
 def _read_meta(path: Path) -> tuple[dict, str]:

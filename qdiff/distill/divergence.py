@@ -21,14 +21,13 @@ checkpoint of a collapsed student is never written).
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qdiff.distill.checkpoint import META_FILE, checkpoint_step, list_checkpoints
+from qdiff.distill.checkpoint import checkpoint_meta, list_checkpoints
 from qdiff.errors import QdiffError
 from qdiff.quant import iter_quant_layers
 
@@ -81,8 +80,8 @@ class DivergenceWatch:
 def saved_references(run_dir: Path, step: int) -> dict:
     """The references saved in the run's checkpoint of `step` (empty where none were)."""
     for checkpoint in reversed(list_checkpoints(run_dir)):
-        if checkpoint_step(checkpoint) == step:
-            meta = json.loads((checkpoint / META_FILE).read_text())
+        meta = checkpoint_meta(checkpoint)
+        if meta["step"] == step:
             return {"first_trajectory": meta.get(TRAJECTORY_KEY),
                     "first_step": meta.get(FIRST_STEP_KEY)}
     return {}
