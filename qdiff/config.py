@@ -28,8 +28,6 @@ from omegaconf.errors import OmegaConfBaseException
 from qdiff.errors import QdiffError
 
 BITS_RANGE = (2, 8)
-FAMILIES = ("auto", "class-ldm", "sd", "dit", "class-wan", "wan", "cogvideox")
-PROMPT_FAMILIES = ("sd", "wan", "cogvideox")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -49,6 +47,39 @@ def act_modes() -> tuple[str, ...]:
     """The registered `quant.act_mode` values (`qdiff.quant.register_act_quantizer`)."""
     from qdiff.quant import act_modes as registered  # late: qdiff.quant imports this module
     return registered()
+
+
+def family_names() -> tuple[str, ...]:
+    """"auto" and the registered `model.family` values (`qdiff.families.register_family`)."""
+    from qdiff.families import FAMILIES  # late: qdiff.families imports this module
+    return ("auto", *FAMILIES)
+
+
+def _family_conditions(name: str) -> str:
+    from qdiff.families import FAMILIES
+    return FAMILIES[name].conditions
+
+
+def _scheduler_class(name: str) -> None:
+    """Check that `name` is a diffusers scheduler class."""
+    import diffusers
+
+    from diffusers import SchedulerMixin
+    candidate = getattr(diffusers, name, None)
+    if not (isinstance(candidate, type) and issubclass(candidate, SchedulerMixin)):
+        known = [n for n in dir(diffusers) if n.endswith("Scheduler")]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"model.scheduler='{name}' is not a diffusers scheduler class.{hint} "
+                          f"Give a class name such as UniPCMultistepScheduler, or leave it unset "
+                          f"for the pipeline's own.")
+
+
+# Keys that existed once: their config lines get a message saying what replaced them.
+REMOVED_KEYS = {
+    "distill.target": "every denoiser call's raw output is matched now, the conditional and "
+                      "null predictions each (what `target: branches` did); delete the line",
+}
 
 
 def _act_quantizer_class(mode: str) -> type:
@@ -102,17 +133,24 @@ class ModelConfig:
     """The full-precision teacher pipeline."""
 
     path: str = "assets/tiny-ldm-digits"  # a local pipeline folder or a hub id
-    family: str = "auto"  # denoiser family adapter; "auto" reads it from the pipeline
+    family: str = "auto"  # a registered family (qdiff.families); "auto" reads it from the pipeline
+    # the diffusers scheduler class trajectories are walked with (from the pipeline's
+    # scheduler config), e.g. UniPCMultistepScheduler; None: the pipeline's own
+    scheduler: Optional[str] = None
     dtype: str = "float32"  # the teacher denoiser's compute dtype (the student trains in float32)
     prompts: Optional[str] = None  # text-conditioned families: a file with one prompt per line
     # wan / cogvideox: [frames, height, width] of the trajectories' videos (pixels);
     # None: the model's own (Wan 2.1 81 x 480 x 832, CogVideoX 49 x 480 x 720)
     video_size: Optional[List[int]] = None
+    image_size: Optional[List[int]] = None  # image families: [height, width]; None: the pipeline's
+    images: Optional[str] = None  # image-to-video families: a folder of first frames
 
     def __post_init__(self) -> None:
-        _check_choice("model.family", self.family, FAMILIES)
+        _check_choice("model.family", self.family, family_names())
         _check_choice("model.dtype", self.dtype, DTYPES)
-        if self.family in PROMPT_FAMILIES and not self.prompts:
+        if self.scheduler is not None:
+            _scheduler_class(self.scheduler)
+        if self.family != "auto" and _family_conditions(self.family) == "prompts" and not self.prompts:
             raise ConfigError(f"model.family='{self.family}' distils from prompts: set "
                               f"model.prompts to a text file with one prompt per line, e.g. "
                               f"configs/prompts/coco-captions-sample.txt.")
@@ -122,6 +160,12 @@ class ModelConfig:
                                   f"width], e.g. [81, 480, 832].")
             for name, value in zip(("frames", "height", "width"), self.video_size):
                 _check_range(f"model.video_size {name}", value, 1)
+        if self.image_size is not None:
+            if len(self.image_size) != 2:
+                raise ConfigError(f"model.image_size={self.image_size} must be [height, width], "
+                                  f"e.g. [1024, 1024].")
+            for name, value in zip(("height", "width"), self.image_size):
+                _check_range(f"model.image_size {name}", value, 1)
 
 
 @dataclass
@@ -228,8 +272,8 @@ class DistillConfig:
     """Data-free distillation on the teacher's own sampling trajectories."""
 
     steps: int = 1000  # optimizer steps; one per denoising step of a trajectory
-    trajectory_steps: int = 100  # sampler steps of each teacher trajectory
-    eta: float = 1.0  # DDIM eta of the teacher's trajectory
+    trajectory_steps: int = 100  # denoising steps of each pipeline call (num_inference_steps)
+    eta: float = 0.0  # DDIM eta, for pipelines whose __call__ takes one (0: deterministic)
     guidance_scale: float = 2.0  # classifier-free guidance of the teacher
     batch_size: int = 16
     lr: float = 5e-4  # QALoRA; with lora.scale_aware_lr, the mean of the per-layer rates
@@ -254,12 +298,10 @@ class DistillConfig:
     # recompute each block's activations in the backward pass instead of keeping them
     # (diffusers' own switch): at SD's layout qdiff's peak -30%, its step time +23%
     gradient_checkpointing: bool = False
-    loss: str = "x0"  # "x0": MSE of the implied images; "mse" / "l1" of the noise predictions;
-    # "update": MSE of the DDIM steps they imply (qdiff.distill.loop.distillation_loss)
-    # what the loss compares: "guided", the CFG-combined predictions (EfficientDM), or
-    # "branches", the conditional and the null prediction each (guidance still walks the
-    # path; closer to FP on the embedded teacher: eval/results/quality/finetune.md)
-    target: str = "guided"
+    # of each denoiser call's raw output (the conditional and the null prediction each):
+    # "x0": MSE of the clean samples they imply (weighted from the pipeline's scheduler);
+    # "mse" / "l1" of the outputs themselves (qdiff.distill.loss)
+    loss: str = "x0"
     walker: str = "student"  # who takes each trajectory step: "student" (its own path) or "teacher"
     checkpoint_every: int = 200
     sample_every: int = 200  # steps between PNG grids of teacher vs student
@@ -291,8 +333,11 @@ class DistillConfig:
         if not (self.divergence_factor == 0 or self.divergence_factor > 1):
             raise ConfigError(f"distill.divergence_factor={self.divergence_factor} is out of "
                               f"range; allowed: 0 (no check) or a finite factor above 1, e.g. 10.")
-        _check_choice("distill.loss", self.loss, ("x0", "mse", "l1", "update"))
-        _check_choice("distill.target", self.target, ("guided", "branches"))
+        if self.loss == "update":
+            raise ConfigError("distill.loss='update' was removed: a multistep scheduler's update "
+                              "has no one-step form; use distill.loss=x0, which weights each "
+                              "call by how far its error moves the clean sample.")
+        _check_choice("distill.loss", self.loss, ("x0", "mse", "l1"))
         _check_choice("distill.walker", self.walker, ("student", "teacher"))
         if self.walker == "student" and self.checkpoint_every % self.trajectory_steps:
             raise ConfigError(
@@ -395,6 +440,8 @@ def check_keys(data: Mapping[str, Any], schema: type = RunConfig, prefix: str = 
     known = [f.name for f in dataclasses.fields(schema)]
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in REMOVED_KEYS:
+            raise ConfigError(f"Config key '{path}' was removed: {REMOVED_KEYS[path]}.")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""

@@ -47,10 +47,11 @@ from torch import nn
 from qdiff.cli import add_debug_flag, run_main
 from qdiff.config import RunConfig, load_config
 from qdiff.distill.checkpoint import latest_checkpoint
-from qdiff.distill.loop import distill, mean_recent_loss
+from qdiff.calibrate import by_component
+from qdiff.distill.loop import distill, mean_recent_loss, teacher_family
 from qdiff.distill.run_dir import open_run_folder
 from qdiff.export import check_export, export_pipeline, quantized_class_for
-from qdiff.families import family_for
+from qdiff.families import Family
 from qdiff.models.loading import load_pipeline
 
 logger = logging.getLogger("qdiff.finetune")
@@ -86,7 +87,7 @@ def _run(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, resume: bool,
     start = time.time()
     pipe = load_pipeline(cfg.model.path)
     pipe.set_progress_bar_config(disable=True)
-    family = family_for(pipe, cfg.model)
+    family = teacher_family(pipe, cfg)
     family.cast_teacher(getattr(torch, cfg.model.dtype))
     pipe.to(accelerator.device)
     student = distill(family, cfg, run_dir, resume=resume, accelerator=accelerator,
@@ -98,22 +99,24 @@ def _run(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, resume: bool,
                     f", export in {export_dir}" if export_dir else "")
 
 
-def _export(family, student: nn.Module, cfg: RunConfig, run_dir: Path) -> Path | None:
-    """Export the student. The written denoiser is loaded back and each integer layer checked
-    against its student layer (`check_export`) before the folder is renamed into place, so
-    an export that does not compute what was trained is never left to be found."""
+def _export(family: Family, student: nn.Module, cfg: RunConfig, run_dir: Path) -> Path | None:
+    """Export the students. The written denoisers are loaded back and each integer layer
+    checked against its student layer (`check_export`) before the folder is renamed into
+    place, so an export that does not compute what was trained is never left to be found."""
     if not cfg.export.enabled:
         return None
+    students = by_component(student, family)
 
     def check(folder: Path) -> None:
-        exported = quantized_class_for(student).from_pretrained(folder / family.denoiser_name)
-        errors = check_export(family, student, exported.to(family.pipe.device),
-                              cfg.distill.guidance_scale)
+        exported = {component: quantized_class_for(model).from_pretrained(folder / component)
+                    .to(family.pipe.device) for component, model in students.items()}
+        errors = check_export(family, students, exported, cfg.distill.guidance_scale)
         logger.info("export checked: %d integer layers reproduce the student, worst relative "
                     "error %.2g", len(errors), max(errors.values(), default=0.0))
 
     out_dir = Path(cfg.export.dir or run_dir / "export")
-    return export_pipeline(family.pipe, student, out_dir, cfg.quant, check=check)
+    return export_pipeline(family.pipe, student if len(students) == 1 else students, out_dir,
+                           cfg.quant, check=check)
 
 
 def resume_hint(run_dir: Path, config: Path, overrides: Sequence[str],

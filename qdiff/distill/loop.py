@@ -1,20 +1,25 @@
-"""The distillation loop: trajectories from noise, the student learns each step of them.
+"""The distillation loop: the stock pipeline walks, the student learns at each denoiser call.
 
-Read it top to bottom: build the student (quantize, calibrate), the optimizer and the
-Phi rank decay; then for every denoising step of every trajectory, ask teacher and
-student the same question (x_t, t, condition) and move the student towards the
-teacher's answer -- one optimizer step per denoising step, as in EfficientDM. Whoever
-`distill.walker` names takes the step to the next x_t: the student by default, so it
-learns on the path it will sample. With `distill.ema_decay`, the run's student is the
-moving average of the trained parameters (`qdiff.distill.ema`). The run directory keeps the
-resolved config, a JSONL log, checkpoints and sample grids, so a stopped run resumes
-where it stopped and ends with the weights it would have had.
+Read it top to bottom: build the students (quantize a copy of each denoiser, calibrate),
+the optimizer and the Phi rank decay; then for every trajectory -- one call of the
+teacher's own diffusers pipeline, with its scheduler and guidance, on a batch of
+conditions -- `qdiff.walk.walk_with_student` hands each denoiser call to the `Trainer`:
+the teacher answers without gradients, the student with them, and the loss between the
+two is backpropagated. The calls of one denoising step (one, or one per guidance branch)
+make one optimizer step, taken just before the next step's first call, so the student
+answers every step updated (as in EfficientDM). Whoever `distill.walker` names gives the
+pipeline its answer: the student by default, so it learns on the path it will sample.
+With `distill.ema_decay`, the run's student is the moving average of the trained
+parameters (`qdiff.distill.ema`). The run directory keeps the resolved config, a JSONL
+log, checkpoints and sample grids, so a stopped run resumes where it stopped and ends
+with the weights it would have had.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -25,12 +30,12 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from torch import nn
 from tqdm import tqdm
 
-from qdiff.calibrate import calibrate
+from qdiff.calibrate import by_component, calibrate, trajectory_grid
 from qdiff.config import ConfigError, RunConfig, save_config
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.checkpoint import (DIVERGED_SUFFIX, checkpoint_step, latest_checkpoint,
@@ -40,15 +45,17 @@ from qdiff.distill.checkpoint import (DIVERGED_SUFFIX, checkpoint_step, latest_c
 from qdiff.distill.divergence import (DivergenceError, DivergenceWatch, describe_collapse,
                                       nonfinite_quantizer_tables, saved_references)
 from qdiff.distill.ema import ParameterEMA
+from qdiff.distill.loss import call_loss
 from qdiff.distill.optim import (build_optimizer, freeze_all_but_quant_params, lr_factor,
                                  set_learning_rates)
 from qdiff.distill.run_dir import truncate_log
 from qdiff.distill.samples import save_comparison_grid
-from qdiff.distill.trajectory import TrajectoryStep, TrajectoryWalk, trajectory_timesteps
 from qdiff.errors import QdiffError
-from qdiff.families import combine_branches, family_for
+from qdiff.families import Family, family_for
 from qdiff.quant import (QuantizationReport, RankDecay, nonpositive_step_tables, quantize_,
                          set_timesteps)
+from qdiff.walk import DenoiserCall, StopWalk, use_scheduler, walk_with_student
+from qdiff.walk.x0 import single_timestep
 
 logger = logging.getLogger("qdiff.distill")
 
@@ -59,28 +66,50 @@ class NonFiniteLossError(QdiffError, RuntimeError):
 
 @dataclass
 class Student:
-    model: nn.Module
+    model: nn.Module  # the one denoiser's student, or an nn.ModuleDict {component: student}
     report: QuantizationReport
 
 
+def teacher_family(pipe, cfg: RunConfig) -> Family:
+    """The family of `pipe` (a pipeline or a family) with `model.scheduler` in place."""
+    family = family_for(pipe, cfg.model)
+    if cfg.model.scheduler:
+        use_scheduler(family.pipe, cfg.model.scheduler)
+    return family
+
+
 def build_student(pipe, cfg: RunConfig, calibrated: bool = True) -> Student:
-    """A quantized copy of the teacher's denoiser, its scales initialised by PTQ.
+    """A quantized copy of each of the teacher's denoisers, its scales initialised by PTQ.
 
     With `calibrated=False` (resuming), the activation tables come from the checkpoint.
-    `pipe` is the teacher pipeline or its family adapter; the student trains in float32
-    whatever the teacher's dtype.
+    `pipe` is the teacher pipeline or its family; the students train in float32 whatever
+    the teacher's dtype. One denoiser gives its student; several (Wan 2.2's two experts)
+    an `nn.ModuleDict` of them by component.
     """
-    family = family_for(pipe, cfg.model)
-    model = copy.deepcopy(family.denoiser).float()
-    torch.manual_seed(cfg.seed)  # LoRA A's random init: the same student for the same config
-    report = quantize_(model, family.quant_config(cfg.quant), cfg.lora, cfg.aux)
+    family = teacher_family(pipe, cfg)
+    students, reports = {}, {}
+    for index, component in enumerate(family.denoisers):
+        model = copy.deepcopy(family.denoiser(component)).float()
+        torch.manual_seed(cfg.seed + index)  # LoRA A's random init: the same student for the same config
+        reports[component] = quantize_(model, family.quant_config(cfg.quant), cfg.lora, cfg.aux)
+        students[component] = model
+    distill_cfg = cfg.distill
     if calibrated:
-        calibrate(model, family, cfg.quant.calibration_samples, cfg.distill.trajectory_steps,
-                  cfg.distill.eta, cfg.distill.guidance_scale, seed=cfg.seed)
+        calibrate(students, family, cfg.quant.calibration_samples, distill_cfg.trajectory_steps,
+                  distill_cfg.eta, distill_cfg.guidance_scale, seed=cfg.seed)
     else:  # size the tables now: the optimizer must hold the parameters the checkpoint fills
-        set_timesteps(model, trajectory_timesteps(family, cfg.distill.trajectory_steps))
-    freeze_all_but_quant_params(model, cfg.distill.base_weight_lr > 0, cfg.distill.weight_scale_lr > 0)
-    return Student(model, report)
+        grid = trajectory_grid(family, distill_cfg.trajectory_steps, distill_cfg.guidance_scale,
+                               distill_cfg.eta)
+        for model in students.values():
+            set_timesteps(model, grid)
+    for model in students.values():
+        freeze_all_but_quant_params(model, distill_cfg.base_weight_lr > 0,
+                                    distill_cfg.weight_scale_lr > 0)
+    if len(students) == 1:
+        return Student(next(iter(students.values())), next(iter(reports.values())))
+    rows = [dataclasses.replace(row, name=f"{component}.{row.name}")
+            for component, report in reports.items() for row in report]
+    return Student(nn.ModuleDict(students), QuantizationReport(rows))
 
 
 def student_at(pipe, cfg: RunConfig, checkpoint: Path, averaged: bool = True) -> nn.Module:
@@ -99,36 +128,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
     Most of a training step's memory is what the fake-quantized layers keep for the backward
     pass, which LoRA does not shrink; this trades it for one more forward pass."""
-    if not getattr(model, "_supports_gradient_checkpointing", False):
-        raise ConfigError(
-            f"distill.gradient_checkpointing=true, but {type(model).__name__} cannot recompute "
-            f"its blocks (it is not a diffusers model that supports gradient checkpointing). "
-            f"Set distill.gradient_checkpointing=false.")
-    model.enable_gradient_checkpointing()
-
-
-def distillation_loss(student_output: torch.Tensor, step: TrajectoryStep,
-                      kind: str, target: str = "guided") -> torch.Tensor:
-    """The distance between the student's and the teacher's guided noise predictions, or
-    (`target="branches"`, `student_output` then `branch_noise`'s) their predictions before
-    guidance combines them.
-
-    "mse" / "l1": of the noise predictions themselves. Their error is largest near t = 0,
-    where it hardly changes the image, and smallest at the noisy start, where it decides
-    the image -- so "x0" (MSE of the images the two predictions imply, i.e. weighted by
-    (d x0 / d eps)^2) and "update" (MSE of the DDIM steps they imply) weight every step by
-    its effect on the sample instead. eval/results/quality/finetune.md compares them.
-
-    Why "branches": the quantization error the LoRA can correct is shared by the two
-    predictions (same weights), and guidance passes it on once; the error that differs
-    between them guidance multiplies by about s. So the guided loss sees what can be learned
-    through noise amplified s-fold, the branches' loss does not.
-    """
-    teacher_output = step.teacher_branches if target == "branches" else step.teacher_output
-    if kind == "l1":
-        return F.l1_loss(student_output, teacher_output)
-    scale = {"mse": 1.0, "x0": step.x0_scale, "update": step.update_scale}[kind]
-    return F.mse_loss(student_output * scale, teacher_output * scale)
+    for student in (model.values() if isinstance(model, nn.ModuleDict) else [model]):
+        if not getattr(student, "_supports_gradient_checkpointing", False):
+            raise ConfigError(
+                f"distill.gradient_checkpointing=true, but {type(student).__name__} cannot "
+                f"recompute its blocks (it is not a diffusers model that supports gradient "
+                f"checkpointing). Set distill.gradient_checkpointing=false.")
+        student.enable_gradient_checkpointing()
 
 
 class RunLog:
@@ -143,26 +149,6 @@ class RunLog:
             with self.path.open("a") as log:
                 log.write(json.dumps({**record, "elapsed_s": round(time.time() - self.started, 2)})
                           + "\n")
-
-
-def _train_step(family, student: nn.Module, step, cfg: RunConfig, accelerator: Accelerator,
-                optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter]
-                ) -> tuple[float, torch.Tensor]:
-    """One optimizer step on one denoising step; returns the loss and the student's answer."""
-    guidance, target = cfg.distill.guidance_scale, cfg.distill.target
-    branches = family.branch_noise(step.model_input, step.timestep, step.context, guidance,
-                                   denoiser=student)
-    student_output = combine_branches(branches, guidance)
-    loss = distillation_loss(branches if target == "branches" else student_output, step,
-                             cfg.distill.loss, target)
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"loss is {loss.item()} at timestep {int(step.timestep)}")
-    accelerator.backward(loss)
-    if cfg.distill.grad_clip > 0:
-        accelerator.clip_grad_norm_(trainable, cfg.distill.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(loss.detach(), reduction="mean").item(), student_output.detach()
 
 
 def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[RankDecay],
@@ -183,9 +169,10 @@ def _resume_step(run_dir: Path, student: nn.Module, optimizer, decay: Optional[R
 def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
             accelerator: Optional[Accelerator] = None,
             on_setup_done: Callable[[], None] | None = None) -> nn.Module:
-    """Train the student for `cfg.distill.steps` steps; returns it (unwrapped).
+    """Train the students for `cfg.distill.steps` steps; returns the trained model: the one
+    denoiser's student, or an `nn.ModuleDict` of them by component.
 
-    `pipe` is the teacher pipeline or its family adapter (`qdiff.families`).
+    `pipe` is the teacher pipeline or its family (`qdiff.families`).
     `on_setup_done` is called (by the main process) once the student is built and any
     checkpoint loaded, before the run writes to `run_dir`: `--overwrite` deletes the
     previous run only then. A run that diverges raises `DivergenceError`.
@@ -193,7 +180,7 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     resuming = resume and latest_checkpoint(run_dir) is not None
-    family = family_for(pipe, cfg.model)
+    family = teacher_family(pipe, cfg)
     student = build_student(family, cfg, calibrated=not resuming)
     if main:
         logger.info("quantized layers:\n%s", student.report)
@@ -217,71 +204,173 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
         if dropped:
             logger.info("log.jsonl: dropped %d lines after step %d, which this run trains again",
                         dropped, step)
-    watch = DivergenceWatch(cfg.distill.divergence_factor, per_trajectory,
-                            **(saved_references(run_dir, step) if step else {}))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    log = RunLog(run_dir / "log.jsonl", main)
-    progress = tqdm(total=total, initial=step, desc=f"distilling {cfg.name}", unit="step",
-                    disable=not main)
-    recent: list[float] = []
-    collapsed: set[str] = set()
+    trainer = Trainer(family, model, cfg, run_dir, accelerator, optimizer, decay, ema, step)
     try:  # the bar's line ends before an error or Ctrl-C is printed
-        while step < total:
-            index = step // per_trajectory
-            labels, generators = trajectory_batch(cfg.seed, index, cfg.distill.batch_size,
-                                                  family.num_conditions,
-                                                  accelerator.process_index, accelerator.num_processes)
-            walk = TrajectoryWalk(family, labels, per_trajectory, cfg.distill.eta,
-                                  cfg.distill.guidance_scale, generators)
-            while not walk.done:
-                point = walk.point()
-                if index * per_trajectory + point.index < step:
-                    walk.advance(point.teacher_output)  # a resumed run replays up to where it stopped
-                    continue
-                set_learning_rates(optimizer, lr_factor(step, cfg.distill.warmup_steps, total))
-                try:
-                    loss, student_output = _train_step(family, model, point, cfg, accelerator,
-                                                       optimizer, trainable)
-                except NonFiniteLossError as error:
-                    last = latest_checkpoint(run_dir)
-                    raise NonFiniteLossError(
-                        f"Stopped at step {step}: {error}. The last good checkpoint is {last}; "
-                        f"resume from it with a lower distill.lr (or act_lr) and "
-                        f"--allow-config-change, or check the teacher.") from None
-                diverged = watch.check(step, loss)
-                if diverged:
-                    _stop_diverged(step, diverged, run_dir, first_checked=per_trajectory)
-                walk.advance(student_output if cfg.distill.walker == "student" else point.teacher_output)
-                if ema is not None:
-                    ema.update(step)
-                rank = decay.current_rank if decay is not None else 0  # the rank this step trained
-                step += 1
-                if decay is not None:
-                    # Phi as the next step starts, before a checkpoint of `step` saves it: where
-                    # Phi's last phase ends, resuming there builds no Phi and finds none saved
-                    decay.step(step)
-                recent = (recent + [loss])[-50:]
-                lr = cfg.distill.lr * lr_factor(step - 1, cfg.distill.warmup_steps, total)
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", rank=rank)
-                if step % cfg.distill.log_every == 0 or step == total:
-                    log.write({"step": step, "loss": loss, "lr": lr, "aux_rank": rank})
-                    _warn_collapsed_tables(model, collapsed, step, main)
-                if step == total or not (step % cfg.distill.log_every
-                                         and step % cfg.distill.checkpoint_every):
-                    _stop_if_collapsed(model, step, run_dir)  # before a checkpoint can save it
-                _periodic(step, cfg, run_dir, family, accelerator, model, optimizer, recent, ema,
-                          watch.meta())
-                if step >= total:
-                    break
+        while trainer.step < total:
+            index = trainer.step // per_trajectory
+            ids, generators = trajectory_batch(cfg.seed, index, cfg.distill.batch_size,
+                                               family.num_conditions,
+                                               accelerator.process_index, accelerator.num_processes)
+            call = family.call_kwargs(ids, generators, per_trajectory, cfg.distill.guidance_scale,
+                                      cfg.distill.eta)
+            trainer.start_trajectory(index)
+            walk_with_student(family.pipe, by_component(model, family), call, trainer.on_call,
+                              follow=trainer.follow, before_call=trainer.before_call)
+            trainer.end_trajectory()
     finally:
-        progress.close()
+        trainer.progress.close()
     if decay is not None:
         decay.finish()
     if ema is not None:
         ema.copy_to_model()
-    return accelerator.unwrap_model(model)
+    return model
+
+
+class Trainer:
+    """Turns the denoiser calls of a walk into optimizer steps.
+
+    A denoising step is the calls at one timestep: one call with both guidance branches
+    batched, or one per branch. Each call's loss is backpropagated as it comes; the step's
+    gradients are averaged over its calls (and over processes) and the optimizer steps in
+    `before_call` of the next step's first call, or when the walk ends. Then come the
+    step's bookkeeping: EMA, Phi's rank decay, the log, divergence checks, checkpoints.
+    """
+
+    def __init__(self, family: Family, model: nn.Module, cfg: RunConfig, run_dir: Path,
+                 accelerator: Accelerator, optimizer: torch.optim.Optimizer,
+                 decay: Optional[RankDecay], ema: Optional[ParameterEMA], step: int) -> None:
+        self.family, self.model, self.cfg, self.run_dir = family, model, cfg, run_dir
+        self.accelerator, self.optimizer, self.decay, self.ema = accelerator, optimizer, decay, ema
+        self.step = step
+        self.per_trajectory = cfg.distill.trajectory_steps
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.watch = DivergenceWatch(cfg.distill.divergence_factor, self.per_trajectory,
+                                     **(saved_references(run_dir, step) if step else {}))
+        self.log = RunLog(run_dir / "log.jsonl", accelerator.is_main_process)
+        self.progress = tqdm(total=cfg.distill.steps, initial=step, desc=f"distilling {cfg.name}",
+                             unit="step", disable=not accelerator.is_main_process)
+        self.recent: list[float] = []
+        self.collapsed: set[str] = set()
+        self.grid_due = False
+        self.start_trajectory(step // self.per_trajectory)
+
+    # -- where a call sits -------------------------------------------------------------
+    def start_trajectory(self, index: int) -> None:
+        self.first_step = index * self.per_trajectory  # the global step of its first denoising step
+        self.position = -1  # the denoising step within the trajectory
+        self.timestep: Optional[float] = None
+        self.losses: list[float] = []  # the calls' losses of the step being accumulated
+
+    def _replayed(self) -> bool:
+        """Whether the current denoising step was trained before a resume (replayed, not trained)."""
+        return self.first_step + self.position < self.step
+
+    def follow(self, call: DenoiserCall) -> str:
+        if self._replayed():
+            return "teacher"  # a resumed run replays the teacher's path up to where it stopped
+        return self.cfg.distill.walker
+
+    # -- the walk's callbacks ------------------------------------------------------------
+    def before_call(self, call: DenoiserCall) -> None:
+        """A call at a new timestep starts a denoising step: the previous one steps first."""
+        timestep = single_timestep(call.timestep)
+        if timestep == self.timestep:
+            return
+        self._finish_step()
+        if self.step >= self.cfg.distill.steps:
+            raise StopWalk
+        self.timestep, self.position = timestep, self.position + 1
+
+    def on_call(self, call: DenoiserCall, student_output: torch.Tensor,
+                teacher_output: torch.Tensor) -> None:
+        """Backpropagate the call's loss (a replayed step's calls are not trained)."""
+        if self._replayed():
+            return
+        loss = call_loss(self.family.prediction(call.component, student_output),
+                         self.family.prediction(call.component, teacher_output),
+                         self.cfg.distill.loss, self.family.pipe.scheduler, call.timestep)
+        if not torch.isfinite(loss):
+            last = latest_checkpoint(self.run_dir)
+            raise NonFiniteLossError(
+                f"Stopped at step {self.step}: the loss is {loss.item()} at timestep "
+                f"{single_timestep(call.timestep):g}. The last good checkpoint is {last}; resume "
+                f"from it with a lower distill.lr (or act_lr) and --allow-config-change, or check "
+                f"the teacher.")
+        self.accelerator.backward(loss)
+        self.losses.append(loss.detach())
+
+    def end_trajectory(self) -> None:
+        self._finish_step()
+        if self.grid_due:
+            self.grid_due = False
+            self._grid()
+
+    # -- one optimizer step --------------------------------------------------------------
+    def _finish_step(self) -> None:
+        if not self.losses:
+            return
+        cfg = self.cfg.distill
+        loss = self._average_gradients()
+        set_learning_rates(self.optimizer, lr_factor(self.step, cfg.warmup_steps, cfg.steps))
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        diverged = self.watch.check(self.step, loss)
+        if diverged:
+            _stop_diverged(self.step, diverged, self.run_dir, first_checked=self.per_trajectory)
+        if self.ema is not None:
+            self.ema.update(self.step)
+        rank = self.decay.current_rank if self.decay is not None else 0  # the rank this step trained
+        self.step += 1
+        if self.decay is not None:
+            # Phi as the next step starts, before a checkpoint of `step` saves it: where
+            # Phi's last phase ends, resuming there builds no Phi and finds none saved
+            self.decay.step(self.step)
+        self._bookkeeping(loss, rank)
+
+    def _average_gradients(self) -> float:
+        """Average the step's gradients over its calls and the processes; its mean loss."""
+        calls = len(self.losses)
+        loss = torch.stack(self.losses).mean()
+        self.losses = []
+        world = self.accelerator.num_processes
+        for parameter in self.trainable:
+            if parameter.grad is None:
+                continue
+            if world > 1:
+                dist.all_reduce(parameter.grad)
+            parameter.grad /= calls * world
+        return self.accelerator.reduce(loss, reduction="mean").item()
+
+    def _bookkeeping(self, loss: float, rank: int) -> None:
+        cfg, step, total = self.cfg.distill, self.step, self.cfg.distill.steps
+        self.recent = (self.recent + [loss])[-50:]
+        lr = cfg.lr * lr_factor(step - 1, cfg.warmup_steps, total)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", rank=rank)
+        if step % cfg.log_every == 0 or step == total:
+            self.log.write({"step": step, "loss": loss, "lr": lr, "aux_rank": rank})
+            _warn_collapsed_tables(self.model, self.collapsed, step, self.accelerator.is_main_process)
+        if step == total or not (step % cfg.log_every and step % cfg.checkpoint_every):
+            _stop_if_collapsed(self.model, step, self.run_dir)  # before a checkpoint can save it
+        if not self.accelerator.is_main_process:
+            return
+        if step % cfg.checkpoint_every == 0 or step == total:
+            save_checkpoint(self.run_dir, step, self.model, self.optimizer,
+                            {"loss_mean_last_50": sum(self.recent) / len(self.recent),
+                             **self.watch.meta()}, self.ema)
+        if step % cfg.sample_every == 0 or step == total:
+            self.grid_due = True  # drawn when the walk ends: the pipeline is mid-call now
+
+    def _grid(self) -> None:
+        """The sample grid of the student the run would export now (the average, with an EMA)."""
+        eval_cfg = self.cfg.eval
+        with self.ema.averaged() if self.ema is not None else contextlib.nullcontext():
+            save_comparison_grid(self.family, by_component(self.model, self.family),
+                                 self.run_dir / "samples" / f"step-{self.step:07d}.png",
+                                 eval_cfg.steps, eval_cfg.guidance_scale, seed=eval_cfg.seed,
+                                 batch_size=self.cfg.distill.batch_size)
 
 
 def _warn_collapsed_tables(model: nn.Module, warned: set[str], step: int, main: bool) -> None:
@@ -318,26 +407,6 @@ def _stop_if_collapsed(model: nn.Module, step: int, run_dir: Path) -> None:
     broken = nonfinite_quantizer_tables(model)
     if broken:
         _stop_diverged(step, describe_collapse(broken), run_dir)
-
-
-def _periodic(step: int, cfg: RunConfig, run_dir: Path, family, accelerator: Accelerator,
-              model: nn.Module, optimizer, recent: list[float], ema: Optional[ParameterEMA],
-              references: dict | None = None) -> None:
-    """Checkpoints and sample grids every N steps (and at the end), by the main process.
-
-    The grids show the student the run would export now: the average, with an EMA."""
-    if not accelerator.is_main_process:
-        return
-    done = step == cfg.distill.steps
-    if step % cfg.distill.checkpoint_every == 0 or done:
-        save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer,
-                        {"loss_mean_last_50": sum(recent) / len(recent), **(references or {})}, ema)
-    if step % cfg.distill.sample_every == 0 or done:
-        with ema.averaged() if ema is not None else contextlib.nullcontext():
-            save_comparison_grid(family, accelerator.unwrap_model(model),
-                                 run_dir / "samples" / f"step-{step:07d}.png",
-                                 cfg.eval.steps, cfg.eval.guidance_scale, seed=cfg.eval.seed,
-                                 batch_size=cfg.distill.batch_size)
 
 
 def mean_recent_loss(run_dir: Path, last: int = 50) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -89,27 +89,29 @@ class ExportMismatchError(QdiffError, RuntimeError):
 
 
 @torch.no_grad()
-def check_export(family: Any, student: nn.Module, model: nn.Module, guidance: float,
-                 timesteps: int = 3, tolerance: float = EXPORT_TOLERANCE) -> dict[str, float]:
-    """`layer_mismatch` of the exported `model` on the student's inputs at `timesteps`
-    points of a walk (noisy start to clean end), for two of the family's preview conditions;
-    raises ExportMismatchError naming the worst layers when one is off by more than
-    `tolerance` (relative), else returns the per-layer errors.
+def check_export(family: Any, students: Mapping[str, nn.Module], models: Mapping[str, nn.Module],
+                 guidance: float, steps: int = 3,
+                 tolerance: float = EXPORT_TOLERANCE) -> dict[str, float]:
+    """`layer_mismatch` of each exported model (`models`, by component) on its student's
+    inputs along a `steps`-step call of the family's pipeline with the students answering,
+    for two of the family's preview conditions; raises ExportMismatchError naming the worst
+    layers when one is off by more than `tolerance` (relative), else returns the per-layer
+    errors (named `component.layer` when there are several denoisers).
 
-    `family` is the teacher's adapter (`qdiff.families`): its noise, conditions and denoiser
-    call are the ones the student was trained with.
+    `family` is the teacher's (`qdiff.families`): its pipeline, conditions and scheduler are
+    the ones the students were trained with.
     """
-    sampler = family.trajectory_sampler(timesteps)
-    conditions = family.preview_conditions()[:2]
-    latents = family.prepare_latents(len(conditions), torch.Generator().manual_seed(0))
-    context = family.context(conditions, guidance)
+    from qdiff.walk import sample_with_students  # late: qdiff.walk imports qdiff.quant
 
-    def run(denoiser: nn.Module) -> None:
-        for timestep in sampler.timesteps:
-            family.branch_noise(sampler.model_input(latents, timestep), timestep, context,
-                                guidance, denoiser)
-
-    errors = layer_mismatch(student, model, run)
+    ids = family.preview_conditions()[:2]
+    kwargs = family.call_kwargs(ids, [torch.Generator().manual_seed(j) for j in range(len(ids))],
+                                steps, guidance)
+    errors: dict[str, float] = {}
+    for component, model in models.items():
+        prefix = f"{component}." if len(models) > 1 else ""
+        found = layer_mismatch(students[component], model,
+                               lambda _: sample_with_students(family.pipe, students, kwargs))
+        errors.update({prefix + name: error for name, error in found.items()})
     # `not error <= tolerance` also catches NaN, which compares false with everything
     failing = [item for item in errors.items() if not item[1] <= tolerance]
     if failing:

@@ -1,29 +1,19 @@
-"""Family adapters: what distillation needs from each kind of pipeline, behind one interface.
+"""Families: what qdiff needs to know of each kind of diffusers pipeline, declared.
 
     family = family_for(pipe, cfg.model)          # model.family, or "auto" from the pipeline
-    context = family.context(condition_ids, guidance)
-    noise = family.guided_noise(x_t, t, context, guidance, denoiser=student)
-    branches = family.branch_noise(x_t, t, context, guidance, denoiser=student)  # before CFG
-    assert torch.equal(noise, combine_branches(branches, guidance))
+    kwargs = family.call_kwargs(ids, generators, steps=20, guidance=2.0)
+    pipe(**kwargs)                                # the stock pipeline walks; qdiff.walk listens
 
-One file per family: `class_ldm` (qdiff's class-conditional LDM), `stable_diffusion`,
-`dit`, `class_wan` (qdiff's class-conditional Wan video pipeline), `wan`, `cogvideox`;
-`base` holds the interface, `prompts` the prompt conditions of the text-conditioned
-families, `samplers` the trajectory samplers, `registry` the lookup.
+One file per family, each a `Family` subclass registered with `@register_family`;
+`family` holds the declaration's base class, `conditions` the prompt and image sources,
+`registry` the lookup.
 """
 
-from qdiff.guidance import combine_branches
+from .conditions import read_images, read_prompts
+from .family import Family, frames_side_by_side
+from .registry import FAMILIES, family_class, family_for, load_families, register_family
 
-from .base import FamilyAdapter
-from .class_ldm import ClassLDMFamily
-from .class_wan import ClassWanFamily
-from .cogvideox import CogVideoXFamily
-from .dit import DiTFamily
-from .prompts import PromptFamily, read_prompts
-from .registry import FAMILY_ADAPTERS, family_for
-from .stable_diffusion import StableDiffusionFamily
-from .wan import WanFamily
+load_families()
 
-__all__ = ["FAMILY_ADAPTERS", "ClassLDMFamily", "ClassWanFamily", "CogVideoXFamily", "DiTFamily",
-           "FamilyAdapter", "PromptFamily", "StableDiffusionFamily", "WanFamily", "family_for",
-           "combine_branches", "read_prompts"]
+__all__ = ["FAMILIES", "Family", "family_class", "family_for", "frames_side_by_side",
+           "load_families", "read_images", "read_prompts", "register_family"]

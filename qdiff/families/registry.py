@@ -1,37 +1,52 @@
-"""`family_for`: the adapter of a pipeline, named by `model.family` or detected from it."""
+"""The family registry: `@register_family(name)` on a `Family` subclass, `family_for(pipe)`.
+
+Every module of this package is imported when `qdiff.families` is (`load_families`), so a
+family file registers itself: adding a family edits nothing else. `model.family` names a
+registered family, or "auto" to take the first whose `matches(pipe)` is true.
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import importlib
+import pkgutil
+from typing import Callable, Optional, TypeVar
 
 from diffusers import DiffusionPipeline
 
 from qdiff.config import ConfigError, ModelConfig
+from qdiff.registry import ClassRegistry
 
-from .base import FamilyAdapter
-from .class_ldm import ClassLDMFamily
-from .class_wan import ClassWanFamily
-from .cogvideox import CogVideoXFamily
-from .dit import DiTFamily
-from .stable_diffusion import StableDiffusionFamily
-from .wan import WanFamily
+from .family import Family
 
-# Detection order matters only if two could match; none of these do.
-FAMILY_ADAPTERS: dict[str, type[FamilyAdapter]] = {
-    family.name: family
-    for family in (ClassLDMFamily, StableDiffusionFamily, DiTFamily, ClassWanFamily, WanFamily,
-                   CogVideoXFamily)
-}
+F = TypeVar("F", bound=type)
+FAMILIES = ClassRegistry("Family", Family, "name")
 
 
-def _family_class(pipe: DiffusionPipeline, name: str) -> type[FamilyAdapter]:
+def register_family(name: str) -> Callable[[F], F]:
+    """Class decorator: the `Family` subclass `model.family: name` stands for."""
+    return FAMILIES.register(name)
+
+
+def load_families() -> None:
+    """Import every module of `qdiff.families`, so each family file has registered itself."""
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
+
+
+def family_class(pipe: DiffusionPipeline, name: str = "auto") -> type[Family]:
+    """The family `name` (checked against `pipe`), or with "auto" the first that matches."""
     if name == "auto":
-        for family in FAMILY_ADAPTERS.values():
+        for family in FAMILIES.values():
             if family.matches(pipe):
                 return family
-        raise ConfigError(f"No family adapter recognises a {type(pipe).__name__} with components "
-                          f"{sorted(pipe.components)}; supported: {list(FAMILY_ADAPTERS)}.")
-    family = FAMILY_ADAPTERS[name]
+        raise ConfigError(f"No family recognises a {type(pipe).__name__} with components "
+                          f"{sorted(pipe.components)}; supported: {list(FAMILIES)} "
+                          f"(docs/extending/add-a-family.md adds one).")
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family='{name}' is not a registered family; choose 'auto' or "
+                          f"one of {list(FAMILIES)}.")
+    family = FAMILIES[name]
     if not family.matches(pipe):
         raise ConfigError(f"model.family='{name}' does not fit the pipeline, a "
                           f"{type(pipe).__name__}; set model.family=auto or point model.path at "
@@ -39,14 +54,11 @@ def _family_class(pipe: DiffusionPipeline, name: str) -> type[FamilyAdapter]:
     return family
 
 
-def family_for(pipe: Union[DiffusionPipeline, FamilyAdapter],
-               model_cfg: Optional[ModelConfig] = None) -> FamilyAdapter:
-    """The adapter for `pipe` (an adapter is returned as it is).
-
-    Without `model_cfg` the family is detected, and a prompt family has no prompts (asking
-    it for conditions then says how to give them).
-    """
-    if isinstance(pipe, FamilyAdapter):
+def family_for(pipe: DiffusionPipeline | Family, model_cfg: Optional[ModelConfig] = None) -> Family:
+    """The family of `pipe` (a `Family` is returned as it is), with what `model_cfg` says
+    about conditions and sizes. Without `model_cfg` the family is detected and a prompt
+    family has no prompts (asking it for conditions then says how to give them)."""
+    if isinstance(pipe, Family):
         return pipe
     model_cfg = model_cfg or ModelConfig()
-    return _family_class(pipe, model_cfg.family).from_model_config(pipe, model_cfg)
+    return family_class(pipe, model_cfg.family)(pipe, model_cfg)

@@ -82,10 +82,11 @@ class ClassConditionalLDMPipeline(DiffusionPipeline):
         """Images of `class_labels` after `num_inference_steps` DDIM steps.
 
         `output_type`: "pil" (list of PIL images), "np" (N, H, W, C) floats in [0, 1],
-        or "pt" (N, C, H, W) tensor in [0, 1].
+        "pt" (N, C, H, W) tensor in [0, 1], or "latent" (the latents, not decoded).
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got '{output_type}'.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got "
+                             f"'{output_type}'.")
         labels = torch.as_tensor(class_labels, device=self._execution_device).reshape(-1)
         context = self.class_context(labels, guidance_scale)
         latents = self.prepare_latents(len(labels), generator, latents)
@@ -97,6 +98,9 @@ class ClassConditionalLDMPipeline(DiffusionPipeline):
             latents = self.scheduler.step(noise, t, latents, eta=eta,
                                           generator=generator).prev_sample
 
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return (latents,) if not return_dict else ImagePipelineOutput(images=latents)
         images = self.decode_latents(latents)
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).float().cpu().numpy()

@@ -88,10 +88,12 @@ class ClassConditionalVideoPipeline(DiffusionPipeline):
         """Videos of `class_labels` after `num_inference_steps` Euler steps.
 
         `output_type`: "np" (N, F, H, W, C) floats in [0, 1], as diffusers' video pipelines;
-        "pt" (N, F, C, H, W) tensor in [0, 1]; "pil" a list of frame lists.
+        "pt" (N, F, C, H, W) tensor in [0, 1]; "pil" a list of frame lists; "latent" the
+        latents (N, C, F, H, W) as they are.
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got '{output_type}'.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt', 'pil' or 'latent', got "
+                             f"'{output_type}'.")
         labels = torch.as_tensor(class_labels, device=self._execution_device).reshape(-1)
         context = self.class_context(labels, guidance_scale)
         latents = self.prepare_latents(len(labels), generator, latents)
@@ -99,6 +101,9 @@ class ClassConditionalVideoPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             velocity = self.guided_velocity(latents, t, context, guidance_scale)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return (latents,) if not return_dict else WanPipelineOutput(frames=latents)
         videos = self.frames(latents)
         if output_type != "pt":
             videos = videos.permute(0, 1, 3, 4, 2).cpu().numpy()

@@ -24,6 +24,7 @@ from .tap import DenoiserTap, denoiser_components
 
 # (the call with the teacher's output, the student's prediction with grad, the teacher's)
 OnCall = Callable[[DenoiserCall, torch.Tensor, torch.Tensor], None]
+BeforeCall = Callable[[DenoiserCall], None]
 Follow = Union[Literal["student", "teacher"], Callable[[DenoiserCall], str]]
 
 
@@ -33,7 +34,8 @@ class StopWalk(Exception):
 
 def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str, nn.Module],
                       call_kwargs: Mapping[str, Any], on_call: OnCall,
-                      follow: Follow = "student") -> Optional[Any]:
+                      follow: Follow = "student",
+                      before_call: Optional[BeforeCall] = None) -> Optional[Any]:
     """Run `pipe(**call_kwargs)` with the students answering; return the pipeline's output,
     or None when `on_call` raised `StopWalk`.
 
@@ -41,7 +43,9 @@ def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str
     run replays the calls it already trained on along the teacher's path. A denoiser
     component without a student (e.g. Wan 2.2's `transformer_2` while only `transformer`
     is distilled) is answered by the teacher alone. Attribute reads of the pipeline
-    (`config`, `dtype`, ...) still see the teacher.
+    (`config`, `dtype`, ...) still see the teacher. `before_call(call)` runs before the
+    student answers (its `output` is the teacher's): a trainer takes the optimizer step of
+    the previous denoising step there, so the student answers this call updated.
     """
     unknown = set(student_by_component) - set(denoiser_components(pipe))
     if unknown:
@@ -58,6 +62,8 @@ def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str
         teacher_output = prediction(result)
         call = DenoiserCall(component, index, detached(args), detached(kwargs),
                             detached(timestep_of(teacher, args, kwargs)), teacher_output)
+        if before_call is not None:
+            before_call(call)
         student_args, student_kwargs = cast_inputs(teacher, args, kwargs, compute_dtype(student))
         with torch.enable_grad():
             student_output = prediction(student(*student_args, **student_kwargs))
@@ -74,3 +80,22 @@ def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str
             return pipe(**call_kwargs)
     except StopWalk:
         return None
+
+
+@torch.no_grad()
+def sample_with_students(pipe: DiffusionPipeline, student_by_component: Mapping[str, nn.Module],
+                         call_kwargs: Mapping[str, Any]) -> Any:
+    """`pipe(**call_kwargs)` with the students in their components' place (each asked in its
+    own dtype, answering in the teacher's): what the pipeline samples with the students."""
+    def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
+        teacher = tap.original(component)
+        student = student_by_component.get(component)
+        if student is None:
+            return teacher(*args, **kwargs)
+        student_args, student_kwargs = cast_inputs(teacher, args, kwargs, compute_dtype(student))
+        result = student(*student_args, **student_kwargs)
+        output = prediction(result)
+        return with_prediction(result, output.to(compute_dtype(teacher)))
+
+    with DenoiserTap(pipe, answer) as tap:
+        return pipe(**call_kwargs)

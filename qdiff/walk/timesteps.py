@@ -31,3 +31,12 @@ def pipeline_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) 
     except _GridRead:
         return pipe.scheduler.timesteps.detach().clone()
     raise RuntimeError(f"{type(pipe).__name__} returned without calling its denoiser.")
+
+
+def use_scheduler(pipe: DiffusionPipeline, name: str) -> None:
+    """Give `pipe` the diffusers scheduler class `name`, built from its scheduler's config
+    (nothing changes when it already has one of that class)."""
+    import diffusers
+
+    if type(pipe.scheduler).__name__ != name:
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
