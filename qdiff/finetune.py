@@ -113,7 +113,8 @@ def _export(family, student: nn.Module, cfg: RunConfig, run_dir: Path) -> Path |
                     "error %.2g", len(errors), max(errors.values(), default=0.0))
 
     out_dir = Path(cfg.export.dir or run_dir / "export")
-    return export_pipeline(family.pipe, student, out_dir, cfg.quant, check=check)
+    return export_pipeline(family.pipe, {family.denoiser_name: student}, out_dir, cfg.quant,
+                           check=check)
 
 
 def resume_hint(run_dir: Path, config: Path, overrides: Sequence[str],
