@@ -115,8 +115,7 @@ def _export(family: Family, student: nn.Module, cfg: RunConfig, run_dir: Path) -
                     "error %.2g", len(errors), max(errors.values(), default=0.0))
 
     out_dir = Path(cfg.export.dir or run_dir / "export")
-    return export_pipeline(family.pipe, student if len(students) == 1 else students, out_dir,
-                           cfg.quant, check=check)
+    return export_pipeline(family.pipe, students, out_dir, cfg.quant, check=check)
 
 
 def resume_hint(run_dir: Path, config: Path, overrides: Sequence[str],

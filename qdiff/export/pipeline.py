@@ -1,8 +1,9 @@
-"""`export_pipeline`: the teacher pipeline with its denoiser replaced by the integer model.
+"""`export_pipeline`: the teacher pipeline with its denoiser(s) replaced by integer models.
 
 The folder is a normal diffusers pipeline: the teacher's other components (autoencoder,
 text encoder, tokenizer, scheduler, class embedder) are saved as they are, and
-`model_index.json` names the integer denoiser class. It is written into a hidden
+`model_index.json` names the integer class of each exported denoiser (several for
+pipelines with several, e.g. Wan 2.2's `transformer` and `transformer_2`). It is written into a hidden
 temporary folder beside `out_dir` and renamed into place only when complete, so an
 interrupted export never looks like a finished one. The last file written there is
 `qdiff_manifest.json` (`manifest`): the size and SHA-256 of every other file, which
@@ -18,26 +19,48 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from diffusers import DiffusionPipeline
 from torch import nn
 
 from qdiff.config import QuantConfig
+from qdiff.walk import DENOISER_COMPONENTS
 
 from .manifest import write_manifest
 from .models import quantized_class_for
 
-DENOISER_NAMES = ("unet", "transformer")
+Students = Union[nn.Module, Mapping[str, nn.Module]]
 
 
 def denoiser_name(pipe: DiffusionPipeline, student: nn.Module) -> str:
-    """The pipeline component that `student` is a quantized copy of."""
-    for name in DENOISER_NAMES:
+    """The first denoiser component (in `DENOISER_COMPONENTS` order) of `student`'s class."""
+    for name in DENOISER_COMPONENTS:
         if type(pipe.components.get(name)) is type(student):
             return name
-    raise ValueError(f"The pipeline {type(pipe).__name__} has no '{DENOISER_NAMES}' component of "
-                     f"the student's class {type(student).__name__}.")
+    raise ValueError(f"The pipeline {type(pipe).__name__} has no {list(DENOISER_COMPONENTS)} "
+                     f"component of the student's class {type(student).__name__}.")
+
+
+def _named_students(pipe: DiffusionPipeline, students: Students) -> dict[str, nn.Module]:
+    """{component: student}, each component checked to exist and to be of its student's class."""
+    if isinstance(students, nn.Module):
+        return {denoiser_name(pipe, students): students}
+    if not isinstance(students, Mapping) or not students:
+        raise ValueError(f"export_pipeline takes a student model or a non-empty mapping "
+                         f"{{component name: student}}, not {students!r:.80}.")
+    pipe_name = type(pipe).__name__
+    models = [name for name, value in pipe.components.items() if isinstance(value, nn.Module)]
+    for name, student in students.items():
+        component = pipe.components.get(name)
+        if not isinstance(component, nn.Module):
+            raise ValueError(f"The pipeline {pipe_name} has no model component '{name}' to export "
+                             f"a student as; its model components are {models}.")
+        if type(component) is not type(student):
+            raise ValueError(f"The pipeline {pipe_name}'s component '{name}' is a "
+                             f"{type(component).__name__}, but its student is a "
+                             f"{type(student).__name__}.")
+    return dict(students)
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:
@@ -56,22 +79,26 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def export_pipeline(pipe: DiffusionPipeline, student: nn.Module, out_dir: Union[str, Path],
+def export_pipeline(pipe: DiffusionPipeline, students: Students, out_dir: Union[str, Path],
                     quant_cfg: QuantConfig, check: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write `pipe` with `student` as packed integer denoiser to `out_dir`; return its path.
+    """Write `pipe` with packed integer denoiser(s) to `out_dir`; return its path.
 
-    `student` is a quantized, calibrated copy of the pipeline's denoiser (LoRA merged or
-    not); it is not modified. Raises ValueError naming the layers if Phi remains.
-    `quant_cfg` is recorded as the recipe in the denoiser's `quantization_config`.
+    `students` maps component names to quantized, calibrated copies of those components
+    (LoRA merged or not), e.g. `{"transformer": s1, "transformer_2": s2}`; a single model
+    stands for the first of `qdiff.walk.DENOISER_COMPONENTS` of its class. Each named
+    component must exist and be of its student's class (ValueError naming it otherwise).
+    Students are not modified. Raises ValueError naming the layers if Phi remains.
+    `quant_cfg` is recorded as the recipe in each denoiser's `quantization_config`.
     `check(folder)` runs on the written folder before it is renamed into place; when it
     raises, nothing is left at `out_dir` (an existing export there stays as it was).
     The folder's manifest lists every file written here; files added later are not in it.
     """
-    name = denoiser_name(pipe, student)
+    named = _named_students(pipe, students)
     recipe: dict[str, Any] = dataclasses.asdict(quant_cfg)
-    model = quantized_class_for(student).from_student(student, recipe)
+    classes = {name: quantized_class_for(student) for name, student in named.items()}
+    models = {name: classes[name].from_student(student, recipe) for name, student in named.items()}
     exported = copy.copy(pipe)  # shares the teacher's components; its config is its own
-    exported.register_modules(**{name: model})
+    exported.register_modules(**models)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
