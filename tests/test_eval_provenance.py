@@ -9,7 +9,7 @@ import sys
 
 from eval.common import provenance, report
 
-SUITES = ("quality", "video", "speed", "training_cost")
+SUITES = ("quality", "video", "speed", "training_cost", "memory")
 
 
 def test_every_results_file_is_in_a_suite_folder_and_listed_in_the_provenance():

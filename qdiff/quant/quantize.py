@@ -62,6 +62,22 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
             and not any(name.startswith(prefix + ".") for prefix in wrapped)]
 
 
+def select_layers(model: nn.Module, quant_cfg: QuantConfig) -> list[tuple[str, nn.Module, str]]:
+    """`quantize_`'s choice, without changing `model`: (name, layer, why it stays float) for
+    every Linear / Conv layer, the reason '' for those it quantizes (their bits: `layer_bits`).
+    Works on a model on the meta device (eval/memory counts real sizes so)."""
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return [(name, module, _keep_float_reason(name, quant_cfg, keep_fp32))
+            for name, module in _candidates(model)]
+
+
+def layer_bits(name: str, quant_cfg: QuantConfig) -> Tuple[int, int]:
+    """(weight_bits, act_bits) `quantize_` gives the layer `name`: the first matching
+    `quant_cfg.overrides` entry, else the defaults."""
+    weight_bits, act_bits, _ = _bits_for(name, quant_cfg)
+    return weight_bits, act_bits
+
+
 def _input_splits(model: nn.Module, cfg: QuantConfig) -> dict[str, tuple[int, int]]:
     if not cfg.split_concat_inputs:
         return {}
@@ -88,9 +104,7 @@ def quantize_(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[LoRAC
     """
     context = timestep_context(model)
     splits = _input_splits(model, quant_cfg)
-    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    candidates = [(name, module, _keep_float_reason(name, quant_cfg, keep_fp32))
-                  for name, module in _candidates(model)]
+    candidates = select_layers(model, quant_cfg)
     _check_rotations([(name, module) for name, module, reason in candidates if not reason], quant_cfg)
     rows = []
     for name, module, reason in candidates:
