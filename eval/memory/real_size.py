@@ -57,10 +57,10 @@ EIGHT_BIT_LAYERS = {
 
 
 def eight_bit_layers(family: str) -> tuple[str, ...]:
-    from qdiff.families import FAMILY_ADAPTERS
+    from qdiff.families import FAMILIES
 
-    adapter = FAMILY_ADAPTERS.get(family)
-    return tuple(adapter.eight_bit_layers) if adapter is not None else EIGHT_BIT_LAYERS[family]
+    declared = FAMILIES.get(family)
+    return tuple(declared.eight_bit_layers) if declared is not None else EIGHT_BIT_LAYERS[family]
 
 
 # --- the frozen components, built on the meta device from their published configs --------
