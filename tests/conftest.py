@@ -118,7 +118,7 @@ def ctrl_c_at_training_step(step: int):
     (counted from 1 over every run the block starts), as Ctrl-C or a kill stops it there."""
     from qdiff.distill import loop
 
-    original, calls = loop._train_step, []
+    original, calls = loop._optimizer_step, []
 
     def interrupted(*args):
         calls.append(1)
@@ -126,8 +126,8 @@ def ctrl_c_at_training_step(step: int):
             raise KeyboardInterrupt
         return original(*args)
 
-    loop._train_step = interrupted
+    loop._optimizer_step = interrupted
     try:
         yield
     finally:
-        loop._train_step = original
+        loop._optimizer_step = original

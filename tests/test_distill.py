@@ -20,9 +20,11 @@ from qdiff.distill import loop
 from qdiff.distill.checkpoint import (_trainable_state, checkpoint_step, list_checkpoints,
                                      load_trained_student)
 from qdiff.distill.ema import EMA_FILE
-from qdiff.distill.trajectory import teacher_trajectory
-from qdiff.families import combine_branches
+from qdiff.distill.loss import call_loss
+from qdiff.families import family_for
+from qdiff.guidance import combine_branches
 from qdiff.quant import nonpositive_step_tables
+from qdiff.walk import prediction, record_calls
 
 from conftest import TINY_RUN, ctrl_c_at_training_step
 
@@ -36,25 +38,29 @@ def _config(tmp_path: Path, *overrides: str):
     return load_config(None, [f"output_dir={tmp_path}", "name=run", *TINY, *overrides])
 
 
+def held_out_calls(pipe, eta: float = 1.0):
+    """The teacher's denoiser calls of a fixed 4-step walk that training never draws (the
+    pipeline's scheduler is left set to that walk's grid)."""
+    kwargs = family_for(pipe).call_kwargs(torch.arange(4), torch.Generator().manual_seed(12345),
+                                          4, 2.0, eta)
+    return record_calls(pipe, kwargs)[1]
+
+
 @torch.no_grad()
 def _held_out_loss(pipe, student, kind: str) -> float:
     """Distillation loss on a fixed trajectory that training never draws."""
-    losses = []
-    for point in teacher_trajectory(pipe, torch.arange(4), 4, 1.0, 2.0,
-                                    torch.Generator().manual_seed(12345)):
-        output = pipe.guided_noise(point.model_input, point.timestep, point.context, 2.0,
-                                   denoiser=student)
-        losses.append(loop.distillation_loss(output, point, kind).item())
+    calls = held_out_calls(pipe)
+    losses = [call_loss(prediction(call.ask(student)), call.output, kind, pipe.scheduler,
+                        call.timestep).item() for call in calls]
     return sum(losses) / len(losses)
 
 
-# the embedded recipe's objective, and EfficientDM's (the guided held-out loss for both)
-@pytest.mark.parametrize("loss, walker, target", [("x0", "student", "branches"),
-                                                  ("mse", "teacher", "guided")])
-def test_a_few_steps_lower_the_distillation_loss(teacher, tmp_path, loss, walker, target):
+# the embedded recipe's objective, and EfficientDM's
+@pytest.mark.parametrize("loss, walker", [("x0", "student"), ("mse", "teacher")])
+def test_a_few_steps_lower_the_distillation_loss(teacher, tmp_path, loss, walker):
     cfg = _config(tmp_path, "distill.steps=24", "distill.checkpoint_every=100",
                   "quant.weight_bits=4", "quant.act_bits=4", "distill.lr=2e-3",
-                  f"distill.loss={loss}", f"distill.walker={walker}", f"distill.target={target}")
+                  f"distill.loss={loss}", f"distill.walker={walker}")
     before = _held_out_loss(teacher, loop.build_student(teacher, cfg).model, loss)
     after = _held_out_loss(teacher, loop.distill(teacher, cfg, cfg.run_dir), loss)
     assert after < 0.9 * before
@@ -107,15 +113,15 @@ def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
     pipe = random_class_ldm_pipeline
     cfg = _config(tmp_path, "distill.steps=4", "distill.checkpoint_every=4", "distill.ema_decay=0.5",
                   "distill.lr=1e-2")
-    original, seen = loop._train_step, []
+    original, seen = loop._optimizer_step, []
 
-    def recording(family, student, *rest):
-        seen.extend([] if seen else [_trained(student)])  # the calibrated start
-        result = original(family, student, *rest)
-        seen.append(_trained(student))
+    def recording(trainer):
+        seen.extend([] if seen else [_trained(trainer.model)])  # the calibrated start
+        result = original(trainer)
+        seen.append(_trained(trainer.model))
         return result
 
-    monkeypatch.setattr(loop, "_train_step", recording)
+    monkeypatch.setattr(loop, "_optimizer_step", recording)
     student = loop.distill(pipe, cfg, cfg.run_dir)
     expected = seen[0]
     for step, live in enumerate(seen[1:]):
@@ -152,9 +158,8 @@ def test_the_run_ends_with_the_average_of_its_steps_and_checkpoints_both(
 
 @torch.no_grad()
 def _guided_output(pipe, student: torch.nn.Module) -> torch.Tensor:
-    point = next(iter(teacher_trajectory(pipe, torch.arange(4), 4, 1.0, 2.0,
-                                         torch.Generator().manual_seed(12345))))
-    return pipe.guided_noise(point.model_input, point.timestep, point.context, 2.0, denoiser=student)
+    """The student's answer to the first call of the held-out walk."""
+    return prediction(held_out_calls(pipe)[0].ask(student))
 
 
 def _phi_ranks(student: torch.nn.Module) -> set[int]:
@@ -168,18 +173,18 @@ def test_the_student_at_a_checkpoint_is_the_one_that_trained_on(random_class_ldm
     pipe = random_class_ldm_pipeline
     cfg = _config(tmp_path, "distill.steps=12", "distill.checkpoint_every=4", "aux.enabled=true",
                   "aux.rank=2", "aux.phase_steps=4", "distill.lr=1e-2")
-    original, outputs, ranks = loop._train_step, [], []
+    original, outputs, ranks = loop.Trainer.start_trajectory, {}, {}
 
-    def recording(family, student, *rest):
-        outputs.append(_guided_output(pipe, student))
-        ranks.append(_phi_ranks(student))
-        return original(family, student, *rest)
+    def recording(trainer, index):  # the student as each trajectory (4 steps) begins
+        outputs[trainer.step] = _guided_output(pipe, trainer.model)
+        ranks[trainer.step] = _phi_ranks(trainer.model)
+        return original(trainer, index)
 
-    monkeypatch.setattr(loop, "_train_step", recording)
+    monkeypatch.setattr(loop.Trainer, "start_trajectory", recording)
     returned = loop.distill(pipe, cfg, cfg.run_dir)
     assert ranks[4] == {1} and ranks[8] == set()
-    outputs.append(_guided_output(pipe, returned))  # the end of the run: step 12
-    ranks.append(_phi_ranks(returned))
+    outputs[12] = _guided_output(pipe, returned)  # the end of the run: step 12
+    ranks[12] = _phi_ranks(returned)
     for checkpoint in list_checkpoints(cfg.run_dir):
         step = checkpoint_step(checkpoint)
         rebuilt = loop.student_at(pipe, cfg, checkpoint)
@@ -198,97 +203,96 @@ def test_full_qat_trains_every_base_weight_and_no_lora(random_class_ldm_pipeline
     assert set(weights) <= set(_trainable_state(student))  # so checkpoints carry them
 
 
-def kept_and_gradients(pipe, student, point) -> tuple[int, dict[str, torch.Tensor]]:
-    """One guided step's loss backward: bytes the forward kept for it, and the gradients."""
+def kept_and_gradients(pipe, student, call) -> tuple[int, dict[str, torch.Tensor]]:
+    """One call's loss backward: bytes the forward kept for it, and the gradients."""
     sizes: list[int] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t,
                                                   lambda t: t):
-        output = pipe.guided_noise(point.model_input, point.timestep, point.context, 2.0,
-                                   denoiser=student)
-    loop.distillation_loss(output, point, "x0").backward()
+        output = prediction(call.ask(student))
+    call_loss(output, call.output, "x0", pipe.scheduler, call.timestep).backward()
     return sum(sizes), {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("walker", ["student", "teacher"])
 def test_the_walker_takes_each_trajectory_step(random_class_ldm_pipeline, tmp_path, monkeypatch,
                                                walker):
-    """Step k + 1 asks at the DDIM step (eta 0) from whoever walks: the student's answer or
-    the teacher's."""
+    """The pipeline's DDIM step (eta 0) from call k to call k + 1 takes whoever walks: the
+    student's answer or the teacher's, guidance-combined as the pipeline combines them."""
     pipe = random_class_ldm_pipeline
     cfg = _config(tmp_path, "distill.steps=4", "distill.eta=0.0", "distill.checkpoint_every=4",
                   f"distill.walker={walker}")
-    original, seen = loop._train_step, []
+    original, seen = loop.Trainer.on_call, []
 
-    def record(family, student, point, *rest):
-        loss, student_output = original(family, student, point, *rest)
-        seen.append((point, student_output))
-        return loss, student_output
+    def record(trainer, call, student_output, teacher_output):
+        seen.append((call, student_output.detach(), teacher_output))
+        return original(trainer, call, student_output, teacher_output)
 
-    monkeypatch.setattr(loop, "_train_step", record)
+    monkeypatch.setattr(loop.Trainer, "on_call", record)
     loop.distill(pipe, cfg, cfg.run_dir)
+    assert len(seen) == 4
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(cfg.distill.trajectory_steps)
-    for (point, student_output), (following, _) in zip(seen, seen[1:]):
-        for noise, expected_match in ((student_output, walker == "student"),
-                                      (point.teacher_output, walker == "teacher")):
-            stepped = scheduler.step(noise, point.timestep, point.model_input).prev_sample
-            assert torch.allclose(stepped, following.model_input, atol=1e-6) == expected_match
+    for (call, student_output, teacher_output), (following, _, _) in zip(seen, seen[1:]):
+        latents = call.args[0].chunk(2)[0]  # the pipeline batches x_t for both branches
+        for output, expected_match in ((student_output, walker == "student"),
+                                       (teacher_output, walker == "teacher")):
+            noise = combine_branches(output, cfg.distill.guidance_scale)
+            stepped = scheduler.step(noise, call.timestep[0], latents).prev_sample
+            assert torch.allclose(stepped, following.args[0].chunk(2)[0], atol=1e-6) == expected_match
 
 
 def test_the_x0_loss_is_the_mse_of_the_implied_images(random_class_ldm_pipeline):
-    points = list(teacher_trajectory(random_class_ldm_pipeline, torch.arange(2), 4, 0.0, 2.0,
-                                     torch.Generator().manual_seed(0)))
-    point = points[0]
-    student_output = point.teacher_output + 0.1 * torch.randn_like(point.teacher_output)
-    alpha = random_class_ldm_pipeline.scheduler.alphas_cumprod[int(point.timestep)]
+    pipe = random_class_ldm_pipeline
+    calls = held_out_calls(pipe, eta=0.0)
+    call = calls[0]
+    student_output = call.output + 0.1 * torch.randn_like(call.output)
+    alpha = pipe.scheduler.alphas_cumprod[int(call.timestep[0])]
+    model_input = call.args[0]
 
     def image(noise):
-        return (point.model_input - (1 - alpha).sqrt() * noise) / alpha.sqrt()
+        return (model_input - (1 - alpha).sqrt() * noise) / alpha.sqrt()
 
-    expected = torch.nn.functional.mse_loss(image(student_output), image(point.teacher_output))
-    torch.testing.assert_close(loop.distillation_loss(student_output, point, "x0"), expected)
-    assert points[0].x0_scale > 10 * points[-1].x0_scale  # the noisy start weighs most
+    expected = torch.nn.functional.mse_loss(image(student_output), image(call.output))
+    torch.testing.assert_close(call_loss(student_output, call.output, "x0", pipe.scheduler,
+                                         call.timestep), expected)
+    first, last = (call_loss(c.output + 1, c.output, "x0", pipe.scheduler, c.timestep)
+                   for c in (calls[0], calls[-1]))
+    assert first > 100 * last  # the noisy start weighs most
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_the_branches_target_matches_each_prediction_and_guidance_combines_them(
+def test_a_call_batches_the_conditional_and_null_predictions_that_guidance_combines(
         random_class_ldm_pipeline, guidance):
+    """What the student matches is the call's raw output: with guidance, the conditional
+    then the null prediction, each the unguided answer to its condition."""
     pipe = random_class_ldm_pipeline
-    point = next(teacher_trajectory(pipe, torch.arange(2), 4, 0.0, guidance,
-                                    torch.Generator().manual_seed(0)))
+    kwargs = family_for(pipe).call_kwargs(torch.arange(2), torch.Generator().manual_seed(0), 4,
+                                          guidance)
+    call = record_calls(pipe, kwargs)[1][0]
     labels = [torch.arange(2), torch.full((2,), pipe.class_embedder.null_class)]
-    with torch.no_grad():  # each half of the branches is the unguided answer to its condition
-        alone = [pipe.guided_noise(point.model_input, point.timestep,
-                                   pipe.class_context(label, 1.0), 1.0) for label in labels]
+    latents = call.args[0][:2]
+    with torch.no_grad():
+        alone = [pipe.guided_noise(latents, call.timestep[0], pipe.class_context(label, 1.0), 1.0)
+                 for label in labels]
     expected = torch.cat(alone) if guidance > 1.0 else alone[0]
-    torch.testing.assert_close(point.teacher_branches, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(point.teacher_output, combine_branches(point.teacher_branches, guidance))
-
-    if guidance > 1.0:  # an error in the conditional prediction alone: guidance multiplies it
-        error = torch.zeros_like(point.teacher_branches)
-        error[:2] = 0.1 * torch.randn_like(error[:2])
-        branches = point.teacher_branches + error
-        guided = loop.distillation_loss(combine_branches(branches, guidance), point, "mse")
-        torch.testing.assert_close(loop.distillation_loss(branches, point, "mse", "branches"),
-                                   error.square().mean())
-        torch.testing.assert_close(guided, guidance ** 2 * error[:2].square().mean())
+    torch.testing.assert_close(call.output, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(random_class_ldm_pipeline,
                                                                      tmp_path, monkeypatch):
     cfg = _config(tmp_path, "distill.steps=8", "distill.checkpoint_every=2",
                   "distill.walker=teacher")
-    original, calls = loop.distillation_loss, []
+    original, calls = loop.call_loss, []
 
     def nan_at_step_five(*args):
         calls.append(1)
         loss = original(*args)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    monkeypatch.setattr(loop, "distillation_loss", nan_at_step_five)
+    monkeypatch.setattr(loop, "call_loss", nan_at_step_five)
     with pytest.raises(loop.NonFiniteLossError) as error:
         loop.distill(random_class_ldm_pipeline, cfg, cfg.run_dir)
-    assert "Stopped at step 4: loss is nan" in str(error.value)
+    assert "Stopped at step 4: the loss is nan at timestep " in str(error.value)
     assert "step-0000004" in str(error.value) and "lower distill.lr" in str(error.value)
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-0000002", "step-0000004"]
 
@@ -306,11 +310,13 @@ def test_an_activation_step_size_through_zero_is_reported(random_class_ldm_pipel
     crossed = nonpositive_step_tables(student)
     reports = [r.getMessage() for r in caplog.records if "crossed zero" in r.getMessage()]
     assert bool(crossed) == warned and bool(reports) == warned
-    # once per table, at the step it crossed (steps 1 and 2 here), naming it and the fix
+    # once per table, at the step it crossed (each report a later step), naming it and the fix
     assert sum(int(report.split()[2]) for report in reports) == len(crossed)
-    for step, report in enumerate(reports, start=1):
+    steps = [int(report.split()[1].rstrip(":")) for report in reports]
+    assert steps == sorted(set(steps)) and all(1 <= step <= 2 for step in steps)
+    for report in reports:
         named = report.split("(")[1].split(")")[0].split(", ")
-        assert report.startswith(f"step {step}: ") and set(named) - {"..."} <= set(crossed)
+        assert set(named) - {"..."} <= set(crossed)
         assert "distill.scale_aware_act_lr=true" in report
 
 
@@ -351,8 +357,7 @@ def test_gradient_checkpointing_keeps_the_gradients_and_keeps_less(random_class_
                                                                     overrides):
     """Recomputed blocks: the same gradients, a fraction of the tensors kept by the forward."""
     pipe, cfg = random_class_ldm_pipeline, _config(tmp_path, *overrides)
-    point = next(iter(teacher_trajectory(pipe, torch.arange(4), 4, 1.0, 2.0,
-                                         torch.Generator().manual_seed(0))))
+    point = held_out_calls(pipe)[0]
     kept, grads = [], []
     for checkpointing in (False, True):
         student = loop.build_student(pipe, cfg).model

@@ -309,13 +309,7 @@ class Trainer:
     def _finish_step(self) -> None:
         if not self.losses:
             return
-        cfg = self.cfg.distill
-        loss = self._average_gradients()
-        set_learning_rates(self.optimizer, lr_factor(self.step, cfg.warmup_steps, cfg.steps))
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = _optimizer_step(self)
         diverged = self.watch.check(self.step, loss)
         if diverged:
             _stop_diverged(self.step, diverged, self.run_dir, first_checked=self.per_trajectory)
@@ -328,20 +322,6 @@ class Trainer:
             # Phi's last phase ends, resuming there builds no Phi and finds none saved
             self.decay.step(self.step)
         self._bookkeeping(loss, rank)
-
-    def _average_gradients(self) -> float:
-        """Average the step's gradients over its calls and the processes; its mean loss."""
-        calls = len(self.losses)
-        loss = torch.stack(self.losses).mean()
-        self.losses = []
-        world = self.accelerator.num_processes
-        for parameter in self.trainable:
-            if parameter.grad is None:
-                continue
-            if world > 1:
-                dist.all_reduce(parameter.grad)
-            parameter.grad /= calls * world
-        return self.accelerator.reduce(loss, reduction="mean").item()
 
     def _bookkeeping(self, loss: float, rank: int) -> None:
         cfg, step, total = self.cfg.distill, self.step, self.cfg.distill.steps
@@ -371,6 +351,26 @@ class Trainer:
                                  self.run_dir / "samples" / f"step-{self.step:07d}.png",
                                  eval_cfg.steps, eval_cfg.guidance_scale, seed=eval_cfg.seed,
                                  batch_size=self.cfg.distill.batch_size)
+
+
+def _optimizer_step(trainer: Trainer) -> float:
+    """One optimizer step on the gradients of the trainer's current denoising step, averaged
+    over its calls and over the processes; returns the step's mean loss."""
+    cfg, losses = trainer.cfg.distill, trainer.losses
+    trainer.losses = []
+    world = trainer.accelerator.num_processes
+    for parameter in trainer.trainable:
+        if parameter.grad is None:
+            continue
+        if world > 1:
+            dist.all_reduce(parameter.grad)
+        parameter.grad /= len(losses) * world
+    set_learning_rates(trainer.optimizer, lr_factor(trainer.step, cfg.warmup_steps, cfg.steps))
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainer.trainable, cfg.grad_clip)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return trainer.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
 
 def _warn_collapsed_tables(model: nn.Module, warned: set[str], step: int, main: bool) -> None:
