@@ -114,12 +114,14 @@ def test_the_embedded_teachers_recorded_walk_is_its_sampling(teacher):
 
 
 @pytest.mark.parametrize("case", ["sd/unipc", "wan/unipc-flow", "cogvideox/ddim-v",
-                                  "wan2.2-two-experts/flow-euler"])
+                                  "wan2.2-two-experts/flow-euler", "flux.1-dev/flow-euler",
+                                  "qwen-image/flow-euler", "wan2.2-i2v-a14b/unipc-flow"])
 def test_the_grid_a_call_visits_is_read_before_the_denoiser_runs(case):
     walk = CASES[case]
     pipe = walk.pipe()
     pipe(**walk.call_kwargs())
     visited = pipe.scheduler.timesteps.clone()
-    pipe.scheduler.set_timesteps(7)
+    dynamic_shift = pipe.scheduler.config.get("use_dynamic_shifting")  # FLUX, Qwen: needs `mu`
+    pipe.scheduler.set_timesteps(7, **({"mu": 0.5} if dynamic_shift else {}))
     assert torch.equal(pipeline_timesteps(pipe, walk.call_kwargs()), visited)
     assert not any(isinstance(getattr(pipe, name), DenoiserProxy) for name in walk.denoisers)
