@@ -376,3 +376,15 @@ def tiny_flux2() -> Flux2Pipeline:
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
                          vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          transformer=transformer)
+
+
+def tiny_wan22_ti2v_i2v() -> WanImageToVideoPipeline:
+    """Wan 2.2 TI2V-5B conditioned on an image: `tiny_wan22_ti2v`'s models in the
+    image-to-video pipeline, where the first latent frame is the image's (timestep 0 at its
+    tokens, the step's timestep elsewhere)."""
+    _plain_text_when_ftfy_is_missing()
+    base = tiny_wan22_ti2v()
+    return WanImageToVideoPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+        scheduler=base.scheduler, image_processor=None, image_encoder=None,
+        transformer=base.transformer, expand_timesteps=True)

@@ -13,7 +13,8 @@ from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline, \
 
 from tiny_families import FLUX2_TEXT_LAYERS, PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit, \
     tiny_flux, tiny_flux2, tiny_image, tiny_qwen_image, tiny_stable_diffusion, tiny_stable_diffusion_3, \
-    tiny_stable_diffusion_xl, tiny_wan, tiny_wan22_i2v, tiny_wan22_ti2v
+    tiny_stable_diffusion_xl, tiny_wan, tiny_wan22_i2v, tiny_wan22_ti2v, \
+    tiny_wan22_ti2v_i2v
 
 STEPS = 3
 SEEDS = (11, 12)
@@ -113,6 +114,9 @@ CASES = {
     "wan2.2-ti2v/unipc-flow": WalkCase(tiny_wan22_ti2v, dict(  # per-token timesteps (B, L)
         prompt=PROMPTS[:2], guidance_scale=5.0, num_frames=5, height=32, width=32,
         output_type="pt"), 2, "transformer"),
+    "wan2.2-ti2v-i2v/unipc-flow": WalkCase(tiny_wan22_ti2v_i2v, dict(  # image tokens at t = 0
+        image=tiny_image(32), prompt=PROMPTS[:2], guidance_scale=5.0, num_frames=5, height=32,
+        width=32, output_type="pt"), 2, "transformer"),
     "wan2.2-i2v-a14b/unipc-flow": WalkCase(tiny_wan22_i2v, dict(
         image=tiny_image(), prompt=PROMPTS[:2], guidance_scale=5.0, guidance_scale_2=3.0, **VIDEO),
         2, "transformer", ("transformer_2",)),
