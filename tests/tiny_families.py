@@ -7,9 +7,9 @@ Wan and CogVideoX: diffusers' text-to-video pipelines with tiny T5 encoders and 
 tokenizer built in memory (no tokenizer file).
 
 The 2024-2026 families (SDXL, SD3.5, FLUX.1-dev, Qwen-Image, Wan 2.2 TI2V-5B and I2V-A14B,
-FLUX.2) are diffusers' own pipeline and model classes with their real architecture options,
+FLUX.2, HunyuanVideo 1.5) are diffusers' own pipeline and model classes with their real architecture options,
 shrunk in width, depth and vocabulary; their text encoders are transformers' own (CLIP, T5,
-Qwen2.5-VL, Mistral-3) with word- or character-level tokenizers built in memory.
+Qwen2.5-VL, Mistral-3, ByT5) with word- or character-level tokenizers built in memory.
 """
 
 from __future__ import annotations
@@ -17,23 +17,26 @@ from __future__ import annotations
 import string
 from types import SimpleNamespace
 
+import jinja2
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLFlux2, \
-    AutoencoderKLQwenImage, AutoencoderKLWan, CogVideoXDDIMScheduler, CogVideoXPipeline, \
-    CogVideoXTransformer3DModel, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, \
-    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, \
-    Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, QwenImagePipeline, \
+    AutoencoderKLHunyuanVideo15, AutoencoderKLQwenImage, AutoencoderKLWan, ClassifierFreeGuidance, \
+    CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler, \
+    DiTPipeline, DiTTransformer2DModel, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, \
+    Flux2Pipeline, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, \
+    HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel, QwenImagePipeline, \
     QwenImageTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, \
     StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, \
     UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer
 from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import ByteLevel, WhitespaceSplit
+from tokenizers.pre_tokenizers import ByteLevel, Sequence, Split, WhitespaceSplit
 from tokenizers.processors import TemplateProcessing
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, \
-    CLIPTokenizer, Mistral3Config, Mistral3ForConditionalGeneration, PreTrainedTokenizerFast, \
-    Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel, UMT5Config, \
+from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, \
+    CLIPTextModelWithProjection, CLIPTokenizer, Mistral3Config, Mistral3ForConditionalGeneration, \
+    PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, \
+    Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel, UMT5Config, \
     UMT5EncoderModel
 
 from qdiff.models import ClassConditionalVideoPipeline, ClassEmbedder
@@ -221,15 +224,25 @@ QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color,
                  "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with Qwen2's byte-level pre-tokenization and chat special tokens:
-    Qwen-Image's prompt template splits into Qwen's own 34 leading tokens, which the pipeline
-    drops (`prompt_template_encode_start_idx`)."""
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_qwen_tokenizer(texts: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen2's byte-level pre-tokenization, chat special tokens and
+    chat template, its vocabulary the pieces of `texts` (by default Qwen-Image's prompt template
+    around the test prompts): the templates split into Qwen's own leading tokens, which the
+    pipelines drop (Qwen-Image's `prompt_template_encode_start_idx`, 34)."""
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
+    # Qwen's BPE has no single token for long runs of spaces: 4 at most (HunyuanVideo 1.5's
+    # system prompt then splits into its 108 leading tokens, `prompt_template_encode_start_idx`)
+    pre_tokenizer = Sequence([ByteLevel(add_prefix_space=False, use_regex=True),
+                              Split(Regex("\u0120{4}"), behavior="isolated")])
     pieces = set()
-    for prompt in [*PROMPTS, " "]:
-        for part in QWEN_TEMPLATE.format(prompt).replace("<|im_start|>", "<|im_end|>").split("<|im_end|>"):
+    texts = texts or tuple(QWEN_TEMPLATE.format(prompt) for prompt in [*PROMPTS, " "])
+    for text in texts:
+        for part in text.replace("<|im_start|>", "<|im_end|>").split("<|im_end|>"):
             pieces.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(part))
     vocab = {token: index for index, token in enumerate([*special, "<unk>", *sorted(pieces)])}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -237,7 +250,8 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.decoder = ByteLevelDecoder()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>",
                                    eos_token="<|im_end|>", unk_token="<unk>",
-                                   additional_special_tokens=special[1:])
+                                   additional_special_tokens=special[1:],
+                                   chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def tiny_qwen_image() -> QwenImagePipeline:
@@ -388,3 +402,43 @@ def tiny_wan22_ti2v_i2v() -> WanImageToVideoPipeline:
         tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
         scheduler=base.scheduler, image_processor=None, image_encoder=None,
         transformer=base.transformer, expand_timesteps=True)
+
+
+def tiny_hunyuan_video15() -> HunyuanVideo15Pipeline:
+    """HunyuanVideo 1.5 (text-to-video): a dual-stream DiT with a token refiner over a
+    two-layer Qwen2.5-VL text model's third-to-last states and a ByT5 glyph encoder, the
+    latents concatenated with (zero) image-condition latents and mask, the DC-AE style causal
+    VAE (spatial 4, temporal 4 here), CFG through diffusers' guider (a call per branch)."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+
+    torch.manual_seed(0)
+    system = HunyuanVideo15Pipeline._get_mllm_prompt_embeds.__defaults__[2]
+    chats = [format_text_input([prompt], system)[0] for prompt in [*PROMPTS, ""]]
+    template = jinja2.Template(QWEN_CHAT_TEMPLATE)
+    tokenizer = tiny_qwen_tokenizer(tuple(template.render(messages=chat, add_generation_prompt=True)
+                                          for chat in chats))
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, bos_token_id=0, eos_token_id=2,
+        pad_token_id=0, rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                             mrope_section=[1, 1, 2]))).eval()
+    tokenizer_2 = ByT5Tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=12, d_kv=4,
+                                             d_ff=16, num_layers=1, num_heads=2)).eval()
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8, 8),
+                                      layers_per_block=1, spatial_compression_ratio=4,
+                                      temporal_compression_ratio=4).eval()
+    vae.enable_slicing()  # 0.42.1's VAE attention mask (B, L, L) fails for B > 1: a sample at a time
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=16, text_embed_2_dim=12,
+        image_embed_dim=16, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v").eval()
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    # Shorter token sequences than the real 1000 text, 256 glyph and 729 (zero) image tokens:
+    # the ByT5 projection's hidden width is fixed at 2048, so its tokens dominate the time
+    pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = 16, 8
+    pipe.vision_num_semantic_tokens = 8
+    return pipe

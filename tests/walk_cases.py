@@ -12,8 +12,8 @@ from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline, \
     WanTransformer3DModel
 
 from tiny_families import FLUX2_TEXT_LAYERS, PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit, \
-    tiny_flux, tiny_flux2, tiny_image, tiny_qwen_image, tiny_stable_diffusion, tiny_stable_diffusion_3, \
-    tiny_stable_diffusion_xl, tiny_wan, tiny_wan22_i2v, tiny_wan22_ti2v, \
+    tiny_flux, tiny_flux2, tiny_hunyuan_video15, tiny_image, tiny_qwen_image, tiny_stable_diffusion, \
+    tiny_stable_diffusion_3, tiny_stable_diffusion_xl, tiny_wan, tiny_wan22_i2v, tiny_wan22_ti2v, \
     tiny_wan22_ti2v_i2v
 
 STEPS = 3
@@ -124,4 +124,6 @@ CASES = {
         prompt=PROMPTS[:2], guidance_scale=4.0, height=8, width=8, max_sequence_length=40,
         text_encoder_out_layers=FLUX2_TEXT_LAYERS, output_type="pt"), 1, "transformer",
         timestep_divisor=1000.0),
+    "hunyuanvideo1.5/flow-euler": WalkCase(tiny_hunyuan_video15, dict(  # the guider's CFG: a call
+        prompt=PROMPTS[:2], **VIDEO), 2, "transformer"),                   # per branch
 }
