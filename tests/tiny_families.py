@@ -7,9 +7,9 @@ Wan and CogVideoX: diffusers' text-to-video pipelines with tiny T5 encoders and 
 tokenizer built in memory (no tokenizer file).
 
 The 2024-2026 families (SDXL, SD3.5, FLUX.1-dev, Qwen-Image, Wan 2.2 TI2V-5B and I2V-A14B,
-FLUX.2, HunyuanVideo 1.5) are diffusers' own pipeline and model classes with their real architecture options,
+FLUX.2, HunyuanVideo 1.5, LTX-2) are diffusers' own pipeline and model classes with their real architecture options,
 shrunk in width, depth and vocabulary; their text encoders are transformers' own (CLIP, T5,
-Qwen2.5-VL, Mistral-3, ByT5) with word- or character-level tokenizers built in memory.
+Qwen2.5-VL, Mistral-3, ByT5, Gemma 3) with word- or character-level tokenizers built in memory.
 """
 
 from __future__ import annotations
@@ -20,24 +20,28 @@ from types import SimpleNamespace
 import jinja2
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLFlux2, \
-    AutoencoderKLHunyuanVideo15, AutoencoderKLQwenImage, AutoencoderKLWan, ClassifierFreeGuidance, \
-    CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler, \
-    DiTPipeline, DiTTransformer2DModel, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, \
-    Flux2Pipeline, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, \
-    HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel, QwenImagePipeline, \
-    QwenImageTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, \
-    StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, \
-    UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    AutoencoderKLHunyuanVideo15, AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, \
+    AutoencoderKLQwenImage, AutoencoderKLWan, ClassifierFreeGuidance, CogVideoXDDIMScheduler, \
+    CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler, DiTPipeline, \
+    DiTTransformer2DModel, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, \
+    Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel, HunyuanVideo15Pipeline, \
+    HunyuanVideo15Transformer3DModel, LTX2Pipeline, LTX2VideoTransformer3DModel, \
+    QwenImagePipeline, QwenImageTransformer2DModel, SD3Transformer2DModel, \
+    StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, \
+    UNet2DConditionModel, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, \
+    WanTransformer3DModel
+from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from tokenizers import Regex, Tokenizer
 from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import ByteLevel, Sequence, Split, WhitespaceSplit
 from tokenizers.processors import TemplateProcessing
 from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, \
-    CLIPTextModelWithProjection, CLIPTokenizer, Mistral3Config, Mistral3ForConditionalGeneration, \
-    PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, \
-    Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel, UMT5Config, \
-    UMT5EncoderModel
+    CLIPTextModelWithProjection, CLIPTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, \
+    Mistral3Config, Mistral3ForConditionalGeneration, PreTrainedTokenizerFast, Qwen2_5_VLConfig, \
+    Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, \
+    T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from qdiff.models import ClassConditionalVideoPipeline, ClassEmbedder
 
@@ -442,3 +446,56 @@ def tiny_hunyuan_video15() -> HunyuanVideo15Pipeline:
     pipe.tokenizer_max_length, pipe.tokenizer_2_max_length = 16, 8
     pipe.vision_num_semantic_tokens = 8
     return pipe
+
+
+def tiny_ltx2() -> LTX2Pipeline:
+    """LTX-2 (text to video with audio): the audio-video DiT over the latents of the LTX-2 video
+    VAE (patch 2, two spatio-temporal levels: spatial 8, temporal 4) and the audio VAE's mel
+    latents, conditioned through the text connectors on every hidden state of a one-layer
+    Gemma 3 (with its SigLIP tower); a vocoder turns the mel spectrogram into audio. The
+    pipeline's default guidance makes three calls per step: CFG batched (negative and
+    positive), spatio-temporal guidance (block 0 perturbed), modality isolation."""
+    torch.manual_seed(0)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, sliding_window=16, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4),
+        mm_tokens_per_image=4, image_token_index=2, boi_token_index=2, eoi_token_index=2)).eval()
+    connectors = LTX2TextConnectors(  # Gemma's 1 + 1 hidden states of width 16
+        caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=4, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=4, connector_rope_base_seq_len=32,
+        video_hidden_dim=16, audio_hidden_dim=16).eval()
+    vae = AutoencoderKLLTX2Video(
+        latent_channels=8, block_out_channels=(8, 16),
+        down_block_types=("LTX2VideoDownBlock3D",) * 2, decoder_block_out_channels=(8, 16),
+        layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        spatio_temporal_scaling=(True, True), decoder_spatio_temporal_scaling=(True, True),
+        decoder_inject_noise=(False, False, False),
+        downsample_type=("spatiotemporal", "spatiotemporal"),
+        upsample_type=("spatiotemporal", "spatiotemporal"), upsample_residual=(True, True),
+        upsample_factor=(2, 2), patch_size=2, patch_size_t=1).eval()
+    audio_vae = AutoencoderKLLTX2Audio(  # base_channels = latent channels x latent mel bins
+        base_channels=16, output_channels=2, ch_mult=(1, 2), num_res_blocks=1, in_channels=2,
+        latent_channels=4, mel_bins=16).eval()
+    vocoder = LTX2Vocoder(in_channels=32, hidden_channels=8, out_channels=2,
+                          upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
+                          resnet_kernel_sizes=[3], resnet_dilations=[[1]],
+                          output_sampling_rate=16000).eval()
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, vae_scale_factors=(4, 8, 8), audio_in_channels=16,
+        audio_out_channels=16, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_cross_attention_dim=16, num_layers=1, caption_channels=16).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+        base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    return LTX2Pipeline(scheduler=scheduler, vae=vae, audio_vae=audio_vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, connectors=connectors, transformer=transformer,
+                        vocoder=vocoder)

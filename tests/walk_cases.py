@@ -12,9 +12,9 @@ from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline, \
     WanTransformer3DModel
 
 from tiny_families import FLUX2_TEXT_LAYERS, PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit, \
-    tiny_flux, tiny_flux2, tiny_hunyuan_video15, tiny_image, tiny_qwen_image, tiny_stable_diffusion, \
-    tiny_stable_diffusion_3, tiny_stable_diffusion_xl, tiny_wan, tiny_wan22_i2v, tiny_wan22_ti2v, \
-    tiny_wan22_ti2v_i2v
+    tiny_flux, tiny_flux2, tiny_hunyuan_video15, tiny_image, tiny_ltx2, tiny_qwen_image, \
+    tiny_stable_diffusion, tiny_stable_diffusion_3, tiny_stable_diffusion_xl, tiny_wan, \
+    tiny_wan22_i2v, tiny_wan22_ti2v, tiny_wan22_ti2v_i2v
 
 STEPS = 3
 SEEDS = (11, 12)
@@ -126,4 +126,7 @@ CASES = {
         timestep_divisor=1000.0),
     "hunyuanvideo1.5/flow-euler": WalkCase(tiny_hunyuan_video15, dict(  # the guider's CFG: a call
         prompt=PROMPTS[:2], **VIDEO), 2, "transformer"),                   # per branch
+    "ltx-2/flow-euler": WalkCase(tiny_ltx2, dict(  # CFG batched, STG, modality isolation: 3 calls
+        prompt=PROMPTS[:2], num_frames=5, height=32, width=32, max_sequence_length=16,
+        spatio_temporal_guidance_blocks=[0], output_type="pt"), 3, "transformer"),
 }
