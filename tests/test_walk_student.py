@@ -31,7 +31,12 @@ def _perturbed(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     return student
 
 
-@pytest.mark.parametrize("case", ["sd/unipc", "dit/ddim", "wan/flow-euler", "cogvideox/ddim-v"])
+@pytest.mark.parametrize("case", ["sd/unipc", "dit/ddim", "wan/flow-euler", "cogvideox/ddim-v",
+                                  "sdxl/euler", "sd3.5/flow-euler", "flux.1-dev/flow-euler",
+                                  "qwen-image/flow-euler", "wan2.2-ti2v/unipc-flow",
+                                  "wan2.2-ti2v-i2v/unipc-flow", "wan2.2-i2v-a14b/unipc-flow",
+                                  "flux.2-dev/flow-euler", "hunyuanvideo1.5/flow-euler",
+                                  "ltx-2/flow-euler"])
 def test_an_exact_copy_of_the_teacher_walks_bit_identically_to_the_teacher(case):
     walk = CASES[case]
     pipe = walk.pipe()

@@ -17,6 +17,12 @@ def _output_tensor(output) -> torch.Tensor:
     return torch.as_tensor(value) if not isinstance(value, list) else torch.stack(value)
 
 
+def _call_timestep(timestep: torch.Tensor) -> torch.Tensor:
+    """The step's timestep of a call (its first sample's): per-token timesteps (B, L) by the
+    noisiest token, as `qdiff.walk.x0` reads them -- Wan 2.2 TI2V's image tokens are at 0."""
+    return timestep.amax(dim=1)[0] if timestep.dim() == 2 else timestep.reshape(-1)[0]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_recorded_walk_samples_bit_identically_to_the_stock_pipeline(case):
     """Same conditions, one generator per sample, the configured scheduler: the tapped call's
@@ -30,9 +36,11 @@ def test_recorded_walk_samples_bit_identically_to_the_stock_pipeline(case):
     assert len(calls) == STEPS * walk.calls_per_step
     assert [call.index for call in calls] == list(range(len(calls)))
     assert {call.component for call in calls} == walk.denoisers
-    assert torch.equal(torch.stack([call.timestep.reshape(-1)[0] for call in calls]).cpu(),
-                       pipe.scheduler.timesteps.repeat_interleave(walk.calls_per_step).to(
-                           calls[0].timestep.dtype))
+    visited = pipe.scheduler.timesteps.repeat_interleave(walk.calls_per_step).to(
+        calls[0].timestep.dtype)
+    if walk.timestep_divisor != 1:  # as the pipeline divides it (FLUX: `timestep / 1000`)
+        visited = visited / walk.timestep_divisor
+    assert torch.equal(torch.stack([_call_timestep(call.timestep) for call in calls]).cpu(), visited)
     assert not any(isinstance(getattr(pipe, name), DenoiserProxy) for name in walk.denoisers)
 
 
@@ -112,12 +120,14 @@ def test_the_embedded_teachers_recorded_walk_is_its_sampling(teacher):
 
 
 @pytest.mark.parametrize("case", ["sd/unipc", "wan/unipc-flow", "cogvideox/ddim-v",
-                                  "wan2.2-two-experts/flow-euler"])
+                                  "wan2.2-two-experts/flow-euler", "flux.1-dev/flow-euler",
+                                  "qwen-image/flow-euler", "wan2.2-i2v-a14b/unipc-flow"])
 def test_the_grid_a_call_visits_is_read_before_the_denoiser_runs(case):
     walk = CASES[case]
     pipe = walk.pipe()
     pipe(**walk.call_kwargs())
     visited = pipe.scheduler.timesteps.clone()
-    pipe.scheduler.set_timesteps(7)
+    dynamic_shift = pipe.scheduler.config.get("use_dynamic_shifting")  # FLUX, Qwen: needs `mu`
+    pipe.scheduler.set_timesteps(7, **({"mu": 0.5} if dynamic_shift else {}))
     assert torch.equal(pipeline_timesteps(pipe, walk.call_kwargs()), visited)
     assert not any(isinstance(getattr(pipe, name), DenoiserProxy) for name in walk.denoisers)

@@ -35,7 +35,8 @@ def test_x0_scale_from_the_scheduler_equals_the_family_samplers(name):
 
 
 @pytest.mark.parametrize("case", ["wan/unipc-flow", "wan/flow-euler", "cogvideox/ddim-v",
-                                  "sd/unipc"])
+                                  "sd/unipc", "sdxl/euler", "sd3.5/flow-euler",
+                                  "wan2.2-ti2v/unipc-flow", "wan2.2-i2v-a14b/unipc-flow"])
 def test_x0_scale_of_a_recorded_call_reads_the_pipelines_scheduler(case):
     """After the walk the scheduler still holds its grid: each call's timestep (one per
     sample as Wan and CogVideoX pass it, or a scalar as SD does) finds its sigma or alpha there."""
@@ -48,6 +49,30 @@ def test_x0_scale_of_a_recorded_call_reads_the_pipelines_scheduler(case):
         scale = DDIMSampler(pipe.scheduler).x0_scale
     for call in calls:
         assert x0_scale(pipe.scheduler, call.timestep) == scale(call.timestep.reshape(-1)[0])
+
+
+@pytest.mark.parametrize("case", ["flux.1-dev/flow-euler", "qwen-image/flow-euler",
+                                  "flux.2-dev/flow-euler"])
+def test_x0_scale_of_a_call_passed_timestep_over_1000_is_the_sigma_of_its_step(case):
+    """FLUX.1, FLUX.2 and Qwen-Image pass `t / 1000` (and shift their grid by resolution, `mu`):
+    each call's x0 scale is the sigma the scheduler paired with that step's t."""
+    walk = CASES[case]
+    pipe = walk.pipe()
+    _, calls = record_calls(pipe, walk.call_kwargs())
+    assert walk.timestep_divisor == 1000
+    for call in calls:
+        step = call.index // walk.calls_per_step
+        assert call.timestep.reshape(-1)[0] == pipe.scheduler.timesteps[step] / 1000
+        assert x0_scale(pipe.scheduler, call.timestep) == float(pipe.scheduler.sigmas[step])
+
+
+def test_a_timestep_over_1000_in_bf16_finds_its_sigma():
+    """A bf16 pipeline divides the bf16 timestep: matched as the pipeline computes it."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(4)
+    for step, t in enumerate(scheduler.timesteps):
+        passed = t.expand(2).to(torch.bfloat16) / 1000
+        assert x0_scale(scheduler, passed) == float(scheduler.sigmas[step])
 
 
 def test_a_sample_prediction_moves_x0_one_to_one():

@@ -11,8 +11,10 @@ import torch
 from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline, \
     WanTransformer3DModel
 
-from tiny_families import PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit, tiny_stable_diffusion, \
-    tiny_wan
+from tiny_families import FLUX2_TEXT_LAYERS, PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit, \
+    tiny_flux, tiny_flux2, tiny_hunyuan_video15, tiny_image, tiny_ltx2, tiny_qwen_image, \
+    tiny_stable_diffusion, tiny_stable_diffusion_3, tiny_stable_diffusion_xl, tiny_wan, \
+    tiny_wan22_i2v, tiny_wan22_ti2v, tiny_wan22_ti2v_i2v
 
 STEPS = 3
 SEEDS = (11, 12)
@@ -57,6 +59,7 @@ class WalkCase:
     calls_per_step: int  # 2 when guidance calls the denoiser once per branch
     denoiser: str = "unet"
     also: tuple[str, ...] = ()  # further denoiser components the pipeline calls
+    timestep_divisor: float = 1.0  # FLUX, FLUX.2, Qwen-Image pass the denoiser t / 1000
 
     @property
     def denoisers(self) -> set[str]:
@@ -97,4 +100,33 @@ CASES = {
                                    **VIDEO), 2, "transformer", ("transformer_2",)),
     "cogvideox/ddim-v": WalkCase(tiny_cogvideox, dict(prompt=PROMPTS[:2], guidance_scale=6.0,
                                                       **VIDEO), 1, "transformer"),
+    "sdxl/euler": WalkCase(tiny_stable_diffusion_xl, dict(prompt=PROMPTS[:2], guidance_scale=5.0,
+                                                          output_type="pt"), 1),
+    "sd3.5/flow-euler": WalkCase(tiny_stable_diffusion_3, dict(
+        prompt=PROMPTS[:2], guidance_scale=4.5, height=8, width=8, max_sequence_length=8,
+        output_type="pt"), 1, "transformer"),
+    "flux.1-dev/flow-euler": WalkCase(tiny_flux, dict(  # guidance distilled: one call per step
+        prompt=PROMPTS[:2], guidance_scale=3.5, height=8, width=8, max_sequence_length=8,
+        output_type="pt"), 1, "transformer", timestep_divisor=1000.0),
+    "qwen-image/flow-euler": WalkCase(tiny_qwen_image, dict(  # true CFG: a call per branch
+        prompt=PROMPTS[:2], negative_prompt=[" "] * 2, true_cfg_scale=4.0, height=16, width=16,
+        output_type="pt"), 2, "transformer", timestep_divisor=1000.0),
+    "wan2.2-ti2v/unipc-flow": WalkCase(tiny_wan22_ti2v, dict(  # per-token timesteps (B, L)
+        prompt=PROMPTS[:2], guidance_scale=5.0, num_frames=5, height=32, width=32,
+        output_type="pt"), 2, "transformer"),
+    "wan2.2-ti2v-i2v/unipc-flow": WalkCase(tiny_wan22_ti2v_i2v, dict(  # image tokens at t = 0
+        image=tiny_image(32), prompt=PROMPTS[:2], guidance_scale=5.0, num_frames=5, height=32,
+        width=32, output_type="pt"), 2, "transformer"),
+    "wan2.2-i2v-a14b/unipc-flow": WalkCase(tiny_wan22_i2v, dict(
+        image=tiny_image(), prompt=PROMPTS[:2], guidance_scale=5.0, guidance_scale_2=3.0, **VIDEO),
+        2, "transformer", ("transformer_2",)),
+    "flux.2-dev/flow-euler": WalkCase(tiny_flux2, dict(
+        prompt=PROMPTS[:2], guidance_scale=4.0, height=8, width=8, max_sequence_length=40,
+        text_encoder_out_layers=FLUX2_TEXT_LAYERS, output_type="pt"), 1, "transformer",
+        timestep_divisor=1000.0),
+    "hunyuanvideo1.5/flow-euler": WalkCase(tiny_hunyuan_video15, dict(  # the guider's CFG: a call
+        prompt=PROMPTS[:2], **VIDEO), 2, "transformer"),                   # per branch
+    "ltx-2/flow-euler": WalkCase(tiny_ltx2, dict(  # CFG batched, STG, modality isolation: 3 calls
+        prompt=PROMPTS[:2], num_frames=5, height=32, width=32, max_sequence_length=16,
+        spatio_temporal_guidance_blocks=[0], output_type="pt"), 3, "transformer"),
 }

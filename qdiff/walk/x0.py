@@ -43,14 +43,24 @@ def single_timestep(timestep: TimestepLike) -> float:
 
 
 def flow_sigma(scheduler: SchedulerMixin, timestep: TimestepLike) -> float:
-    """The sigma the scheduler's current grid pairs with `timestep` (after `set_timesteps`)."""
+    """The sigma the scheduler's current grid pairs with `timestep` (after `set_timesteps`).
+
+    Pipelines pass their denoiser the grid's timestep (Wan, SD3) or, as FLUX.1, FLUX.2 and
+    Qwen-Image do, `timestep / 1000` (t / num_train_timesteps, in the latents' dtype): the
+    timestep is looked for on the grid, then on the grid divided as those pipelines divide it.
+    """
     t = single_timestep(timestep)
-    timesteps = scheduler.timesteps.float().cpu()
-    matches = (timesteps == t).nonzero()
-    if len(matches) == 0:
-        raise ValueError(f"timestep {t} is not on the scheduler's grid {timesteps.tolist()}; "
-                         f"call set_timesteps as the pipeline did.")
-    return float(scheduler.sigmas[int(matches[0])])
+    dtype = torch.as_tensor(timestep).dtype
+    grid = scheduler.timesteps.cpu()
+    divided = grid.to(dtype if dtype.is_floating_point else torch.float32)
+    divided = divided / scheduler.config.get("num_train_timesteps", 1000)
+    for timesteps in (grid.float(), divided.float()):
+        matches = (timesteps == t).nonzero()
+        if len(matches):
+            return float(scheduler.sigmas[int(matches[0])])
+    raise ValueError(f"timestep {t} is not on the scheduler's grid {grid.float().tolist()} (nor "
+                     f"on it divided by num_train_timesteps); call set_timesteps as the "
+                     f"pipeline did.")
 
 
 def x0_scale(scheduler: SchedulerMixin, timestep: TimestepLike) -> float:
