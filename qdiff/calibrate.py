@@ -21,7 +21,7 @@ from qdiff.config import ConfigError
 from qdiff.eval.sampling import balanced_labels
 from qdiff.families import Family, family_for
 from qdiff.quant import set_timesteps
-from qdiff.walk import calibrate_on_calls, pipeline_timesteps
+from qdiff.walk import calibrate_on_calls, denoiser_timesteps
 
 logger = logging.getLogger("qdiff.calibrate")
 
@@ -37,10 +37,11 @@ def by_component(students: Students, family: Family) -> dict[str, nn.Module]:
 
 
 def trajectory_grid(family: Family, steps: int, guidance: float, eta: float = 0.0) -> torch.Tensor:
-    """The timesteps a `steps`-step call of the family's pipeline visits (its scheduler's grid)."""
+    """The timesteps a `steps`-step call of the family's pipeline visits, as its denoisers
+    are called with them (the keys of the students' timestep tables)."""
     probe = family.call_kwargs(torch.zeros(1, dtype=torch.long), torch.Generator().manual_seed(0),
                                steps, guidance, eta)
-    grid = pipeline_timesteps(family.pipe, probe)
+    grid = denoiser_timesteps(family.pipe, probe)
     if len(grid.unique()) != steps:
         raise ConfigError(f"{type(family.pipe.scheduler).__name__} visits {len(grid.unique())} "
                           f"timesteps in a {steps}-step call, but qdiff counts one denoising step "

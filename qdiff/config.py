@@ -19,7 +19,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -144,6 +144,8 @@ class ModelConfig:
     video_size: Optional[List[int]] = None
     image_size: Optional[List[int]] = None  # image families: [height, width]; None: the pipeline's
     images: Optional[str] = None  # image-to-video families: a folder of first frames
+    # further arguments of every pipeline call, as they are (e.g. max_sequence_length: 512)
+    pipeline_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_choice("model.family", self.family, family_names())

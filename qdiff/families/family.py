@@ -58,6 +58,7 @@ class Family:
         self.prompts = read_prompts(model_cfg.prompts) if model_cfg.prompts else None
         self.images = read_images(model_cfg.images) if model_cfg.images else None
         self.size = self._size(model_cfg)
+        self.extra_kwargs = dict(model_cfg.pipeline_kwargs)
 
     # -- what the family serves -------------------------------------------------------
     @classmethod
@@ -110,8 +111,8 @@ class Family:
         return kwargs
 
     # -- the call ----------------------------------------------------------------------
-    def guidance_kwargs(self, guidance: float) -> dict[str, Any]:
-        """The pipeline arguments that set classifier-free guidance to `guidance`."""
+    def guidance_kwargs(self, guidance: float, count: int) -> dict[str, Any]:
+        """The pipeline arguments that set guidance to `guidance` for `count` samples."""
         return {"guidance_scale": guidance}
 
     def size_kwargs(self) -> dict[str, Any]:
@@ -128,9 +129,9 @@ class Family:
                     eta: float = 0.0, output_type: str = "latent") -> dict[str, Any]:
         """The arguments of one `pipe(...)` call: conditions `ids`, one generator per sample
         (or one for all), `steps` denoising steps of the configured scheduler."""
-        kwargs = {**self.condition_kwargs(ids), **self.guidance_kwargs(guidance),
-                  **self.size_kwargs(), "num_inference_steps": steps, "generator": generators,
-                  "output_type": output_type}
+        kwargs = {**self.condition_kwargs(ids), **self.guidance_kwargs(guidance, len(ids)),
+                  **self.size_kwargs(), **self.extra_kwargs, "num_inference_steps": steps,
+                  "generator": generators, "output_type": output_type}
         accepted = inspect.signature(type(self.pipe).__call__).parameters
         if "eta" in accepted:
             kwargs["eta"] = eta

@@ -15,12 +15,12 @@ from .call import DenoiserCall, prediction, with_prediction
 from .student import StopWalk, sample_with_students, walk_with_student
 from .tap import DENOISER_COMPONENTS, DenoiserProxy, DenoiserTap, denoiser_components
 from .teacher import record_calls
-from .timesteps import pipeline_timesteps, use_scheduler
+from .timesteps import denoiser_timesteps, pipeline_timesteps, use_scheduler
 from .x0 import is_flow_matching, x0_scale
 
 __all__ = [
     "DENOISER_COMPONENTS", "DenoiserCall", "DenoiserProxy", "DenoiserTap", "StopWalk",
-    "calibrate_on_calls", "denoiser_components", "is_flow_matching", "pipeline_timesteps",
+    "calibrate_on_calls", "denoiser_components", "denoiser_timesteps", "is_flow_matching", "pipeline_timesteps",
     "prediction", "record_calls", "sample_with_students", "use_scheduler", "walk_with_student",
     "with_prediction", "x0_scale",
 ]

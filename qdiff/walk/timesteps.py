@@ -13,7 +13,9 @@ from typing import Any, Mapping
 import torch
 from diffusers import DiffusionPipeline
 
+from .call import timestep_of
 from .tap import DenoiserTap
+from .x0 import single_timestep
 
 
 class _GridRead(Exception):
@@ -31,6 +33,39 @@ def pipeline_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) 
     except _GridRead:
         return pipe.scheduler.timesteps.detach().clone()
     raise RuntimeError(f"{type(pipe).__name__} returned without calling its denoiser.")
+
+
+class _FirstCall(Exception):
+    def __init__(self, timestep: Any) -> None:
+        self.timestep = timestep
+
+
+def denoiser_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The grid of `pipe(**call_kwargs)` as its denoisers see it: the scheduler's timesteps,
+    or, for pipelines that pass `timestep / num_train_timesteps` (FLUX, Qwen-Image), those
+    divided as the first call shows (no denoiser runs). Timestep tables are keyed by it."""
+    def stop(component: str, index: int, args: tuple, kwargs: dict) -> Any:
+        raise _FirstCall(timestep_of(tap.original(component), args, kwargs))
+
+    try:
+        with DenoiserTap(pipe, stop) as tap:
+            pipe(**call_kwargs)
+    except _FirstCall as first:
+        called = first.timestep
+    else:
+        raise RuntimeError(f"{type(pipe).__name__} returned without calling its denoiser.")
+    grid = pipe.scheduler.timesteps.detach().cpu()
+    t = single_timestep(called)
+    if float(grid[0]) == t:
+        return grid.clone()
+    dtype = torch.as_tensor(called).dtype
+    divided = grid.to(dtype if dtype.is_floating_point else torch.float32)
+    divided = (divided / pipe.scheduler.config.get("num_train_timesteps", 1000)).float()
+    if float(divided[0]) == t:
+        return divided
+    raise ValueError(f"{type(pipe).__name__} calls its denoiser at timestep {t}, which is neither "
+                     f"the scheduler's first timestep {float(grid[0])} nor it divided by "
+                     f"num_train_timesteps.")
 
 
 def use_scheduler(pipe: DiffusionPipeline, name: str) -> None:
