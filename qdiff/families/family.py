@@ -50,7 +50,7 @@ class Family:
     default_guidance: ClassVar[float] = 5.0
     # (height, width) or (frames, height, width) of a sample; None: the pipeline's own default
     default_size: ClassVar[Optional[tuple[int, ...]]] = None
-    needs_image: ClassVar[bool] = False  # image-to-video: each condition has a first frame
+    needs_image: ClassVar[bool] = False  # image-to-video: a first frame per call (model.images)
 
     def __init__(self, pipe: DiffusionPipeline, model_cfg: Optional[ModelConfig] = None) -> None:
         self.pipe = pipe
@@ -107,7 +107,9 @@ class Family:
             if not self.images:
                 raise ConfigError(f"{self.name} turns an image into a video: set model.images to "
                                   f"a folder of first frames (PNG or JPEG), one used per prompt.")
-            kwargs["image"] = [self.images[i % len(self.images)] for i in ids.reshape(-1).tolist()]
+            # one first frame per call (image-to-video pipelines take one for the batch):
+            # the first condition's; the trajectories' random ids vary it from call to call
+            kwargs["image"] = self.images[int(ids.reshape(-1)[0]) % len(self.images)]
         return kwargs
 
     # -- the call ----------------------------------------------------------------------
