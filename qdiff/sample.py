@@ -145,7 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="samples per pipeline call (default: all at once); the images do "
                              "not depend on it")
-    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps")
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="denoising steps of the pipeline's scheduler")
     parser.add_argument("--guidance", type=nonnegative_float, default=2.0,
                         help="classifier-free guidance")
     parser.add_argument("--seed", type=nonnegative_int, default=0)

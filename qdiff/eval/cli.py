@@ -176,7 +176,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=nonnegative_float, default=defaults.guidance_scale)
     parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    parser.add_argument("--features", default=defaults.features, help="digits | inception | PATH")
+    parser.add_argument("--features", default=defaults.features, help="digits | inception | PATH: FID Inception-v3 weights (.pth or "
+                             ".safetensors), or a folder of a saved feature network")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
