@@ -121,6 +121,18 @@ nonnegative_float = _at_least(float, 0.0, name="nonnegative_float")
 positive_float = _at_least(float, 0.0, strict=True, name="positive_float")
 
 
+def sample_size(text: str) -> tuple[int, ...]:
+    """An argparse type: HEIGHT,WIDTH or FRAMES,HEIGHT,WIDTH, each 1 or more."""
+    try:
+        size = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        size = ()
+    if len(size) not in (2, 3) or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"takes HEIGHT,WIDTH (images) or FRAMES,HEIGHT,WIDTH "
+                                         f"(videos), each 1 or more, e.g. 5,16,16; got '{text}'")
+    return size
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent

@@ -1,7 +1,14 @@
-"""Sample a class-conditional pipeline into a PNG grid: one row per class.
+"""Sample any family's pipeline into a PNG grid: one row per class or prompt line.
 
     python -m qdiff.sample                                   # the embedded teacher
     python -m qdiff.sample --pipeline runs/x/export --steps 50 --out grid.png
+    python -m qdiff.sample --pipeline runs/sd/export --prompts prompts.txt --per-class 4
+    python -m qdiff.sample --pipeline runs/wan/export --prompts prompts.txt --size 17,256,256
+
+Conditions are class ids (`--classes`, default: the family's preview, e.g. 0..9) or, for a
+prompt family, the first 10 lines of `--prompts FILE` (default: a run export's own
+model.prompts). Each sample draws its noise from a generator of its own, seeded (seed, j).
+A video is one tile with its frames side by side.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from qdiff.cli import (
-    InputError,
     add_debug_flag,
     check_steps,
     component_config,
@@ -25,8 +31,11 @@ from qdiff.cli import (
     pipeline_folder,
     positive_int,
     run_main,
+    sample_size,
     writable_output,
 )
+from qdiff.eval.sampling import (ConditionError, check_classes, check_conditions,
+                                  family_class_of_index, family_of)
 from qdiff.models.loading import load_pipeline
 
 logger = logging.getLogger("qdiff.sample")
@@ -55,53 +64,89 @@ def _image_path(text: str) -> Path:
     return path
 
 
+def _run_model(pipeline: str):
+    """The `model` block of the run a run export belongs to (None for another pipeline)."""
+    from qdiff.config import load_config
+
+    run_config = Path(pipeline).parent / "config.yaml"
+    return load_config(run_config).model if run_config.is_file() else None
+
+
+def conditions_of(args: argparse.Namespace) -> tuple[str | None, tuple[int, ...] | None]:
+    """--prompts and --size, else a run export's own model.prompts and sample size."""
+    prompts, size = args.prompts, args.size
+    model = _run_model(args.pipeline)
+    if model is not None:
+        prompts = prompts or model.prompts
+        size = size or model.video_size or model.image_size
+    return prompts, size
+
+
 def check_inputs(args: argparse.Namespace) -> None:
-    """Refuse a pipeline, class, step count or output that cannot work, before loading."""
+    """Refuse a pipeline, conditions, step count or output that cannot work, before loading."""
     index = pipeline_folder(args.pipeline)
     writable_output(args.out)
-    if index and "class_embedder" not in index:
-        raise InputError(f"--pipeline {args.pipeline} has no class embedder: qdiff.sample "
-                         f"draws class-conditional pipelines (e.g. assets/tiny-ldm-digits).")
+    prompts, _ = conditions_of(args)
+    check_conditions(family_class_of_index(index), args.pipeline, prompts,
+                     classes=args.classes)
     num_classes = component_config(args.pipeline, "class_embedder").get("num_classes")
-    if num_classes is not None:
+    if num_classes is not None and args.classes is not None:
         check_classes(args.classes, num_classes, args.pipeline)
     check_steps(args.pipeline, args.steps)
 
 
-def check_classes(classes: list[int], num_classes: int, pipeline: str) -> None:
-    outside = sorted({label for label in classes if not 0 <= label < num_classes})
-    if outside:
-        raise InputError(f"--classes {','.join(map(str, outside))}: the pipeline {pipeline} "
-                         f"has classes 0..{num_classes - 1}; give classes in that range.")
+def sample_grid(pipeline_path: str, classes: list[int] | None, per_class: int, steps: int,
+                guidance: float, seed: int, out: Path, prompts: str | None = None,
+                size: tuple[int, ...] | None = None, batch_size: int | None = None) -> Path:
+    """Generate `per_class` samples of each condition (class ids `classes`, default the
+    family's preview; for a prompt family the first lines of `prompts`), sample j from
+    generator (seed, j), and save them as a grid: a row per condition, a video's frames
+    side by side."""
+    from qdiff.distill.samples import sample_images
 
-
-def sample_grid(pipeline_path: str, classes: list[int], per_class: int, steps: int,
-                guidance: float, seed: int, out: Path) -> Path:
-    """Generate `per_class` images of each class from fixed seeds and save them as a grid."""
     pipe = load_pipeline(pipeline_path)
-    embedder = getattr(pipe, "class_embedder", None)
-    if embedder is None:
-        raise InputError(f"--pipeline {pipeline_path} has no class embedder: qdiff.sample "
-                         f"draws class-conditional pipelines (e.g. assets/tiny-ldm-digits).")
-    check_classes(classes, embedder.null_class, pipeline_path)
-    pipe.set_progress_bar_config(desc=f"sampling {len(classes) * per_class} images")
-    labels = [label for label in classes for _ in range(per_class)]
-    generator = torch.Generator().manual_seed(seed)
-    images = pipe(class_labels=labels, guidance_scale=guidance, num_inference_steps=steps,
-                  generator=generator, output_type="pt").images
+    family = family_of(pipe, prompts, size, str(pipeline_path))
+    if family.conditions == "classes":
+        if classes is not None:
+            check_classes(classes, family.num_conditions, pipeline_path)
+        conditions = torch.tensor(classes) if classes is not None else family.preview_conditions()
+    else:
+        if classes is not None:
+            raise ConditionError(f"--classes: --pipeline {pipeline_path} is a {family.name} "
+                                 f"pipeline, conditioned on prompts, not class ids; give "
+                                 f"--prompts FILE instead.")
+        conditions = family.preview_conditions()
+    ids = conditions.repeat_interleave(per_class)
+    pipe.set_progress_bar_config(desc=f"sampling {len(ids)} {'videos' if family.video else 'images'}")
+    images = sample_images(family, None, ids, steps, guidance, seed, batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, out, nrow=per_class, padding=1)
     return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m qdiff.sample",
-                                     description="Sample a class-conditional qdiff pipeline.")
+    parser = argparse.ArgumentParser(
+        prog="python -m qdiff.sample",
+        description="Sample a qdiff pipeline (any family) into a grid: a row per class or "
+                    "prompt line, a video's frames side by side.")
     parser.add_argument("--pipeline", default="assets/tiny-ldm-digits",
                         help="pipeline folder (teacher or export)")
-    parser.add_argument("--classes", type=_class_list, default=list(range(10)))
-    parser.add_argument("--per-class", type=positive_int, default=8)
-    parser.add_argument("--steps", type=positive_int, default=20, help="DDIM steps")
+    parser.add_argument("--classes", type=_class_list, default=None,
+                        help="class families: comma-separated class ids, a row each "
+                             "(default: the family's preview, e.g. 0..9)")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="prompt families: a text file, one prompt per line; its first 10 "
+                             "lines are the rows (default: a run export's model.prompts)")
+    parser.add_argument("--size", type=sample_size, default=None, metavar="[F,]H,W",
+                        help="sample size: HEIGHT,WIDTH, or FRAMES,HEIGHT,WIDTH for a video "
+                             "family (default: a run export's model size, else the pipeline's)")
+    parser.add_argument("--per-class", type=positive_int, default=8,
+                        help="samples of each class or prompt (the columns)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="samples per pipeline call (default: all at once); the images do "
+                             "not depend on it")
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="denoising steps of the pipeline's scheduler")
     parser.add_argument("--guidance", type=nonnegative_float, default=2.0,
                         help="classifier-free guidance")
     parser.add_argument("--seed", type=nonnegative_int, default=0)
@@ -120,11 +165,13 @@ def main(argv: list[str] | None = None) -> None:
 def _run(args: argparse.Namespace) -> None:
     check_inputs(args)
     start = time.time()
+    prompts, size = conditions_of(args)
     path = sample_grid(args.pipeline, args.classes, args.per_class, args.steps, args.guidance,
-                       args.seed, args.out)
-    logger.info("wrote %s (%d classes x %d samples, %d steps, guidance %.1f) in %.1fs",
-                path, len(args.classes), args.per_class, args.steps, args.guidance,
-                time.time() - start)
+                       args.seed, args.out, prompts, size, args.batch_size)
+    logger.info("wrote %s (%s x %d samples, %d steps, guidance %.1f) in %.1fs",
+                path, f"{len(args.classes)} classes" if args.classes else
+                (f"prompts of {prompts}" if prompts else "the preview classes"),
+                args.per_class, args.steps, args.guidance, time.time() - start)
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,9 @@ import qdiff
 from qdiff.config import LoRAConfig, QuantConfig
 from qdiff.eval import cli, sampling
 from qdiff.eval.npz import load_samples, save_samples
-from qdiff.eval.sampling import SamplingSettings, generate, model_content_id
+from qdiff.eval.sampling import SamplingSettings, generate, model_content_id, settings_for
 from qdiff.export import export_pipeline
+from qdiff.families import family_for
 from qdiff.quant import calibrating, quantize_, set_timesteps
 
 from conftest import micro_class_ldm_pipeline
@@ -63,7 +64,8 @@ def test_a_model_retrained_into_the_same_folder_is_sampled_again(pipe, tmp_path,
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="qdiff.eval"):
         again = cli._samples_of(export, SETTINGS, out)[0]
-    key = SETTINGS.cache_key(model_content_id(export))
+    family = family_for(qdiff.load_pipeline(export))
+    key = settings_for(family, SETTINGS).cache_key(model_content_id(export))
     assert caplog.messages == [f"sample cache {out / f'samples-{key}.npz'}: reusing 4 samples"]
     np.testing.assert_array_equal(again, second)
 

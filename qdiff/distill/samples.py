@@ -13,10 +13,11 @@ from qdiff.families import Family, family_for
 from qdiff.walk import sample_with_students
 
 
-def sample_generators(seed: int, count: int) -> list[torch.Generator]:
-    """One generator per sample, seeded (seed, j): a sample's noise does not depend on the
-    batch it is drawn in."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in range(count)]
+def sample_generators(seed: int, count: int, start: int = 0) -> list[torch.Generator]:
+    """One generator per sample j = start, ..., start + count - 1, seeded (seed, j): a
+    sample's noise does not depend on the batch it is drawn in."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + j)
+            for j in range(start, start + count)]
 
 
 @torch.no_grad()

@@ -41,6 +41,8 @@ class DigitsFeatureNet(ModelMixin, ConfigMixin):
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, images: torch.Tensor) -> Features:
+        if images.shape[1] != 1:  # colour samples (a text-to-image family): their grey level
+            images = images.mean(dim=1, keepdim=True)
         hidden = images * 2.0 - 1.0
         spatial = None
         for index, block in enumerate(self.blocks):

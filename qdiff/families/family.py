@@ -151,13 +151,18 @@ class Family:
     def to_images(self, output: Any) -> torch.Tensor:
         """A pipeline output of `output_type="pt"` -> images (N, C, H, W) in [0, 1]; a video's
         frames side by side."""
+        value = self.to_samples(output)
+        return frames_side_by_side(value) if self.video else value
+
+    def to_samples(self, output: Any) -> torch.Tensor:
+        """A pipeline output of `output_type="pt"` -> images (N, C, H, W), or for a video
+        family videos (N, F, C, H, W), as floats in [0, 1]."""
         value = output[0]
         if isinstance(value, np.ndarray):  # channels last, as "np" outputs are
             value = torch.from_numpy(value).movedim(-1, -3)
         elif isinstance(value, (list, tuple)):
             value = torch.stack([torch.as_tensor(item) for item in value])
-        value = value.float()
-        return frames_side_by_side(value) if self.video else value
+        return value.float()
 
     # -- quantization ------------------------------------------------------------------
     def quant_config(self, cfg: QuantConfig) -> QuantConfig:
