@@ -174,9 +174,14 @@ from PIL import Image
 from safetensors.torch import save_file
 import qdiff  # the only import that makes qdiff's integer models loadable
 from diffusers import DiffusionPipeline
+from qdiff.models.loading import QDIFF_PIPELINES
 outputs = {}
 for name, spec in json.loads(open(sys.argv[1]).read()).items():
-    pipe = DiffusionPipeline.from_pretrained(spec["folder"])
+    index = json.load(open(spec["folder"] + "/model_index.json"))
+    absent = {k: None for k, v in index.items() if v == [None, None]}  # e.g. SD3 without T5
+    # qdiff's own two pipeline classes are not in diffusers; every other family's is
+    cls = QDIFF_PIPELINES.get(index["_class_name"], DiffusionPipeline)
+    pipe = cls.from_pretrained(spec["folder"], **absent)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(spec["kwargs"])
     if "image" in kwargs:

@@ -50,6 +50,15 @@ def read_model_index(folder: Path) -> dict[str, Any]:
     return index
 
 
+def absent_components(folder: Path) -> dict[str, None]:
+    """`{name: None}` for the components the model index records as absent (`[null, null]`,
+    e.g. SD3's optional T5): diffusers 0.42 saves them so but does not load them back
+    unless they are passed as None."""
+    index = read_model_index(folder)
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and value == [None, None]}
+
+
 def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
     return QDIFF_PIPELINES.get(read_model_index(folder)["_class_name"], DiffusionPipeline)
 
@@ -86,7 +95,7 @@ def load_pipeline(path: str | Path, verify: bool = True, **kwargs: Any) -> Diffu
                                 f"{', '.join(missing)}. Copy the whole folder that "
                                 f"`save_pretrained` or `huggingface-cli download` wrote.")
     try:
-        return pipeline_class.from_pretrained(folder, **kwargs)
+        return pipeline_class.from_pretrained(folder, **{**absent_components(folder), **kwargs})
     except QdiffError:
         raise
     except (OSError, ValueError, SafetensorError) as error:  # a component diffusers cannot read

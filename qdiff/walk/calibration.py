@@ -19,7 +19,7 @@ from torch import nn
 
 from qdiff.quant import calibrating
 
-from .call import cast_inputs, compute_dtype
+from .call import ask_in_own_dtype, cast_inputs, compute_dtype
 from .tap import DenoiserTap
 
 
@@ -33,7 +33,7 @@ def calibrate_on_calls(pipe: DiffusionPipeline, student_by_component: Mapping[st
     """
     def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
         teacher = tap.original(component)
-        result = teacher(*args, **kwargs)
+        result = ask_in_own_dtype(teacher, args, kwargs)
         student = student_by_component.get(component)
         if student is not None:
             student_args, student_kwargs = cast_inputs(teacher, args, kwargs, compute_dtype(student))

@@ -114,3 +114,25 @@ def with_prediction(result: Any, output: torch.Tensor) -> Any:
     if isinstance(result, (tuple, list)):
         return type(result)([output, *result[1:]])
     raise TypeError(f"Cannot put a prediction into a denoiser's {type(result).__name__}.")
+
+
+def call_dtype(args: tuple, kwargs: dict) -> Optional[torch.dtype]:
+    """The dtype a call is made in: its first float tensor argument's (the latents)."""
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.dtype
+    return None
+
+
+def ask_in_own_dtype(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """`model`'s return value for a call made in another dtype: a bf16 teacher among float32
+    text encoders and latents (`model.dtype` casts only the denoisers) gets its inputs in
+    bf16 and answers in the call's dtype, as the pipeline expects. A call already in the
+    model's dtype goes through untouched."""
+    called = call_dtype(args, kwargs)
+    own = compute_dtype(model)
+    if called is None or called == own:
+        return model(*args, **kwargs)
+    own_args, own_kwargs = cast_inputs(model, args, kwargs, own)
+    result = model(*own_args, **own_kwargs)
+    return with_prediction(result, prediction(result).to(called))

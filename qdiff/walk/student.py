@@ -18,8 +18,8 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from .call import DenoiserCall, cast_inputs, compute_dtype, detached, prediction, timestep_of, \
-    with_prediction
+from .call import (DenoiserCall, ask_in_own_dtype, call_dtype, cast_inputs, compute_dtype, detached,
+                   prediction, timestep_of, with_prediction)
 from .tap import DenoiserTap, denoiser_components
 
 # (the call with the teacher's output, the student's prediction with grad, the teacher's)
@@ -55,7 +55,7 @@ def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str
     def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
         teacher = tap.original(component)
         with torch.no_grad():
-            result = teacher(*args, **kwargs)
+            result = ask_in_own_dtype(teacher, args, kwargs)
         student = student_by_component.get(component)
         if student is None:
             return result
@@ -91,11 +91,11 @@ def sample_with_students(pipe: DiffusionPipeline, student_by_component: Mapping[
         teacher = tap.original(component)
         student = student_by_component.get(component)
         if student is None:
-            return teacher(*args, **kwargs)
+            return ask_in_own_dtype(teacher, args, kwargs)
         student_args, student_kwargs = cast_inputs(teacher, args, kwargs, compute_dtype(student))
         result = student(*student_args, **student_kwargs)
         output = prediction(result)
-        return with_prediction(result, output.to(compute_dtype(teacher)))
+        return with_prediction(result, output.to(call_dtype(args, kwargs) or compute_dtype(teacher)))
 
     with DenoiserTap(pipe, answer) as tap:
         return pipe(**call_kwargs)

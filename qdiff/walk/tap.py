@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
@@ -28,6 +29,19 @@ DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2")
 
 # (component name, index of the call among all denoiser calls, args, kwargs) -> return value
 CallHandler = Callable[[str, int, tuple, dict], Any]
+
+
+def working_dtype(pipe: DiffusionPipeline) -> Optional[torch.dtype]:
+    """The dtype of the pipeline's other model components (autoencoder first), if any."""
+    names = ["vae", *sorted(pipe.components)]
+    for name in names:
+        module = pipe.components.get(name)
+        if name in DENOISER_COMPONENTS or not isinstance(module, nn.Module):
+            continue
+        for parameter in module.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+    return None
 
 
 def denoiser_components(pipe: DiffusionPipeline) -> list[str]:
@@ -40,11 +54,20 @@ class DenoiserProxy(nn.Module):
     """Stands in for the denoiser `model`: calls go to `answer`, attribute reads to `model`."""
 
     def __init__(self, component: str, model: nn.Module,
-                 answer: Callable[[str, tuple, dict], Any]) -> None:
+                 answer: Callable[[str, tuple, dict], Any],
+                 working_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.model = model
         self.component = component
         self.answer = answer
+        self.working_dtype = working_dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the pipeline works in around its denoiser: a bf16 teacher among float32
+        components (`model.dtype` casts only the denoisers) reads as float32, so latents and
+        decoding stay float32; the handlers ask the teacher in its own dtype."""
+        return self.working_dtype or self.model.dtype
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.answer(self.component, args, kwargs)
@@ -94,6 +117,7 @@ class DenoiserTap:
         return self.handler(component, index, args, kwargs)
 
     def __enter__(self) -> "DenoiserTap":
+        dtype = working_dtype(self.pipe)
         try:
             for name in self.component_names:
                 model = getattr(self.pipe, name)
@@ -101,7 +125,7 @@ class DenoiserTap:
                     raise RuntimeError(f"pipe.{name} is already tapped.")
                 self.originals[name] = model
                 self._config_entries[name] = self.pipe.config.get(name)
-                setattr(self.pipe, name, DenoiserProxy(name, model, self._answer))
+                setattr(self.pipe, name, DenoiserProxy(name, model, self._answer, dtype))
         except BaseException:
             self._restore()
             raise

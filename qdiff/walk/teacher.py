@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from diffusers import DiffusionPipeline
 
-from .call import DenoiserCall, detached, prediction, timestep_of
+from .call import DenoiserCall, ask_in_own_dtype, detached, prediction, timestep_of
 from .tap import DenoiserTap
 
 
@@ -29,7 +29,7 @@ def record_calls(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]
     def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
         teacher = tap.original(component)
         with torch.no_grad():
-            result = teacher(*args, **kwargs)
+            result = ask_in_own_dtype(teacher, args, kwargs)
         calls.append(DenoiserCall(component, index, detached(args), detached(kwargs),
                                   detached(timestep_of(teacher, args, kwargs)),
                                   detached(prediction(result))))
