@@ -120,3 +120,15 @@ def test_integer_layer_keeps_no_float_weight():
     assert tensors["weight_packed"].dtype == torch.uint8 and tensors["weight_packed"].numel() == 64 * 32 // 2
     floats = {name: t.numel() for name, t in tensors.items() if t.is_floating_point()}
     assert max(floats.values()) <= 32, floats  # per-channel scales, bias, activation tables only
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_an_integer_layer_answers_the_shape_attributes_of_its_float_layer(kind):
+    """Pipelines read them off their denoiser (SDXL: `unet.add_embedding.linear_1.in_features`)."""
+    module = MODULES[kind]()
+    layer, _ = _student_layer(module, 4, 4)
+    int_layer = freeze_layer("layer", layer, TimestepContext())
+    names = (("in_features", "out_features") if isinstance(module, nn.Linear)
+             else ("in_channels", "out_channels", "kernel_size"))
+    for name in names:
+        assert getattr(int_layer, name) == getattr(module, name), name

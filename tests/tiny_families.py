@@ -15,7 +15,6 @@ Qwen2.5-VL, Mistral-3, ByT5, Gemma 3) with word- or character-level tokenizers b
 from __future__ import annotations
 
 import string
-from types import SimpleNamespace
 
 import jinja2
 import torch
@@ -304,20 +303,10 @@ def tiny_wan22_ti2v() -> WanPipeline:
                        transformer=transformer, expand_timesteps=True)
 
 
-def _plain_text_when_ftfy_is_missing() -> None:
-    """diffusers 0.42.1's Wan image-to-video pipeline calls `ftfy.fix_text` unguarded (the
-    text-to-video one checks `is_ftfy_available()`); without ftfy, clean prompts as-is."""
-    from diffusers.pipelines.wan import pipeline_wan_i2v
-
-    if not hasattr(pipeline_wan_i2v, "ftfy"):
-        pipeline_wan_i2v.ftfy = SimpleNamespace(fix_text=lambda text: text)
-
-
 def tiny_wan22_i2v() -> WanImageToVideoPipeline:
     """Wan 2.2 I2V-A14B: two experts split at `boundary_ratio` 0.9 (`transformer` for the
     high-noise steps, `transformer_2` below), the image's VAE latents and a frame mask
     concatenated to the noisy latents (4 + 4 + 4 channels), no CLIP image encoder."""
-    _plain_text_when_ftfy_is_missing()
     base = tiny_wan()
     torch.manual_seed(0)
     high_noise, low_noise = (WanTransformer3DModel(
@@ -400,7 +389,6 @@ def tiny_wan22_ti2v_i2v() -> WanImageToVideoPipeline:
     """Wan 2.2 TI2V-5B conditioned on an image: `tiny_wan22_ti2v`'s models in the
     image-to-video pipeline, where the first latent frame is the image's (timestep 0 at its
     tokens, the step's timestep elsewhere)."""
-    _plain_text_when_ftfy_is_missing()
     base = tiny_wan22_ti2v()
     return WanImageToVideoPipeline(
         tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,

@@ -160,6 +160,15 @@ class IntLinear(IntLayer):
     def like(cls, module: nn.Linear, spec: LayerSpec, act: ActCodesModule) -> "IntLinear":
         return cls(spec, act, module.bias)
 
+    # what pipelines read of their denoiser's layers (SDXL: add_embedding.linear_1.in_features)
+    @property
+    def in_features(self) -> int:
+        return self.weight_shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
             x = self.input_rotation(x)
@@ -215,6 +224,18 @@ class _IntConv(IntLayer):
         for name in cls._GEOMETRY:
             setattr(layer, name, getattr(module, name))
         return layer
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight_shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape[2:])
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
