@@ -70,13 +70,13 @@ def test_the_references_survive_a_resume(random_class_ldm_pipeline, tmp_path, mo
     assert meta[FIRST_STEP_KEY] == losses[0]
     assert meta[TRAJECTORY_KEY] == pytest.approx(sum(losses[:4]) / 4)
 
-    original = loop._train_step
+    original = loop._optimizer_step
 
-    def hundredfold(*args):
-        _, output = original(*args)
-        return 100 * meta[TRAJECTORY_KEY], output
+    def hundredfold(trainer):
+        original(trainer)
+        return 100 * meta[TRAJECTORY_KEY]
 
-    monkeypatch.setattr(loop, "_train_step", hundredfold)
+    monkeypatch.setattr(loop, "_optimizer_step", hundredfold)
     with pytest.raises(DivergenceError) as error:
         loop.distill(random_class_ldm_pipeline, cfg, cfg.run_dir, resume=True)
     assert f"the untrained student's {meta[FIRST_STEP_KEY]:.4g}" in str(error.value)
@@ -87,20 +87,21 @@ def test_the_references_survive_a_resume(random_class_ldm_pipeline, tmp_path, mo
 def test_a_table_that_is_no_longer_a_number_stops_the_run_before_its_checkpoint(
         random_class_ldm_pipeline, tmp_path, monkeypatch):
     cfg = _config(tmp_path, "distill.steps=8", "distill.log_every=4")
-    original, calls = loop._train_step, []
+    original, calls = loop._optimizer_step, []
 
-    def poison_after_step_six(family, student, *rest):
-        result = original(family, student, *rest)
+    def poison_after_step_six(trainer):
+        result = original(trainer)
         calls.append(1)
         if len(calls) == 6:  # a table entry no step of the trajectory has used yet
-            quantizer = next(m for m in student.modules() if isinstance(m, TemporalActQuantizer))
+            quantizer = next(m for m in trainer.model.modules()
+                             if isinstance(m, TemporalActQuantizer))
             with torch.no_grad():
                 quantizer.scale[-1] = math.inf
             broken.append(quantizer)
         return result
 
     broken: list = []
-    monkeypatch.setattr(loop, "_train_step", poison_after_step_six)
+    monkeypatch.setattr(loop, "_optimizer_step", poison_after_step_six)
     with pytest.raises(DivergenceError) as error:
         loop.distill(random_class_ldm_pipeline, cfg, cfg.run_dir)
     message = str(error.value)

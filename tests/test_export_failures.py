@@ -201,7 +201,7 @@ def test_a_runs_export_is_checked_against_its_student(pipe, tmp_path, caplog):
     with caplog.at_level("INFO", logger="qdiff.finetune"):
         out = _export(family, student, cfg, tmp_path)
     assert "export checked" in caplog.text
-    errors = check_export(family, student, _load_unet(out), guidance=2.0)
+    errors = check_export(family, {"unet": student}, {"unet": _load_unet(out)}, guidance=2.0)
     assert sorted(errors) == sorted(name for name, _ in iter_quant_layers(student))
     assert max(errors.values()) < 2e-6
 
@@ -216,7 +216,7 @@ def test_an_export_that_does_not_reproduce_its_student_is_refused_and_not_writte
         layer.base_layer.weight.neg_()
 
     def check(folder):
-        check_export(family, other, _load_unet(folder), guidance=2.0)
+        check_export(family, {"unet": other}, {"unet": _load_unet(folder)}, guidance=2.0)
     with pytest.raises(ExportMismatchError, match=rf"worst relative error {name} \(\d"):
         export_pipeline(pipe, student, tmp_path / "export", QUANT, check=check)
     assert not any(tmp_path.iterdir())
@@ -231,7 +231,7 @@ def test_an_export_whose_layer_gives_nan_is_refused(pipe, tmp_path):
         layer.base_layer.weight[0, 0] = float("nan")
 
     def check(folder):
-        check_export(family, other, _load_unet(folder), guidance=2.0)
+        check_export(family, {"unet": other}, {"unet": _load_unet(folder)}, guidance=2.0)
     with pytest.raises(ExportMismatchError, match=r"worst relative error \S+ \(nan\)"):
         export_pipeline(pipe, student, tmp_path / "export", QUANT, check=check)
     assert not any(tmp_path.iterdir())

@@ -1,5 +1,5 @@
-"""The class-conditional Wan family: its flow-matching walk is the pipeline's own sampling,
-and its loss weights follow x_t = (1 - sigma) x0 + sigma noise."""
+"""The class-conditional Wan family: its call is the pipeline's own sampling, and the
+walk's flow-matching steps follow x_t = (1 - sigma) x0 + sigma noise."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 
 import qdiff
 from qdiff.config import ConfigError, ModelConfig, load_config
-from qdiff.distill.trajectory import teacher_trajectory
-from qdiff.families import ClassWanFamily, family_for
-from qdiff.families.class_wan import frames_side_by_side
 from qdiff.eval.cli import main
+from qdiff.families import FAMILIES, family_for, frames_side_by_side
 from qdiff.finetune import finetune
+from qdiff.guidance import combine_branches
+from qdiff.walk import record_calls, x0_scale
 from tiny_families import tiny_class_wan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,51 +30,52 @@ def family():
 
 
 def test_the_video_pipeline_is_detected_as_class_wan(family):
-    assert isinstance(family_for(family.pipe), ClassWanFamily)
-    assert family.num_conditions == 10 and family.denoiser_name == "transformer"
+    assert isinstance(family_for(family.pipe), FAMILIES["class-wan"])
+    assert family.num_conditions == 10 and family.denoisers == ["transformer"]
 
 
-def test_adapter_sampling_is_the_pipelines_own_sampling(family):
+def test_the_familys_call_is_the_pipelines_own_sampling(family):
     labels = torch.tensor([3, 8])
     frames = family.pipe(class_labels=labels, guidance_scale=2.5, num_inference_steps=5,
                          output_type="pt", generator=torch.Generator().manual_seed(4)).frames
-    images = family.sample_images(family.denoiser, labels, 2.5, 5, torch.Generator().manual_seed(4))
-    expected = frames_side_by_side(frames.transpose(1, 2))  # (N, F, C, H, W) -> (N, C, F, H, W)
+    output = family.pipe(**family.call_kwargs(labels, torch.Generator().manual_seed(4), 5, 2.5,
+                                              output_type="pt"))
+    images = family.to_images(output)
     assert images.shape == (2, 1, 8, 4 * 8)
-    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(images, frames_side_by_side(frames), rtol=0, atol=0)
 
 
 def test_frames_side_by_side_puts_frame_f_in_column_block_f():
-    videos = torch.arange(2 * 1 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 1, 3, 2, 2)
+    videos = torch.arange(2 * 3 * 1 * 2 * 2, dtype=torch.float32).reshape(2, 3, 1, 2, 2)  # (N, F, C, H, W)
     images = frames_side_by_side(videos)
+    assert images.shape == (2, 1, 2, 3 * 2)
     for f in range(3):
-        torch.testing.assert_close(images[:, :, :, 2 * f:2 * f + 2], videos[:, :, f])
+        torch.testing.assert_close(images[:, :, :, 2 * f:2 * f + 2], videos[:, f])
 
 
-def test_flow_scales_move_the_clean_sample_and_the_next_latent_by_hand(family):
-    """x0 = x_t - sigma v and x_next = x_t + (sigma_next - sigma) v: perturbing v by d moves
-    them by sigma d and (sigma_next - sigma) d."""
-    sampler = family.trajectory_sampler(4)
-    sigmas = sampler.sigmas
-    points = list(teacher_trajectory(family, torch.tensor([1, 2]), 4, 0.0, 2.0,
-                                     torch.Generator().manual_seed(0)))
-    assert [p.timestep for p in points] == list(sampler.timesteps)
-    for index, point in enumerate(points):
-        assert point.x0_scale == pytest.approx(float(sigmas[index]))
-        assert point.update_scale == pytest.approx(float(sigmas[index + 1] - sigmas[index]))
-        latents = torch.randn(2, 1, 4, 8, 8)
-        velocity, bump = torch.randn_like(latents), 0.1 * torch.randn_like(latents)
-        moved = sampler.step(velocity + bump, point.timestep, latents, 0.0, None)
-        still = sampler.step(velocity, point.timestep, latents, 0.0, None)
-        torch.testing.assert_close(moved - still, point.update_scale * bump, rtol=1e-4, atol=1e-6)
-    assert float(sigmas[-1]) == 0.0  # the walk ends on the clean sample
+def test_the_walk_moves_by_sigma_steps_and_weighs_x0_by_sigma(family):
+    """x0 = x_t - sigma v and x_next = x_t + (sigma_next - sigma) v: each recorded call's x0
+    weight is its step's sigma, and the next call's latents are this call's moved by
+    (sigma_next - sigma) times the guided velocity; the walk ends on the clean sample."""
+    pipe, guidance = family.pipe, 2.0
+    kwargs = family.call_kwargs(torch.tensor([1, 2]), torch.Generator().manual_seed(0), 4,
+                                guidance, output_type="latent")
+    output, calls = record_calls(pipe, kwargs)
+    sigmas = pipe.scheduler.sigmas
+    assert len(calls) == 4 and float(sigmas[-1]) == 0.0
+    assert [float(c.timestep.reshape(-1)[0]) for c in calls] == pipe.scheduler.timesteps.tolist()
+    latents = [call.args[0].chunk(2)[0] for call in calls] + [output.frames]
+    for index, call in enumerate(calls):
+        assert x0_scale(pipe.scheduler, call.timestep) == pytest.approx(float(sigmas[index]))
+        velocity = combine_branches(call.output.float(), guidance)
+        step = float(sigmas[index + 1] - sigmas[index])
+        torch.testing.assert_close(latents[index + 1], latents[index] + step * velocity,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_a_stochastic_flow_walk_is_refused_with_the_fix(family):
-    sampler = family.trajectory_sampler(2)
-    latents = torch.zeros(1, 1, 4, 8, 8)
     with pytest.raises(ConfigError, match="set distill.eta=0"):
-        sampler.step(latents, sampler.timesteps[0], latents, 1.0, None)
+        family.call_kwargs(torch.tensor([0]), torch.Generator().manual_seed(0), 2, 2.0, eta=1.0)
 
 
 def test_the_video_recipe_decays_phi_away_and_exports_a_plain_low_bit_transformer(family, tmp_path):

@@ -1,37 +1,56 @@
-"""x0 weighting read from the pipeline's configured scheduler: the numbers the family
-samplers compute, for the schedulers both know, and on the timesteps of recorded calls."""
+"""x0 weighting read from the pipeline's configured scheduler: the closed forms (epsilon
+sqrt((1 - a) / a), v sqrt(1 - a), flow matching the step's sigma), for the schedulers
+qdiff's families ship, and on the timesteps of recorded calls."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, DDPMScheduler, \
     FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from qdiff.families.samplers import DDIMSampler, FlowMatchSampler
 from qdiff.walk import is_flow_matching, record_calls, x0_scale
-from walk_cases import CASES, STEPS
+from walk_cases import CASES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCHEDULERS = {
-    "ddim-epsilon": (DDIMScheduler(), DDIMSampler),
+SCHEDULERS = {  # the scheduler, and whether it is flow matching
+    "ddim-epsilon": (DDIMScheduler(), False),
     "ddim-v": (CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                      timestep_spacing="trailing", snr_shift_scale=3.0), DDIMSampler),
-    "flow-euler": (FlowMatchEulerDiscreteScheduler(shift=3.0), FlowMatchSampler),
+                                      timestep_spacing="trailing", snr_shift_scale=3.0), False),
+    "flow-euler": (FlowMatchEulerDiscreteScheduler(shift=3.0), True),
     "unipc-flow": (UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                           flow_shift=3.0), FlowMatchSampler),
+                                           flow_shift=3.0), True),
 }
 
 
+def closed_form(scheduler, timestep) -> float:
+    """d x0 / d output by hand: x_t = (1 - sigma) x0 + sigma noise with v = noise - x0 gives
+    sigma (the sigma the grid pairs with t); x_t = sqrt(a) x0 + sqrt(1 - a) eps gives
+    sqrt((1 - a) / a) for epsilon, sqrt(1 - a) for v (x0 = sqrt(a) x_t - sqrt(1 - a) v)."""
+    t = float(torch.as_tensor(timestep).reshape(-1)[0])
+    if is_flow_matching(scheduler):
+        step = int((scheduler.timesteps.float() == t).nonzero()[0])
+        return float(scheduler.sigmas[step])
+    a = float(scheduler.alphas_cumprod[int(round(t))])
+    kind = scheduler.config.prediction_type
+    assert kind in ("epsilon", "v_prediction"), kind
+    return math.sqrt((1 - a) / a) if kind == "epsilon" else math.sqrt(1 - a)
+
+
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_x0_scale_from_the_scheduler_equals_the_family_samplers(name):
-    scheduler, sampler_class = SCHEDULERS[name]
+def test_x0_scale_from_the_scheduler_is_the_closed_form(name):
+    scheduler, flow = SCHEDULERS[name]
     scheduler.set_timesteps(5)
-    sampler = sampler_class(scheduler)
-    assert is_flow_matching(scheduler) == (sampler_class is FlowMatchSampler)
-    for timestep in scheduler.timesteps:
-        assert x0_scale(scheduler, timestep) == sampler.x0_scale(timestep)
+    assert is_flow_matching(scheduler) == flow
+    scales = [x0_scale(scheduler, timestep) for timestep in scheduler.timesteps]
+    for timestep, scale in zip(scheduler.timesteps, scales):
+        assert scale == pytest.approx(closed_form(scheduler, timestep), rel=1e-12)
+    assert scales == sorted(scales, reverse=True)  # the noisy start weighs most
+    if flow:  # sigma, taken at each step in turn (a repeated timestep would not tell them apart)
+        assert scales == pytest.approx([float(s) for s in scheduler.sigmas[:5]], rel=1e-12)
 
 
 @pytest.mark.parametrize("case", ["wan/unipc-flow", "wan/flow-euler", "cogvideox/ddim-v",
@@ -43,12 +62,10 @@ def test_x0_scale_of_a_recorded_call_reads_the_pipelines_scheduler(case):
     walk = CASES[case]
     pipe = walk.pipe()
     _, calls = record_calls(pipe, walk.call_kwargs())
-    if is_flow_matching(pipe.scheduler):
-        scale = FlowMatchSampler.walk_of(pipe.scheduler, STEPS).x0_scale
-    else:
-        scale = DDIMSampler(pipe.scheduler).x0_scale
+    assert calls
     for call in calls:
-        assert x0_scale(pipe.scheduler, call.timestep) == scale(call.timestep.reshape(-1)[0])
+        assert x0_scale(pipe.scheduler, call.timestep) == pytest.approx(
+            closed_form(pipe.scheduler, call.timestep), rel=1e-12)
 
 
 @pytest.mark.parametrize("case", ["flux.1-dev/flow-euler", "qwen-image/flow-euler",
