@@ -75,7 +75,7 @@ def test_the_config_reference_reads_the_comments_and_the_checks():
     row = next(line for line in page.splitlines() if line.startswith("| `distill.base_weight_lr`"))
     assert "0 keeps them frozen" in row and "full QAT" in row  # a comment that goes on below
     row = next(line for line in page.splitlines() if line.startswith("| `distill.loss`"))
-    assert "clean samples" in row and "Allowed: `x0`, `mse`, `l1`" in row
+    assert "raw output" in row and "clean samples" in row and "Allowed: `x0`, `mse`, `l1`" in row
     assert "| `quant.weight_bits` | `int` | `4` | Allowed: 2..8. |" in page
 
 
