@@ -35,8 +35,11 @@ def test_output_types_agree(random_class_ldm_pipeline):
     np.testing.assert_allclose(tensors.permute(0, 2, 3, 1).numpy(), arrays, atol=1e-6)
     assert pil[0].size == (32, 32)
     np.testing.assert_allclose(np.asarray(pil[1]) / 255.0, arrays[1, ..., 0], atol=1 / 255 + 1e-6)
+    latents = _sample(pipe, 0, output_type="latent")  # what distillation walks: not decoded
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.decode_latents(latents), tensors)
     with pytest.raises(ValueError, match="output_type"):
-        _sample(pipe, 0, output_type="latent")
+        _sample(pipe, 0, output_type="mp4")
 
 
 def test_guidance_combines_conditional_and_null_predictions(random_class_ldm_pipeline):

@@ -54,8 +54,10 @@ def test_output_types_agree(pipe):
     assert len(pil) == 2 and len(pil[1]) == 4 and isinstance(pil[1][3], Image.Image)
     np.testing.assert_allclose(np.asarray(pil[1][3]) / 255.0, arrays[1, 3, ..., 0],
                                atol=1 / 255 + 1e-6)
+    latents = _sample(pipe, 0, output_type="latent")  # what distillation walks: not decoded
+    torch.testing.assert_close(pipe.frames(latents), tensors)
     with pytest.raises(ValueError, match="output_type"):
-        _sample(pipe, 0, output_type="latent")
+        _sample(pipe, 0, output_type="mp4")
 
 
 def test_guidance_doubles_the_batch_with_the_null_class(pipe):
