@@ -3,14 +3,22 @@ call, and a pipeline call where the students answer in chosen denoising steps on
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
 from qdiff.walk import DenoiserCall, DenoiserTap
-from qdiff.walk.call import cast_inputs, compute_dtype, prediction, with_prediction
+from qdiff.walk.call import (
+    cast_inputs,
+    compute_dtype,
+    detached,
+    prediction,
+    timestep_of,
+    with_prediction,
+)
 from qdiff.walk.x0 import single_timestep
 
 
@@ -31,7 +39,6 @@ def first_step_calls(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) ->
     """The teacher's denoiser calls of the first denoising step of `pipe(**call_kwargs)`
     (one call with both guidance branches batched, or one per branch); the pipeline call
     stops there."""
-    from qdiff.walk.call import detached, timestep_of
     calls: list[DenoiserCall] = []
 
     def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
@@ -75,7 +82,6 @@ def sample_with_students_in_steps(pipe: DiffusionPipeline,
     state = {"step": -1, "timestep": None}
 
     def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
-        from qdiff.walk.call import timestep_of
         teacher = tap.original(component)
         timestep = single_timestep(timestep_of(teacher, args, kwargs))
         if timestep != state["timestep"]:

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from eval.common.report import ROOT, results_dir, write_json, write_markdown
+from eval.common.walk import first_step_calls, student_answer
 from eval.speed.speed import build_sd
 from eval.training_cost.train_cost import (
     FLOAT_W0,
@@ -54,7 +55,6 @@ from eval.training_cost.train_cost import (
     redraw_normal,
     run_config,
 )
-from eval.common.walk import first_step_calls, student_answer
 from qdiff.distill.loop import build_student
 from qdiff.distill.loss import call_loss
 from qdiff.distill.optim import build_optimizer
