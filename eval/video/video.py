@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     shown = [n for n in ("FP (teacher)", f"W4A4 calibrated PTQ{suffix}", f"W4A4 qdiff + Phi{suffix}")
              if n in strips]
     picks = torch.tensor([int((labels == c).nonzero()[0]) for c in STRIP_CLASSES])
-    strip = torch.cat([frames_side_by_side(strips[n][picks].transpose(1, 2)) for n in shown])
+    strip = torch.cat([frames_side_by_side(strips[n][picks]) for n in shown])  # (N, F, C, H, W)
     save_image(strip, RESULTS / f"{report}-frames.png", nrow=1, padding=2, pad_value=0.5)
     print((RESULTS / f"{report}.md").read_text())
 
