@@ -7,7 +7,7 @@
 The model is built on the meta device (shapes, no storage). Which layers are quantized, and
 at what bits, comes from qdiff's own rules (`qdiff.quant.quantize.select_layers` and
 `layer_bits`: `include` / `exclude` / `_keep_in_fp32_modules` / `overrides`); the family's
-8-bit layers go in as overrides first (`with_family_overrides`), as a family adapter's
+8-bit layers go in as overrides first (`with_family_overrides`), as a family's
 `quant_config` does. What a quantized layer holds is what `qdiff.quant.layers.QuantLayer`
 registers with `quant.packed_base_weight=true`:
 
@@ -77,14 +77,14 @@ def _bytes(tensor: torch.Tensor, float_dtype: Optional[torch.dtype] = None) -> i
 
 
 def teacher_bytes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """The teacher denoiser cast to `dtype` (`FamilyAdapter.cast_teacher`: `.to(dtype)` on the
+    """The teacher denoiser cast to `dtype` (`Family.cast_teacher`: `.to(dtype)` on the
     whole denoiser, `_keep_in_fp32_modules` included), parameters and buffers."""
     return sum(_bytes(t, dtype) for _, t in _tensors(model))
 
 
 def with_family_overrides(cfg: QuantConfig, eight_bit_layers: Iterable[str]) -> QuantConfig:
     """`cfg` with a family's 8-bit layers after its own overrides, when it asks for them
-    (`quant.family_overrides`), as `FamilyAdapter.quant_config` builds it."""
+    (`quant.family_overrides`), as `Family.quant_config` builds it."""
     if not cfg.family_overrides:
         return cfg
     defaults = [LayerOverride(pattern, 8, 8) for pattern in eight_bit_layers]

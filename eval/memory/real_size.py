@@ -45,7 +45,7 @@ ARCHITECTURES = {path.stem: path for path in sorted(ARCHITECTURE_DIR.glob("*.jso
 GPU_GB = 80.0
 
 # The 8-bit layers of each family's recipe (`quant.family_overrides`). A family qdiff knows
-# takes its adapter's `eight_bit_layers`; the ones not yet added use these, written for the
+# takes its declaration's `eight_bit_layers`; the ones not yet added use these, written for the
 # same roles as the known families' (patch / latent embedding, time and text embedders, the
 # last projection).
 EIGHT_BIT_LAYERS = {

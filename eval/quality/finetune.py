@@ -13,6 +13,12 @@ accuracy, FID/sFID against the real held-out digits, and FID to the FP samples (
 seeds), whose noise floor is in eval-noise.md. `gap closed` = how much of calibrated
 PTQ's FID-to-FP distillation removes. Writes eval/results/quality/finetune.md and .json (or
 --report's name).
+
+Every distilled row now matches each denoiser call of the stock pipeline as it was made
+(the conditional and null branches, batched), as `qdiff.distill.loss.call_loss` does: the
+guided-combination target and `distill.loss=update` are gone, so the ablation's first row
+("noise MSE") is EfficientDM's path and weighting, not its guided target; reports written
+before the pipeline walked matched the guided noise there.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
     python -m eval.quality.step_sensitivity --run runs/tiny-ldm-w4a4    # and a distilled one
 
 Samples 300 images (20 DDIM steps, guidance 2) where the calibrated W4A4 student predicts
-the noise in one block of steps and the FP teacher in all others, from the same noise as
-the teacher's own samples, and reports their distance to the teacher's samples: per-sample
+the noise in one block of steps (its raw output, both guidance branches, as the stock
+pipeline calls it) and the FP teacher in all others, from the same noise as the
+teacher's own samples, and reports their distance to the teacher's samples: per-sample
 squared distance of the digits network's pooled features and pixel MSE. This is why
 `distill.loss: x0` weights the noisy start most: its errors decide the image.
 
@@ -29,10 +30,10 @@ import torch
 
 import qdiff
 from eval.common.report import results_dir, write_markdown
+from eval.common.walk import sample_with_students_in_steps
 from qdiff.config import LayerOverride, load_config
 from qdiff.distill.checkpoint import latest_checkpoint
 from qdiff.distill.loop import build_student, student_at
-from qdiff.distill.trajectory import TrajectoryWalk
 from qdiff.eval.feature_nets import load_feature_net
 from qdiff.eval.features import extract_features
 from qdiff.families import family_for
@@ -61,17 +62,16 @@ LATE_ROWS: dict[str, tuple[int, str | None]] = {
 
 @torch.no_grad()
 def sample(family, student, student_steps: range) -> torch.Tensor:
-    """Deterministic DDIM from fixed noise; the student answers in `student_steps` only."""
+    """Deterministic DDIM of the stock pipeline from fixed noise; the student answers the
+    denoiser calls of `student_steps` only (both guidance branches), the teacher all others."""
     labels = torch.arange(SAMPLES) % 10
-    walk = TrajectoryWalk(family, labels, STEPS, 0.0, GUIDANCE, torch.Generator().manual_seed(7))
-    while not walk.done:
-        point = walk.point()
-        noise = point.teacher_output
-        if point.index in student_steps:
-            noise = family.guided_noise(point.model_input, point.timestep, point.context,
-                                        GUIDANCE, denoiser=student)
-        walk.advance(noise)
-    return family.decode(walk.latents)
+    kwargs = family.call_kwargs(labels, torch.Generator().manual_seed(7), STEPS, GUIDANCE,
+                                output_type="pt")
+    if student is None:
+        return family.to_images(family.pipe(**kwargs))
+    students = {family.denoisers[0]: student}
+    return family.to_images(sample_with_students_in_steps(family.pipe, students, kwargs,
+                                                          lambda step: step in student_steps))
 
 
 def distilled_student(family, run_dir: Path, averaged: bool = True) -> tuple[torch.nn.Module, Path]:

@@ -15,7 +15,8 @@ Exactness (see `qdiff.export.verify` for why there are two kinds):
 - float64: the student's fake-quant forward on its own float32 grid vs the integer model,
   whole forwards and whole 20-step samplings;
 - float32, per layer: each integer layer on its student layer's input;
-- float32, whole forwards along teacher trajectories and whole samplings: how often a value
+- float32, whole forwards on the teacher's denoiser calls (`qdiff.walk.record_calls` on the
+  stock pipeline: one call per step, both guidance branches batched) and whole samplings: how often a value
   that float32 rounding put on a rounding boundary takes the neighbouring activation code.
 """
 
@@ -39,7 +40,6 @@ import qdiff
 from eval.common.report import ROOT, results_dir, write_json, write_markdown
 from qdiff.calibrate import calibrate
 from qdiff.config import load_config
-from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.export import (
     IntLayer,
     SplitIntLayer,
@@ -47,7 +47,10 @@ from qdiff.export import (
     layer_mismatch,
     on_grid_reference,
 )
+from qdiff.families import family_for
 from qdiff.quant import iter_quant_layers, quantize_
+from qdiff.walk import record_calls
+from qdiff.walk.call import cast_inputs
 
 RESULTS = results_dir("speed")
 BIT_WIDTHS = ("w8a8", "w4a8", "w4a4", "w3a3")
@@ -104,7 +107,16 @@ def int_layer_inputs(model, name: str, x: torch.Tensor) -> list:
 
 
 @torch.no_grad()
-def code_flips(student, model, model_input, timestep, context) -> tuple[int, int]:
+def teacher_calls(pipe, steps: int, seed: int) -> list:
+    """The teacher's denoiser calls of a `steps`-step call of the stock pipeline on LABELS
+    (each: both guidance branches batched, as the pipeline asks)."""
+    kwargs = family_for(pipe).call_kwargs(torch.tensor(LABELS), torch.Generator().manual_seed(seed),
+                                          steps, GUIDANCE)
+    return record_calls(pipe, kwargs)[1]
+
+
+@torch.no_grad()
+def code_flips(student, model, call) -> tuple[int, int]:
     """(activation codes that differ, all codes) between student and export, each on its own inputs.
 
     The export runs its reference kernel here: that path calls the activation modules,
@@ -115,7 +127,7 @@ def code_flips(student, model, model_input, timestep, context) -> tuple[int, int
     handles = [layer.act.register_forward_hook(
         lambda m, args, out, name=name: exported.__setitem__(name, out.codes))
         for name, layer in model.named_modules() if isinstance(layer, IntLayer)]
-    model(model_input, timestep, encoder_hidden_states=context)
+    call.ask(model)
     for handle in handles:
         handle.remove()
     counts = [0, 0]
@@ -130,7 +142,7 @@ def code_flips(student, model, model_input, timestep, context) -> tuple[int, int
                 counts[1] += codes.numel()
         return hook
     handles = [layer.register_forward_pre_hook(compare(name)) for name, layer in iter_quant_layers(student)]
-    student(model_input, timestep, encoder_hidden_states=context)
+    call.ask(student)
     for handle in handles:
         handle.remove()
     model.set_qdiff_kernel("auto")
@@ -139,17 +151,13 @@ def code_flips(student, model, model_input, timestep, context) -> tuple[int, int
 
 @torch.no_grad()
 def forwards_float32(pipe, student, model) -> dict:
-    """Whole float32 forwards of student and export along teacher trajectories."""
-    walk = teacher_trajectory(pipe, torch.tensor(LABELS), STEPS, 0.0, GUIDANCE,
-                              torch.Generator().manual_seed(1))
+    """Whole float32 forwards of student and export on the teacher's denoiser calls."""
     worst, with_flips, flipped, codes, forwards = 0.0, 0, 0, 0, 0
-    for step in walk:
-        model_input = torch.cat([step.model_input] * 2)
-        t = step.timestep.reshape(1).expand(len(model_input))
-        a = student(model_input, t, encoder_hidden_states=step.context).sample
-        b = model(model_input, t, encoder_hidden_states=step.context).sample
+    for call in teacher_calls(pipe, STEPS, 1):
+        a = call.ask(student).sample
+        b = call.ask(model).sample
         worst = max(worst, float((a - b).abs().max()))
-        differ, total = code_flips(student, model, model_input, t, step.context)
+        differ, total = code_flips(student, model, call)
         with_flips += differ > 0
         flipped, codes, forwards = flipped + differ, codes + total, forwards + 1
     return {"max_abs_diff": worst, "forwards": forwards, "forwards_with_a_flipped_code": with_flips,
@@ -159,10 +167,11 @@ def forwards_float32(pipe, student, model) -> dict:
 @torch.no_grad()
 def layer_agreement(pipe, student, model) -> float:
     """Worst relative difference of an integer layer from its student layer, same inputs."""
+    calls = teacher_calls(pipe, 5, 4)
+
     def run(denoiser):
-        for step in teacher_trajectory(pipe, torch.tensor(LABELS), 5, 0.0, GUIDANCE,
-                                       torch.Generator().manual_seed(4)):
-            pipe.guided_noise(step.model_input, step.timestep, step.context, GUIDANCE, denoiser=denoiser)
+        for call in calls:
+            call.ask(denoiser)
     return max(layer_mismatch(student, model, run).values())
 
 
@@ -170,13 +179,10 @@ def layer_agreement(pipe, student, model) -> float:
 def forwards_float64(pipe, student, model) -> float:
     reference, model = on_grid_reference(student), copy.deepcopy(model).double()
     worst = 0.0
-    for step in teacher_trajectory(pipe, torch.tensor(LABELS), 5, 0.0, GUIDANCE,
-                                   torch.Generator().manual_seed(2)):
-        context = step.context.double()
-        model_input = torch.cat([step.model_input] * 2).double()
-        t = step.timestep.reshape(1).expand(len(model_input))
-        a = reference(model_input, t, encoder_hidden_states=context).sample
-        b = model(model_input, t, encoder_hidden_states=context).sample
+    for call in teacher_calls(pipe, 5, 2):
+        args, kwargs = cast_inputs(pipe.unet, call.args, call.kwargs, torch.float64)
+        a = reference(*args, **kwargs).sample
+        b = model(*args, **kwargs).sample
         worst = max(worst, float((a - b).abs().max()))
     return worst
 

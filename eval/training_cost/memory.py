@@ -22,7 +22,7 @@ from torch import nn
 from eval.common.report import ROOT, results_dir, write_markdown
 
 from qdiff.config import LayerOverride, load_config  # noqa: E402
-from qdiff.families import FAMILY_ADAPTERS  # noqa: E402
+from qdiff.families import FAMILIES  # noqa: E402
 
 GIB = 2 ** 30
 REAL = {  # published architectures (diffusers configs of the hub releases)
@@ -50,7 +50,7 @@ def _bits(name: str, overrides: list[LayerOverride], default: int) -> int:
 def counted_bytes(model: nn.Module, recipe: str) -> dict[str, float]:
     """Teacher, student and optimizer bytes of a recipe for `model` (GiB)."""
     cfg = load_config(ROOT / "configs" / recipe)
-    family = FAMILY_ADAPTERS[cfg.model.family]
+    family = FAMILIES[cfg.model.family]  # the declaration's class: its 8-bit layers
     defaults = family.eight_bit_layers if cfg.quant.family_overrides else ()
     overrides = [*cfg.quant.overrides, *(LayerOverride(p, 8, 8) for p in defaults)]
     teacher_bytes = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8

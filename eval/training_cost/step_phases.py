@@ -6,12 +6,15 @@
     python -m eval.training_cost.step_phases --normal-weights  # bell-shaped weights -> step-phases-normal.*
 
 train_cost.py puts qdiff's training step at 0.75x of full QAT's, where issue 9 asks for
-0.5x. This splits one step (`qdiff.distill.loop._train_step`) into its phases, timed one
+0.5x. This splits one step (a `qdiff.distill.loop.Trainer` step: all denoiser calls at one
+timestep) into its phases, timed one
 by one on the same denoising step and models as train_cost.py (configs/sd15-w4a4.yaml,
 no gradient checkpointing, the teacher in float32, batch 1 with guidance):
 
-- teacher: the teacher's guided forward that gives the step its target (the trajectory);
-- student forward: the student's guided forward, building the autograd graph;
+- teacher: the teacher's forward that gives the step its target (the trajectory): the
+  stock pipeline's denoiser call(s) of one denoising step, both guidance branches;
+- student forward: the student's forward on the same call(s), building the autograd graph,
+  and the loss of each call's raw output (`qdiff.distill.loss.call_loss`);
 - backward: the loss's backward pass;
 - optimizer: gradient clipping, AdamW's step and zeroing the gradients.
 
@@ -43,6 +46,7 @@ from pathlib import Path
 import torch
 
 from eval.common.report import ROOT, results_dir, write_json, write_markdown
+from eval.common.walk import first_step_calls, student_answer
 from eval.speed.speed import build_sd
 from eval.training_cost.train_cost import (
     FLOAT_W0,
@@ -51,10 +55,10 @@ from eval.training_cost.train_cost import (
     redraw_normal,
     run_config,
 )
-from qdiff.distill.loop import build_student, distillation_loss
+from qdiff.distill.loop import build_student
+from qdiff.distill.loss import call_loss
 from qdiff.distill.optim import build_optimizer
-from qdiff.distill.trajectory import teacher_trajectory
-from qdiff.families import combine_branches, family_for
+from qdiff.families import family_for
 from qdiff.quant import QuantLayer, lora_backward
 
 RESULTS = results_dir("training_cost")
@@ -75,16 +79,17 @@ METHODS = {
 PHASES = ("teacher", "student forward", "backward", "optimizer")
 
 
-def time_step(family, student, optimizer, point, cfg) -> dict[str, float]:
-    """Seconds of each phase of one training step on `point`."""
-    guidance = cfg.distill.guidance_scale
+def time_step(family, student, optimizer, calls, cfg) -> dict[str, float]:
+    """Seconds of each phase of one training step: the denoiser `calls` of one denoising
+    step (the stock pipeline's, both guidance branches)."""
     times, start = {}, time.perf_counter()
     with torch.no_grad():
-        family.branch_noise(point.model_input, point.timestep, point.context, guidance)
+        for call in calls:
+            call.ask(family.denoiser(call.component))
     times["teacher"], start = time.perf_counter() - start, time.perf_counter()
-    branches = family.branch_noise(point.model_input, point.timestep, point.context, guidance,
-                                   denoiser=student)
-    loss = distillation_loss(combine_branches(branches, guidance), point, cfg.distill.loss)
+    loss = sum(call_loss(family.prediction(call.component, student_answer(family.pipe, student, call)),
+                         family.prediction(call.component, call.output), cfg.distill.loss,
+                         family.pipe.scheduler, call.timestep) for call in calls) / len(calls)
     times["student forward"], start = time.perf_counter() - start, time.perf_counter()
     loss.backward()
     times["backward"], start = time.perf_counter() - start, time.perf_counter()
@@ -97,15 +102,16 @@ def time_step(family, student, optimizer, point, cfg) -> dict[str, float]:
 
 
 def prepare(pipe, pipe_dir: Path, workdir: Path, method: str) -> tuple:
-    """(config, family, student, optimizer, trajectory point) of one method."""
+    """(config, family, student, optimizer, the first denoising step's calls) of one method."""
     cfg = run_config(pipe_dir, workdir / "run", 4, METHODS[method])
     family = family_for(pipe, cfg.model)
     student = build_student(pipe, cfg).model
     optimizer = build_optimizer(student, cfg)
     labels = torch.zeros(1, dtype=torch.long)
-    walk = teacher_trajectory(family, labels, cfg.distill.trajectory_steps, cfg.distill.eta,
-                              cfg.distill.guidance_scale, [torch.Generator().manual_seed(0)])
-    return cfg, family, student, optimizer, next(walk)
+    kwargs = family.call_kwargs(labels, [torch.Generator().manual_seed(0)],
+                                cfg.distill.trajectory_steps, cfg.distill.guidance_scale,
+                                cfg.distill.eta)
+    return cfg, family, student, optimizer, first_step_calls(family.pipe, kwargs)
 
 
 def measure(pipe, pipe_dir: Path, workdir: Path, methods: list[str], repeats: int) -> dict[str, dict]:
@@ -114,8 +120,8 @@ def measure(pipe, pipe_dir: Path, workdir: Path, methods: list[str], repeats: in
     runs = {method: prepare(pipe, pipe_dir, workdir / str(i), method) for i, method in enumerate(methods)}
     steps: dict[str, list] = {method: [] for method in methods}
     for _ in range(repeats + 1):  # the first round warms up
-        for method, (cfg, family, student, optimizer, point) in runs.items():
-            steps[method].append(time_step(family, student, optimizer, point, cfg))
+        for method, (cfg, family, student, optimizer, calls) in runs.items():
+            steps[method].append(time_step(family, student, optimizer, calls, cfg))
     rows = {}
     for method, timed in steps.items():
         student, timed = runs[method][2], timed[1:]

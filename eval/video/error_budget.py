@@ -9,8 +9,10 @@ matrix (quant.rotate_inputs, qdiff.quant.rotation); the last rows also quantize 
 activations in groups of 16 or 8 channels (quant.act_group_size), with and without the
 rotations, and with 8-bit weights (what the weights still cost once activations are
 grouped). Every student answers the teacher's questions along the same teacher
-trajectories (16 videos, the recipe's 20 Euler steps and guidance), and the row reports
-its guided velocity's squared error relative to the teacher's, per step. The noisy first
+trajectories (16 videos, the recipe's 20 steps and guidance of the stock pipeline, its
+denoiser calls recorded with `qdiff.walk.record_calls`), and the row reports the squared
+error of its raw velocity -- the conditional and null branches as the pipeline asks for
+them, no longer their guided combination -- relative to the teacher's, per step. The noisy first
 half of the trajectory decides what the video shows; the last steps have small
 velocities, so their relative error is large and matters little.
 """
@@ -24,11 +26,12 @@ import torch
 
 import qdiff
 from eval.common.report import ROOT, results_dir, write_json, write_markdown
+from eval.common.walk import calls_by_step, student_answer
 from qdiff.config import LayerOverride, load_config
 from qdiff.distill.batches import trajectory_batch
 from qdiff.distill.loop import build_student
-from qdiff.distill.trajectory import teacher_trajectory
 from qdiff.families import family_for
+from qdiff.walk import record_calls
 
 RESULTS = results_dir("video")
 NUM_VIDEOS, SEED = 16, 1234
@@ -68,16 +71,28 @@ ROWS: dict[str, Row] = {
 }
 
 
-def relative_errors(family, student: torch.nn.Module, guidance: float, steps: int) -> list[float]:
-    """Per step: |student - teacher|^2 / |teacher|^2 of the guided velocity, teacher's path."""
+def teacher_calls(family, guidance: float, steps: int) -> list:
+    """The teacher's denoiser calls of the stock pipeline on the 16 videos, grouped by step."""
     labels, generators = trajectory_batch(SEED, 0, NUM_VIDEOS, family.num_conditions)
+    with torch.no_grad():
+        _, calls = record_calls(family.pipe, family.call_kwargs(labels, generators, steps, guidance))
+    return calls_by_step(calls)
+
+
+def relative_errors(family, student: torch.nn.Module, steps_calls: list) -> list[float]:
+    """Per step: |student - teacher|^2 / |teacher|^2 of the raw velocity of the step's calls
+    (both guidance branches), on the teacher's path."""
     errors = []
     with torch.no_grad():
-        for point in teacher_trajectory(family, labels, steps, 0.0, guidance, generators):
-            answer = family.guided_noise(point.model_input, point.timestep, point.context,
-                                         guidance, denoiser=student)
-            teacher = point.teacher_output
-            errors.append(((answer - teacher) ** 2).sum().item() / (teacher ** 2).sum().item())
+        for calls in steps_calls:
+            error = total = 0.0
+            for call in calls:
+                answer = family.prediction(call.component,
+                                           student_answer(family.pipe, student, call)).float()
+                teacher = family.prediction(call.component, call.output).float()
+                error += ((answer - teacher) ** 2).sum().item()
+                total += (teacher ** 2).sum().item()
+            errors.append(error / total)
     return errors
 
 
@@ -85,6 +100,7 @@ def main() -> None:
     recipe = load_config(ROOT / "configs" / "tiny-wan-w4a4.yaml", ["aux.enabled=false"])
     family = family_for(qdiff.load_pipeline(recipe.model.path), recipe.model)
     steps, guidance = recipe.distill.trajectory_steps, recipe.distill.guidance_scale
+    steps_calls = teacher_calls(family, guidance, steps)
     rows = []
     for name, row in ROWS.items():
         overrides = [LayerOverride(row.four_bit_group, act_bits=4)] if row.four_bit_group else []
@@ -92,7 +108,7 @@ def main() -> None:
                                     overrides=overrides + list(recipe.quant.overrides),
                                     rotate_inputs=row.rotated, act_group_size=row.act_group_size)
         student = build_student(family, dataclasses.replace(recipe, quant=quant)).model
-        errors = relative_errors(family, student, guidance, steps)
+        errors = relative_errors(family, student, steps_calls)
         rows.append({"name": name, "per_step": errors,
                      "first_half": sum(errors[:steps // 2]) / (steps // 2)})
         print(name, f"{rows[-1]['first_half']:.4f}", flush=True)
@@ -106,7 +122,8 @@ def write(rows: list[dict], steps: int) -> None:
     lines = ["# Where the W4A4 error of the embedded video teacher comes from", "",
              "Command: `python -m eval.video.error_budget`", "",
              f"Calibrated PTQ students of configs/tiny-wan-w4a4.yaml, {NUM_VIDEOS} teacher "
-             f"trajectories of {steps} Euler steps; squared error of the guided velocity "
+             f"trajectories of {steps} steps of the stock pipeline; squared error of the raw "
+             "velocity (conditional and null branches, as the pipeline calls the denoiser) "
              "relative to the teacher's. Rows after the third keep every activation at 8 bits "
              "except one group of layers at 4. Cross-attention attends to one class token, "
              "so its softmax is 1 whatever the query: only the value path can carry error. "

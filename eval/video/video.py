@@ -2,8 +2,11 @@
 
     python -m eval.video            # -> eval/results/video/video.md, .json, video-training.png, video-frames.png
     python -m eval.video --quick    # smoke run: few videos and steps -> video-quick.*
-    python -m eval.video --rows "W4A4 calibrated PTQ,W4A4 qdiff" --report video-branches \
-        distill.target=branches    # a variant of every trained row -> video-branches.*
+    python -m eval.video --rows "W4A4 calibrated PTQ,W4A4 qdiff" --report video-lr3e-4 \
+        distill.lr=3e-4    # a variant of every trained row -> video-lr3e-4.*
+        (distill.target is gone: every run now matches each denoiser call's raw output, the
+        conditional and null branches as the pipeline batches them -- what
+        distill.target=branches did -- so the video-branches* reports are the default objective)
     python -m eval.video --rows "W4A4 qdiff" --label "full QAT" --ptq-from video-act-groups-8 \
         --report video-qat quant.act_group_size=8 lora.enabled=false distill.base_weight_lr=1e-5
         # rows named "W4A4 qdiff (full QAT)", gap closed against that report's PTQ row
@@ -51,7 +54,7 @@ from qdiff.eval.sampling import SamplingSettings, balanced_labels
 from qdiff.eval.video_eval import real_frames_pool, sample_videos
 from qdiff.eval.video_metrics import frame_features, frame_fid, video_metrics
 from qdiff.export import export_pipeline
-from qdiff.families.class_wan import frames_side_by_side
+from qdiff.families import frames_side_by_side
 
 RESULTS = results_dir("video")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     shown = [n for n in ("FP (teacher)", f"W4A4 calibrated PTQ{suffix}", f"W4A4 qdiff + Phi{suffix}")
              if n in strips]
     picks = torch.tensor([int((labels == c).nonzero()[0]) for c in STRIP_CLASSES])
-    strip = torch.cat([frames_side_by_side(strips[n][picks].transpose(1, 2)) for n in shown])
+    strip = torch.cat([frames_side_by_side(strips[n][picks]) for n in shown])  # (N, F, C, H, W)
     save_image(strip, RESULTS / f"{report}-frames.png", nrow=1, padding=2, pad_value=0.5)
     print((RESULTS / f"{report}.md").read_text())
 
