@@ -17,7 +17,7 @@ from eval.memory.real_size import ARCHITECTURES, FAMILIES
 from qdiff.config import AuxConfig, LayerOverride, LoRAConfig, QuantConfig
 from qdiff.distill.optim import freeze_all_but_quant_params
 from qdiff.families.class_wan import WAN_EIGHT_BIT
-from qdiff.families import FAMILIES
+from qdiff.families import FAMILIES as FAMILY_REGISTRY
 from qdiff.quant import quantize_, set_timesteps
 
 TIMESTEPS = [999.0, 750.0, 500.0, 250.0, 1.0]
@@ -57,7 +57,7 @@ CASES = {
     # SD-style UNet: temporal tables, split concat inputs, the SD family's 8-bit layers
     "unet-temporal": (_unet, QuantConfig(act_mode="temporal", split_concat_inputs=True,
                                          family_overrides=True, packed_base_weight=True),
-                      LoRAConfig(rank=4), None, FAMILIES['sd'].eight_bit_layers, True),
+                      LoRAConfig(rank=4), None, FAMILY_REGISTRY['sd'].eight_bit_layers, True),
     # FLUX: per-token activations, 3-bit weights (nibbles) with an 8-bit override, LSQ+,
     # frozen weight step sizes
     "flux-dynamic": (_flux, QuantConfig(weight_bits=3, act_mode="dynamic_per_token",

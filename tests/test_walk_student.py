@@ -110,12 +110,14 @@ def test_with_two_experts_each_student_answers_its_own_calls():
     assert seen == [("transformer", 0), ("transformer", 1)]
 
 
-def test_a_float32_student_learns_from_a_bfloat16_teacher():
-    """Wan runs its latents and prompt embeddings in the transformer's dtype: the student is
-    asked in float32 (the timestep as passed) and the pipeline goes on in bfloat16."""
+@pytest.mark.parametrize("whole_pipeline", [False, True], ids=["denoiser-bf16", "pipeline-bf16"])
+def test_a_float32_student_learns_from_a_bfloat16_teacher(whole_pipeline):
+    """A bf16 denoiser among float32 components (what `model.dtype` casts) is asked in bf16
+    and answers in the pipeline's float32; a pipeline cast to bf16 as a whole goes on in
+    bf16. Either way the student is asked in float32, the timestep as passed."""
     walk = CASES["wan/flow-euler"]
     pipe = walk.pipe()
-    pipe.transformer.to(torch.bfloat16)
+    (pipe if whole_pipeline else pipe.transformer).to(torch.bfloat16)
     student = copy.deepcopy(pipe.transformer).float()
     dtypes = []
 
@@ -124,7 +126,8 @@ def test_a_float32_student_learns_from_a_bfloat16_teacher():
         assert torch.allclose(student_output, teacher_output.float(), atol=0.1)
 
     output = walk_with_student(pipe, {"transformer": student}, walk.call_kwargs(), note)
-    assert dtypes == [(torch.float32, torch.bfloat16, torch.float32)] * 6
+    working = torch.bfloat16 if whole_pipeline else torch.float32
+    assert dtypes == [(torch.float32, working, torch.float32)] * 6
     assert torch.isfinite(_output_tensor(output)).all()
 
 
