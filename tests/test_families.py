@@ -38,9 +38,9 @@ from qdiff.finetune import finetune
 from qdiff.quant import TemporalActQuantizer
 from qdiff.walk import record_calls, sample_with_students
 from tiny_families import (FLUX2_TEXT_LAYERS, PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit,
-                           tiny_flux, tiny_flux2, tiny_image, tiny_qwen_image, tiny_stable_diffusion,
-                           tiny_stable_diffusion_3, tiny_stable_diffusion_xl, tiny_wan22_i2v,
-                           tiny_wan22_ti2v)
+                           tiny_flux, tiny_flux2, tiny_image, tiny_ltx2, tiny_qwen_image,
+                           tiny_stable_diffusion, tiny_stable_diffusion_3, tiny_stable_diffusion_xl,
+                           tiny_wan22_i2v, tiny_wan22_ti2v)
 from walk_cases import random_class_ldm, tiny_wan_two_experts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +77,8 @@ FAMILY_CASES = {
     "wan-i2v/two-experts": FamilyCase(tiny_wan22_i2v, "wan-i2v", [VIDEO], images=True),
     "dit": FamilyCase(tiny_dit, "dit", recipe="dit-xl2-w4a8.yaml"),
     "cogvideox": FamilyCase(tiny_cogvideox, "cogvideox", [VIDEO], "cogvideox-2b-w4a4.yaml"),
+    "ltx2": FamilyCase(tiny_ltx2, "ltx2", ["model.video_size=[5,32,32]", "model.pipeline_kwargs="
+                       "{max_sequence_length: 16, spatio_temporal_guidance_blocks: [0]}"]),
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
