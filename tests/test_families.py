@@ -258,3 +258,37 @@ def test_a_family_that_does_not_fit_the_pipeline_is_refused_by_name(tmp_path):
         family_for(tiny_stable_diffusion()).num_conditions
     with pytest.raises(ConfigError, match="distill.eta=0.5, but DiTPipeline samples deterministically"):
         family_for(dit).call_kwargs(torch.arange(1), None, 2, 4.0, eta=0.5)
+
+
+def test_model_scheduler_picks_the_scheduler_the_walk_distils_on(tmp_path):
+    """A recipe may distil on another scheduler than the pipeline ships (from its config)."""
+    family = _family("sd", tmp_path)
+    cfg = load_config(None, [*_model_overrides(FAMILY_CASES["sd"], tmp_path),
+                             "model.scheduler=UniPCMultistepScheduler", "lora.rank=2",
+                             "quant.calibration_samples=2", f"distill.trajectory_steps={STEPS}"])
+    shipped = type(family.pipe.scheduler).__name__
+    build_student(family, cfg)
+    assert shipped != "UniPCMultistepScheduler"
+    assert type(family.pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    with pytest.raises(ConfigError, match="model.scheduler='UniPCMultistepSchedular' is not a "
+                                          "diffusers scheduler class. Did you mean "
+                                          "'UniPCMultistepScheduler'"):
+        ModelConfig(scheduler="UniPCMultistepSchedular")
+
+
+def test_each_expert_gets_a_student_trained_on_the_steps_it_serves(distilled):
+    """Wan 2.2's two experts: both students' LoRA moved from its zero start, and each
+    expert's denoiser calls sit on its side of the pipeline's boundary."""
+    runs, _ = distilled
+    family, run_dir, _, _ = runs["wan/two-experts"]
+    checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]
+    state = load_file(checkpoint / "student.safetensors")
+    for component in ("transformer", "transformer_2"):
+        lora_b = [value for key, value in state.items()
+                  if key.startswith(f"{component}.") and key.endswith("lora_B")]
+        assert lora_b and any(value.abs().sum() > 0 for value in lora_b), component
+    _, calls = record_calls(family.pipe, _call(family, output_type="latent"))
+    boundary = family.pipe.config.boundary_ratio * family.pipe.scheduler.config.num_train_timesteps
+    for call in calls:
+        high_noise = float(call.timestep.reshape(-1)[0]) >= boundary
+        assert call.component == ("transformer" if high_noise else "transformer_2")
