@@ -21,6 +21,7 @@ from torch import nn
 pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from qdiff.calibrate import calibrate  # noqa: E402
 from qdiff.config import LoRAConfig, ModelConfig, QuantConfig  # noqa: E402
@@ -82,13 +83,14 @@ def _export(pipe, family: Family, folder, quant: QuantConfig = EXPORT_QUANT):
     return exported
 
 
-def _random_lora(pipe, family: Family, folder) -> str:
+def _random_lora(pipe, family: Family, folder, seed: int = 1) -> str:
     """A random LoRA of the float denoiser, saved in diffusers' format; returns the file."""
     model = copy.deepcopy(getattr(pipe, family.denoiser))
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=family.targets,
                                  init_lora_weights=False))
     state = get_peft_model_state_dict(model)
+    folder = folder / f"lora-{seed}"
     type(pipe).save_lora_weights(folder, **{family.lora_arg: state})
     return str(folder / "pytorch_lora_weights.safetensors")
 
@@ -194,7 +196,8 @@ def test_split_layers_take_a_lora(tmp_path):
     assert any(isinstance(m.get_base_layer(), SplitIntLayer) for m in wrapped)
 
 
-def test_outputs_move_the_same_way_and_unload_is_exact(pipes):
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # a second adapter, as on float
+def test_outputs_move_the_same_way_and_unload_is_exact(pipes, tmp_path):
     family, pipe, exported, lora = pipes
     float_before, int_before = _denoise(pipe, family), _denoise(exported, family)
     float_images, int_images = _images(pipe, family), _images(exported, family)
@@ -218,6 +221,16 @@ def test_outputs_move_the_same_way_and_unload_is_exact(pipes):
     half_float, half_int = _denoise(pipe, family) - float_before, _denoise(exported, family) - int_before
     assert _cosine(half_int, half_float) > 0.9
     assert half_int.norm() < 0.75 * int_move.norm()
+    # two adapters with weights; deleting one leaves the other's outputs
+    other = _random_lora(pipe, family, tmp_path, seed=2)
+    pipe.load_lora_weights(other, adapter_name="other")
+    exported.load_lora_weights(other, adapter_name="other")
+    for target in (pipe, exported):
+        target.set_adapters(["style", "other"], adapter_weights=[1.0, 0.5])
+    both_float, both_int = _denoise(pipe, family) - float_before, _denoise(exported, family) - int_before
+    assert _cosine(both_int, both_float) > 0.9 and _cosine(both_int, int_move) < 0.999
+    exported.delete_adapters("other")
+    torch.testing.assert_close(_denoise(exported, family), int_move + int_before)
     exported.disable_lora()
     assert torch.equal(_denoise(exported, family), int_before)
     exported.enable_lora()
@@ -226,9 +239,39 @@ def test_outputs_move_the_same_way_and_unload_is_exact(pipes):
 
     with pytest.raises(LoraFusionError, match="float branch"):
         exported.fuse_lora()
+    with pytest.raises(ValueError, match="unload_lora_weights"):
+        getattr(exported, family.denoiser).save_pretrained(tmp_path)
     pipe.unload_lora_weights()
     exported.unload_lora_weights()
     denoiser = getattr(exported, family.denoiser)
     assert not any(isinstance(m, BaseTunerLayer) for m in denoiser.modules())
     assert torch.equal(_denoise(exported, family), int_before)
     assert torch.equal(_images(exported, family), int_images)
+
+
+def _kohya(lora: str) -> dict[str, torch.Tensor]:
+    """The SD LoRA file's weights under kohya / civitai key names (lora_unet_..., lora_down /
+    lora_up, alpha)."""
+    kohya = {}
+    for key, value in load_file(lora).items():
+        module, rest = key.removeprefix("unet.").rsplit(".lora_", 1)
+        base = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{base}.lora_{'down' if rest.startswith('A') else 'up'}.weight"] = value
+        if rest.startswith("A"):
+            kohya[f"{base}.alpha"] = torch.tensor(float(value.shape[0]))
+    return kohya
+
+
+def test_kohya_keys_load_as_diffusers_keys(pipes):
+    """diffusers converts kohya-style keys before PEFT sees them: the export takes them too."""
+    family, pipe, exported, lora = pipes
+    if family.name != "sd":
+        pytest.skip("kohya keys are written here for SD's UNet names")
+    exported.load_lora_weights(lora, adapter_name="diffusers")
+    expected = _denoise(exported, family)
+    exported.unload_lora_weights()
+    exported.load_lora_weights(_kohya(lora), adapter_name="kohya")
+    try:
+        assert torch.equal(_denoise(exported, family), expected)
+    finally:
+        exported.unload_lora_weights()

@@ -63,11 +63,11 @@ def _spec_features(layer: nn.Module) -> tuple[int, int]:
 
 
 def _device_and_dtype(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where the branch lives: the layer's device, and its bias dtype (the model's float dtype)
-    or float32 when it has none."""
+    """Where the branch lives: the layer's device and the model's float dtype (its bias's, else
+    its weight scales'; both follow `model.to(dtype)` as a float weight would)."""
     storage = _storage(layer)
-    bias = storage.bias
-    return storage.weight_scale.device, (bias.dtype if bias is not None else torch.float32)
+    source = storage.bias if storage.bias is not None else storage.weight_scale
+    return storage.weight_scale.device, source.dtype
 
 
 def _real(module: nn.Module) -> nn.Module:

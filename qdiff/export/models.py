@@ -192,6 +192,11 @@ class QuantizedModelMixin:
         if not safe_serialization or variant or max_shard_size is not None or use_flashpack:
             raise NotImplementedError("qdiff integer models save as one safetensors file: no "
                                       "pickle, variants, shards or flashpack.")
+        if getattr(self, "peft_config", None):
+            raise ValueError("This qdiff model has LoRA adapters loaded; an export holds the integer "
+                             "model only. Call `unload_lora_weights()` (or the model's "
+                             "`unload_lora()`) before saving; save the LoRA with "
+                             "`save_lora_weights`.")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         sha256 = save_weights(self.state_dict(), folder)
