@@ -275,3 +275,15 @@ def test_kohya_keys_load_as_diffusers_keys(pipes):
         assert torch.equal(_denoise(exported, family), expected)
     finally:
         exported.unload_lora_weights()
+
+
+def test_a_partial_load_keeps_the_integer_codes(pipes, tmp_path):
+    """PEFT loads a LoRA with `load_state_dict(strict=False)` over the whole model: integer
+    layers whose codes a fast kernel holds as int8 must not drop them for keys not given."""
+    family, pipe, _, _ = pipes
+    exported = _export(pipe, family, tmp_path)  # fresh: on the first call the codes become int8
+    before = _denoise(exported, family)
+    denoiser = getattr(exported, family.denoiser)
+    assert any(m.int8 is not None for m in denoiser.modules() if isinstance(m, IntLayer))
+    denoiser.load_state_dict({}, strict=False)
+    assert torch.equal(_denoise(exported, family), before)
