@@ -104,12 +104,20 @@ class IntLayer(nn.Module):
             destination[prefix + "weight_packed"] = self._packed_codes()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        if self.int8 is not None:  # new codes arrive packed; the int8 operand is rebuilt from them
+        # new codes arrive packed; the int8 operand is rebuilt from them. A partial load without
+        # them (strict=False: PEFT loading a LoRA's weights) leaves the codes as they are.
+        if self.int8 is not None and prefix + "weight_packed" in state_dict:
             numel = packed_numel(math.prod(self.weight_shape), self.spec.weight_bits)
             self.weight_packed = self.weight_packed.new_zeros(numel)
             self.int8 = None
         self._centred_acts = None
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes (empty while a fast kernel holds them as int8), under the name PEFT
+        reads a quantized layer's weight by (GPTQ's): PEFT takes only its device (`export.lora`)."""
+        return self.weight_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reference_forward(x) if self.kernel == REFERENCE else self.fast_forward(x)

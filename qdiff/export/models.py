@@ -43,6 +43,7 @@ from qdiff.quant import TimestepContext, iter_quant_layers, timestep_context
 from .format import ExportFormatError, LayerSpec, check_quantization_config, quantization_config
 from .freeze import check_no_aux, empty_int_layer, freeze_layer
 from .int_layers import INT_LAYERS, IntLayer
+from .split_layer import SplitIntLayer
 from .serialization import check_state, load_weights, save_weights
 
 # Loading arguments diffusers passes that change nothing for a whole-model CPU/GPU load.
@@ -159,6 +160,27 @@ class QuantizedModelMixin:
                 module.set_kernel(kernel)
         return self
 
+    def load_lora_adapter(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' `load_lora_adapter` (what `pipe.load_lora_weights` calls), with LoRA layers
+        for the integer layers: a float branch beside each (see `qdiff.export.lora`)."""
+        from .lora import enable_peft
+
+        enable_peft()
+        return super().load_lora_adapter(*args, **kwargs)
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' `add_adapter` (a fresh PEFT adapter), on the integer layers too."""
+        from .lora import enable_peft
+
+        enable_peft()
+        return super().add_adapter(*args, **kwargs)
+
+    def fuse_lora(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: a LoRA stays a float branch beside the integer layers (`qdiff.export.lora`)."""
+        from .lora import FUSE_MESSAGE, LoraFusionError
+
+        raise LoraFusionError(FUSE_MESSAGE)
+
     def save_pretrained(self, save_directory: Union[str, Path], safe_serialization: bool = True,
                         variant: Optional[str] = None, max_shard_size: Optional[Any] = None,
                         use_flashpack: bool = False) -> None:
@@ -170,12 +192,63 @@ class QuantizedModelMixin:
         if not safe_serialization or variant or max_shard_size is not None or use_flashpack:
             raise NotImplementedError("qdiff integer models save as one safetensors file: no "
                                       "pickle, variants, shards or flashpack.")
+        if getattr(self, "peft_config", None):
+            raise ValueError("This qdiff model has LoRA adapters loaded; an export holds the integer "
+                             "model only. Call `unload_lora_weights()` (or the model's "
+                             "`unload_lora()`) before saving; save the LoRA with "
+                             "`save_lora_weights`.")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         sha256 = save_weights(self.state_dict(), folder)
         self.register_to_config(quantization_config={**self.config["quantization_config"],
                                                      "weights_sha256": sha256})
         self.save_config(folder)
+
+
+def _int_layer_at(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The integer layer `name` of `model` (behind a LoRA wrapper), or None."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    module = getattr(module, "base_layer", module)
+    return module if isinstance(module, (IntLayer, SplitIntLayer)) else None
+
+
+def _patch_flux_lora_loader() -> None:
+    """FLUX's `load_lora_weights` zero-pads a LoRA's A to a wider layer (Control LoRA), reading
+    each targeted layer's float `weight`: for the integer layers of a qdiff model it checks the
+    widths against the layer's spec instead (an integer layer cannot be widened); float layers
+    and float models go through diffusers' own code."""
+    try:
+        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+    except ImportError:  # pragma: no cover - a diffusers without FLUX LoRA
+        return
+    original = FluxLoraLoaderMixin.__dict__.get("_maybe_expand_lora_state_dict")
+    if original is None or getattr(original.__func__, "_qdiff", False):
+        return
+
+    def _maybe_expand_lora_state_dict(cls, transformer, lora_state_dict):
+        if not isinstance(transformer, QuantizedModelMixin):
+            return original.__func__(cls, transformer, lora_state_dict)
+        prefix = f"{cls.transformer_name}."
+        integer = {}
+        for key in list(lora_state_dict):
+            name = key.removeprefix(prefix).rsplit(".lora_", 1)[0]
+            layer = _int_layer_at(transformer, name)
+            if layer is None:
+                continue
+            value = integer[key] = lora_state_dict.pop(key)
+            width = layer.spec.weight_shape[1] * getattr(getattr(layer, "parts", [layer])[0], "groups", 1)
+            if key.endswith("lora_A.weight") and value.shape[1] != width:
+                raise ValueError(f"The LoRA's '{name}' takes {value.shape[1]} input features, the "
+                                 f"integer layer {width}: qdiff integer layers cannot be widened "
+                                 f"(Control LoRA).")
+        expanded = original.__func__(cls, transformer, lora_state_dict) if lora_state_dict else {}
+        return {**expanded, **integer}
+
+    _maybe_expand_lora_state_dict._qdiff = True
+    FluxLoraLoaderMixin._maybe_expand_lora_state_dict = classmethod(_maybe_expand_lora_state_dict)
 
 
 PREFIX = "Quantized"
@@ -232,3 +305,6 @@ def __getattr__(name: str) -> type:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *(cls.__name__ for cls in _GENERATED.values())})
+
+
+_patch_flux_lora_loader()

@@ -56,6 +56,11 @@ class SplitIntLayer(nn.Module):
         for part, columns in zip(self.parts, torch.split(codes, list(self.spec.act_split), dim=1)):
             part.set_weight(columns.contiguous(), scale, zero_point)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The first part's packed codes: PEFT's handle on the layer's device (`export.lora`)."""
+        return self.parts[0].qweight
+
     def slices(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x` cut along its channels into the parts' inputs."""
         return torch.split(x, list(self.spec.act_split), dim=self.channel_dim)
