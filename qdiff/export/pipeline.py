@@ -9,6 +9,11 @@ interrupted export never looks like a finished one. The last file written there 
 `qdiff_manifest.json` (`manifest`): the size and SHA-256 of every other file, which
 `qdiff.load_pipeline` checks, so a damaged component is refused by name instead of
 sampling wrong images.
+
+`format="torchao"` writes the portable form instead (`torchao_format`): each denoiser is
+its plain diffusers class with torchao int8 weights, and the folder loads with stock
+`DiffusionPipeline.from_pretrained(path, torch_dtype=...)` where torchao is installed and
+qdiff is not.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from qdiff.walk import DENOISER_COMPONENTS
 
 from .manifest import write_manifest
 from .models import quantized_class_for
+
+FORMATS = ("qdiff", "torchao")
 
 Students = Union[nn.Module, Mapping[str, nn.Module]]
 
@@ -80,7 +87,8 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
 
 
 def export_pipeline(pipe: DiffusionPipeline, students: Students, out_dir: Union[str, Path],
-                    quant_cfg: QuantConfig, check: Optional[Callable[[Path], None]] = None) -> Path:
+                    quant_cfg: QuantConfig, check: Optional[Callable[[Path], None]] = None,
+                    format: str = "qdiff") -> Path:
     """Write `pipe` with packed integer denoiser(s) to `out_dir`; return its path.
 
     `students` maps component names to quantized, calibrated copies of those components
@@ -92,11 +100,20 @@ def export_pipeline(pipe: DiffusionPipeline, students: Students, out_dir: Union[
     `check(folder)` runs on the written folder before it is renamed into place; when it
     raises, nothing is left at `out_dir` (an existing export there stays as it was).
     The folder's manifest lists every file written here; files added later are not in it.
+    `format`: "qdiff" (integer layers, loads after `import qdiff`) or "torchao" (stock
+    diffusers classes with torchao weights, see `torchao_format`; raises
+    `TorchaoExportError` naming the layers only qdiff computes).
     """
+    if format not in FORMATS:
+        raise ValueError(f"export_pipeline: format={format!r} is not one of {list(FORMATS)}.")
     named = _named_students(pipe, students)
     recipe: dict[str, Any] = dataclasses.asdict(quant_cfg)
-    classes = {name: quantized_class_for(student) for name, student in named.items()}
-    models = {name: classes[name].from_student(student, recipe) for name, student in named.items()}
+    if format == "torchao":
+        from .torchao_format import torchao_model
+        models = {name: torchao_model(student, recipe) for name, student in named.items()}
+    else:
+        classes = {name: quantized_class_for(student) for name, student in named.items()}
+        models = {name: classes[name].from_student(student, recipe) for name, student in named.items()}
     exported = copy.copy(pipe)  # shares the teacher's components; its config is its own
     exported.register_modules(**models)
     out_dir = Path(out_dir)
