@@ -106,12 +106,19 @@ def exports(tmp_path_factory):
         probes[family] = next(name for name, _ in iter_quant_layers(student))
         done[family] = (student, folder, component)
     jobs = json.dumps([[family, str(folder), component] for family, (_, folder, component) in done.items()])
+    return done, _without_qdiff(FRESH_PROCESS, root, jobs, json.dumps(probes))
+
+
+def _without_qdiff(script: str, cwd, *args: str) -> list[str]:
+    """Run `script` where qdiff cannot be imported: `-S` skips site processing, so the
+    editable install's path hook never runs; site-packages itself comes from PYTHONPATH,
+    and the working directory holds no qdiff. Returns its stdout lines."""
     site = sysconfig.get_paths()["purelib"]
-    result = subprocess.run([sys.executable, "-S", "-c", FRESH_PROCESS, jobs, json.dumps(probes)],
-                            cwd=root, env={"PYTHONPATH": site, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    result = subprocess.run([sys.executable, "-S", "-c", script, *args], cwd=cwd,
+                            env={"PYTHONPATH": site, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return done, result.stdout.split("\n")
+    return result.stdout.split("\n")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -187,3 +194,37 @@ def test_missing_torchao_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install qdiff-toolkit\[torchao\]"):
         ExportConfig(format="torchao")
+
+
+TEACHER_UNET = textwrap.dedent("""
+    import importlib.util, sys
+    assert importlib.util.find_spec("qdiff") is None, "qdiff is importable"
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+    torch.set_num_threads(1)
+    unet = UNet2DConditionModel.from_pretrained(sys.argv[1], subfolder="unet", torch_dtype=torch.float32)
+    with torch.no_grad():
+        out = unet(**load_file(sys.argv[2])).sample
+    save_file({"out": out.contiguous()}, sys.argv[3])
+    print(type(unet).__name__, type(unet.time_embedding.linear_1.weight).__name__, "qdiff" in sys.modules)
+""")
+
+
+def test_the_embedded_teachers_unet_loads_without_qdiff(teacher, tmp_path):
+    """The embedded teacher's pipeline class is qdiff's, so stock diffusers loads its
+    denoiser alone, from the export's `unet` subfolder."""
+    student = _student(teacher.unet)
+    folder = export_pipeline(teacher, student, tmp_path / "export", QuantConfig(**W4A8), format="torchao")
+    g = torch.Generator().manual_seed(2)
+    inputs = {"sample": torch.randn(2, 3, 8, 8, generator=g),
+              "encoder_hidden_states": torch.randn(2, 1, 64, generator=g), "timestep": torch.tensor([800.0, 50.0])}
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    lines = _without_qdiff(TEACHER_UNET, tmp_path, str(folder), str(tmp_path / "inputs.safetensors"),
+                           str(tmp_path / "out.safetensors"))
+    assert lines[0].split() == ["UNet2DConditionModel", "Int8Tensor", "False"]
+    with torch.no_grad():
+        expected = student(**inputs).sample
+    error = (load_file(tmp_path / "out.safetensors")["out"] - expected).abs()
+    assert float(error.mean()) <= 1e-3 * float(expected.abs().mean())
+    assert float(error.max()) <= 1e-2 * float(expected.abs().max())
