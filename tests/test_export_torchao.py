@@ -163,15 +163,22 @@ def test_weights_are_the_students_codes(exports):
         torch.testing.assert_close(weight.dequantize(), layer.quantized_weight().detach(), rtol=1e-6, atol=0)
 
 
-def test_convolutions_stay_float_and_are_listed():
+@pytest.mark.parametrize("source", ["student", "qdiff export"])
+def test_convolutions_stay_float_and_are_listed(source, tmp_path):
+    from qdiff.export import quantized_class_for
+    from qdiff.export.torchao_format import torchao_model_from_export
     pipe = tiny_stable_diffusion()
     student = _student(pipe.unet, convolutions=True)
-    model = torchao_model(student)
+    if source == "student":
+        model = torchao_model(student)
+    else:
+        model = torchao_model_from_export(quantized_class_for(student).from_student(student, {}))
     convs = [name for name, layer in iter_quant_layers(student) if not isinstance(layer.base_layer, nn.Linear)]
     assert convs and sorted(model.config.quantization_config["modules_to_not_convert"]) == sorted(convs)
     assert sorted(model.config[RECORD_KEY]["float_layers"]) == sorted(convs)
     layer = dict(iter_quant_layers(student))[convs[0]]
-    assert torch.equal(model.get_submodule(convs[0]).weight, layer.quantized_weight().detach())
+    torch.testing.assert_close(model.get_submodule(convs[0]).weight, layer.quantized_weight().detach(),
+                               rtol=1e-6, atol=0)
 
 
 def test_4bit_activations_are_refused_naming_the_layers(tmp_path):
@@ -180,6 +187,10 @@ def test_4bit_activations_are_refused_naming_the_layers(tmp_path):
     with pytest.raises(TorchaoExportError, match=r"need qdiff's kernels: .*x_embedder \(4-bit activations\)"):
         export_pipeline(pipe, student, tmp_path / "export", QuantConfig(**W4A8), format="torchao")
     assert not any(tmp_path.iterdir())  # nothing written
+    from qdiff.export import quantized_class_for
+    from qdiff.export.torchao_format import torchao_model_from_export
+    with pytest.raises(TorchaoExportError, match=r"x_embedder \(4-bit activations\)"):
+        torchao_model_from_export(quantized_class_for(student).from_student(student, {}))
 
 
 def test_export_format_config():
@@ -228,3 +239,28 @@ def test_the_embedded_teachers_unet_loads_without_qdiff(teacher, tmp_path):
     error = (load_file(tmp_path / "out.safetensors")["out"] - expected).abs()
     assert float(error.mean()) <= 1e-3 * float(expected.abs().mean())
     assert float(error.max()) <= 1e-2 * float(expected.abs().max())
+
+
+def test_an_existing_export_converts_to_the_same_torchao_model(exports, tmp_path):
+    """`convert_export` rebuilds the torchao denoiser from a qdiff export's stored codes:
+    the same tensors as exporting the student directly."""
+    from diffusers import FluxTransformer2DModel
+
+    from qdiff.export import convert_export
+
+    student, direct, _ = exports[0]["flux"]
+    qdiff_export = export_pipeline(tiny_flux(), student, tmp_path / "qdiff", QuantConfig(**W4A8))
+    converted = convert_export(qdiff_export, tmp_path / "torchao")
+    assert (converted / "qdiff_manifest.json").is_file()
+    index = json.loads((converted / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    a, b = (FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+            for folder in (direct, converted))
+    assert list(a.state_dict()) == list(b.state_dict())
+    for (key, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        if hasattr(x, "qdata"):
+            assert torch.equal(x.qdata, y.qdata) and torch.equal(x.scale, y.scale)
+        else:
+            assert torch.equal(x, y), key
+    with torch.no_grad():
+        assert torch.equal(a(**_inputs("flux")).sample, b(**_inputs("flux")).sample)

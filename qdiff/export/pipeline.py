@@ -116,7 +116,32 @@ def export_pipeline(pipe: DiffusionPipeline, students: Students, out_dir: Union[
         models = {name: classes[name].from_student(student, recipe) for name, student in named.items()}
     exported = copy.copy(pipe)  # shares the teacher's components; its config is its own
     exported.register_modules(**models)
-    out_dir = Path(out_dir)
+    return _write(exported, Path(out_dir), check)
+
+
+def convert_export(src: Union[str, Path], out_dir: Union[str, Path], format: str = "torchao") -> Path:
+    """Rewrite the qdiff export at `src` in `format` ("torchao": see `torchao_format`) at
+    `out_dir`, from its stored codes and scales (no student needed); `src` is checked
+    against its manifest first. Written atomically, with a manifest, as `export_pipeline`."""
+    from qdiff.models.loading import load_pipeline
+
+    from .models import QuantizedModelMixin
+    from .torchao_format import torchao_model_from_export
+
+    if format != "torchao":
+        raise ValueError(f"convert_export: format={format!r}; only 'torchao' converts.")
+    pipe = load_pipeline(src)
+    models = {name: torchao_model_from_export(model) for name, model in pipe.components.items()
+              if isinstance(model, QuantizedModelMixin)}
+    if not models:
+        raise ValueError(f"{src}: no qdiff integer denoiser to convert (is it a qdiff export?).")
+    pipe.register_modules(**models)
+    return _write(pipe, Path(out_dir), None)
+
+
+def _write(exported: DiffusionPipeline, out_dir: Path, check: Optional[Callable[[Path], None]]) -> Path:
+    """`exported.save_pretrained` into a staging folder beside `out_dir`, `check` it, add the
+    manifest, rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     try:

@@ -34,7 +34,8 @@ diffusers drops config keys starting with "_" when it builds the model, so the
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from accelerate import init_empty_weights
@@ -68,48 +69,97 @@ def require_torchao() -> None:
                           f"{INSTALL_HINT}")
 
 
-def _qdiff_only(layer: QuantLayer) -> Optional[str]:
-    """Why `layer` needs qdiff's kernels (None: torchao can compute it)."""
-    if layer.input_rotation is not None:
+@dataclass
+class _Portable:
+    """One quantized layer as the torchao export sees it, from a student or an export."""
+
+    linear: bool
+    weight_bits: int
+    act_bits: int
+    act_symmetric: bool
+    codes: Callable[[], torch.Tensor]  # integer codes, weight-shaped
+    zero_point: torch.Tensor  # per output channel (rounded)
+    scale: torch.Tensor  # per output channel
+    qdiff_only: Optional[str]  # why torchao cannot compute it (None: it can)
+    replaced: bool  # its input grid is not torchao's full-range per-token int8
+    module: Callable[[], nn.Module]  # the float module (weight: the dequantized codes)
+
+
+def _reason(act_bits: int, rotated: bool, split: bool, grouped: bool) -> Optional[str]:
+    if rotated:
         return "rotated input"
-    if layer.act_split:
+    if split:
         return "split input"
-    quantizer = layer.act_quantizer
-    if layer.act_bits < 8:
-        return f"{layer.act_bits}-bit activations"
-    if getattr(quantizer, "group_size", 0):
+    if act_bits < 8:
+        return f"{act_bits}-bit activations"
+    if grouped:
         return "per-group activations"
-    if isinstance(layer, QuantLinear):
-        wq = layer.weight_quantizer
-        zero = wq.zero_point.detach().round()
-        if float((wq.qmax - zero).max()) > 127 or float((wq.qmin - zero).min()) < -128:
-            return f"{wq.bits}-bit weight codes beyond int8 once centred"
     return None
 
 
-def _replaced_activations(layer: QuantLayer) -> bool:
-    """True where the student's input grid is not torchao's full-range per-token int8."""
-    quantizer = layer.act_quantizer
-    ratio = getattr(quantizer, "clip_ratio", None)
-    if ratio is None:  # a static / temporal table
-        return True
-    return bool((ratio.detach().clamp_min(1e-4) != 1).any()) or bool(getattr(quantizer, "symmetric", False))
+def _from_student(layer: QuantLayer) -> _Portable:
+    quantizer, wq = layer.act_quantizer, layer.weight_quantizer
+    ratio = getattr(quantizer, "clip_ratio", None)  # None: a static / temporal table
+    symmetric = bool(getattr(quantizer, "symmetric", False))
+    replaced = ratio is None or symmetric or bool((ratio.detach().clamp_min(1e-4) != 1).any())
+    return _Portable(
+        isinstance(layer, QuantLinear), layer.weight_bits, layer.act_bits, symmetric,
+        lambda: wq.codes(layer.adapted_weight()), wq.zero_point.detach().round(),
+        wq.scale.detach().clamp_min(1e-8).float(),
+        _reason(layer.act_bits, layer.input_rotation is not None, bool(layer.act_split),
+                bool(getattr(quantizer, "group_size", 0))),
+        replaced, lambda: layer.to_module().requires_grad_(False))
+
+
+def _from_integer(layer: nn.Module, empty: nn.Module) -> _Portable:
+    """An integer layer of a qdiff export; `empty` is the float module it replaced."""
+    spec = layer.spec
+    ratio = getattr(getattr(layer, "act", None), "clip_ratio", None)  # None: a per-timestep table
+    replaced = (spec.act_granularity != "per_token" or spec.act_symmetric
+                or ratio is None or bool((ratio != 1).any()))
+    reason = _reason(spec.act_bits, spec.input_rotation != "none", bool(spec.act_split),
+                     bool(spec.act_group_size))
+
+    def module() -> nn.Module:
+        float_module = copy.deepcopy(empty).to_empty(device=layer.weight_scale.device)
+        shape = (-1,) + (1,) * (len(spec.weight_shape) - 1)
+        weight = ((layer.weight_codes().float() - layer.weight_zero_point.view(shape).float())
+                  * layer.weight_scale.view(shape))
+        float_module.weight = nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            float_module.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        return float_module
+
+    if reason is not None:  # split layers hold their codes in parts: not needed to refuse
+        return _Portable(spec.type == "Linear", spec.weight_bits, spec.act_bits, spec.act_symmetric,
+                         None, None, None, reason, replaced, None)
+    return _Portable(spec.type == "Linear", spec.weight_bits, spec.act_bits, spec.act_symmetric,
+                     layer.weight_codes, layer.weight_zero_point.float(), layer.weight_scale.float(),
+                     None, replaced, module)
+
+
+def _check_codes(layer: _Portable) -> Optional[str]:
+    """Weight codes must fit int8 once centred (4-bit asymmetric: [-15, 15])."""
+    if layer.qdiff_only or not layer.linear:
+        return layer.qdiff_only
+    codes = layer.codes().to(torch.int32) - layer.zero_point.to(torch.int32).view(-1, 1)
+    if int(codes.max()) > 127 or int(codes.min()) < -128:
+        return f"{layer.weight_bits}-bit weight codes beyond int8 once centred"
+    return None
 
 
 @torch.no_grad()
-def _int8_weight(layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+def _int8_weight(layer: _Portable, dtype: torch.dtype) -> torch.Tensor:
     """A torchao Int8Tensor holding `layer`'s centred codes and step sizes, with dynamic
     per-row int8 activations."""
     from torchao.quantization import Int8Tensor, MappingType, PerRow
     from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 
-    wq = layer.weight_quantizer
-    weight = layer.adapted_weight()
-    codes = wq.codes(weight).to(torch.int32)
-    zero = wq.zero_point.detach().round().to(torch.int32).view(-1, 1)
-    scale = wq.scale.detach().clamp_min(1e-8).float().view(-1, 1)
-    mapping = MappingType.SYMMETRIC if getattr(layer.act_quantizer, "symmetric", False) else MappingType.ASYMMETRIC
-    return Int8Tensor((codes - zero).to(torch.int8).contiguous(), scale, [1, codes.shape[1]], dtype,
+    codes = layer.codes().to(torch.int32)
+    centred = codes - layer.zero_point.to(torch.int32).view(-1, 1)
+    mapping = MappingType.SYMMETRIC if layer.act_symmetric else MappingType.ASYMMETRIC
+    return Int8Tensor(centred.to(torch.int8).contiguous(), layer.scale.float().view(-1, 1).clone(),
+                      [1, codes.shape[1]], dtype,
                       act_quant_kwargs=QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=mapping))
 
 
@@ -118,13 +168,39 @@ def torchao_model(student: nn.Module, recipe: Optional[Mapping[str, Any]] = None
     (see the module docstring); the student is unchanged. Raises `TorchaoExportError`
     naming the layers only qdiff computes."""
     require_torchao()
+    layers = dict(iter_quant_layers(student))
+    check_no_aux(layers.items())
+    portable = {name: _from_student(layer) for name, layer in layers.items()}
+    return _build(type(student), student.config, student.state_dict(), portable, recipe)
+
+
+def torchao_model_from_export(model: nn.Module) -> ModelMixin:
+    """The same for a loaded qdiff export's denoiser (a `Quantized<X>`): its stored codes
+    and scales become torchao tensors, so an export converts without its student."""
+    require_torchao()
+    from .models import QuantizedModelMixin
+
+    if not isinstance(model, QuantizedModelMixin):
+        raise TypeError(f"torchao_model_from_export takes a qdiff export's denoiser (Quantized<X>), "
+                        f"not a {type(model).__name__}.")
+    base = next(cls for cls in type(model).__mro__[1:]
+                if issubclass(cls, ModelMixin) and not issubclass(cls, QuantizedModelMixin))
+    qconfig = model.config["quantization_config"]
+    config = {key: value for key, value in model.config.items() if key != "quantization_config"}
+    with init_empty_weights():
+        empty = base.from_config(config)
+    portable = {name: _from_integer(model.get_submodule(name), empty.get_submodule(name))
+                for name in qconfig["layers"]}
+    return _build(base, config, model.state_dict(), portable, qconfig.get("recipe"))
+
+
+def _build(base: type, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+           layers: Mapping[str, _Portable], recipe: Optional[Mapping[str, Any]]) -> ModelMixin:
     from diffusers import TorchAoConfig
     from diffusers.quantizers.torchao import TorchAoHfQuantizer
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, PerRow
 
-    layers = dict(iter_quant_layers(student))
-    check_no_aux(layers.items())
-    refused = {name: reason for name, layer in layers.items() if (reason := _qdiff_only(layer))}
+    refused = {name: reason for name, layer in layers.items() if (reason := _check_codes(layer))}
     if refused:
         listed = ", ".join(f"{name} ({reason})" for name, reason in list(refused.items())[:8])
         more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
@@ -132,19 +208,16 @@ def torchao_model(student: nn.Module, recipe: Optional[Mapping[str, Any]] = None
             f"Cannot export to torchao: {len(refused)} layer(s) need qdiff's kernels: {listed}{more}; "
             f"export them with export.format=qdiff, or train without 4-bit activations, "
             f"rotated, split or grouped inputs.")
-    base = type(student)
     with init_empty_weights():
-        model = base.from_config(dict(student.config))
-    state = {key: value.detach().clone() for key, value in student.state_dict().items()
+        model = base.from_config(dict(config))
+    state = {key: value.detach().clone() for key, value in state.items()
              if not any(key.startswith(name + ".") for name in layers)}
-    float_layers, replaced, dtypes = [], [], set()
+    float_layers, replaced = [], []
     for name, layer in layers.items():
-        module = layer.to_module().requires_grad_(False)
-        dtype = module.weight.dtype
-        dtypes.add(dtype)
-        if isinstance(layer, QuantLinear):
-            module.weight = nn.Parameter(_int8_weight(layer, dtype), requires_grad=False)
-            if _replaced_activations(layer):
+        module = layer.module()
+        if layer.linear:
+            module.weight = nn.Parameter(_int8_weight(layer, module.weight.dtype), requires_grad=False)
+            if layer.replaced:
                 replaced.append(name)
         else:
             float_layers.append(name)
@@ -152,18 +225,18 @@ def torchao_model(student: nn.Module, recipe: Optional[Mapping[str, Any]] = None
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [key for key in result.missing_keys if not any(key.startswith(n + ".") for n in layers)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"The student does not match a fresh {base.__name__}: missing {missing[:5]}, "
+        raise ValueError(f"The model does not match a fresh {base.__name__}: missing {missing[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}.")
-    symmetric = any(getattr(layer.act_quantizer, "symmetric", False) for layer in layers.values())
+    symmetric = any(layer.act_symmetric for layer in layers.values())
     quant_type = Int8DynamicActivationInt8WeightConfig(
         granularity=PerRow(), act_mapping_type=MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC)
-    config = TorchAoConfig(quant_type, modules_to_not_convert=float_layers or None)
-    quantizer = TorchAoHfQuantizer(config, pre_quantized=True)
+    ao_config = TorchAoConfig(quant_type, modules_to_not_convert=float_layers or None)
+    quantizer = TorchAoHfQuantizer(ao_config, pre_quantized=True)
     quantizer.validate_environment()  # sets what save_pretrained asks of it (no offload)
     model.hf_quantizer = quantizer
     model.is_quantized = True
     weight_bits = sorted({layer.weight_bits for layer in layers.values()})
-    model.register_to_config(quantization_config=config.to_dict(), **{RECORD_KEY: {
+    model.register_to_config(quantization_config=ao_config.to_dict(), **{RECORD_KEY: {
         "weights": f"qdiff's {'/'.join(map(str, weight_bits))}-bit codes centred on their zero point, "
                    f"per-output-channel scales (torchao Int8Tensor)",
         "activations": "dynamic per-token int8 (torchao), Linear layers",
