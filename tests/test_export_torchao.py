@@ -132,7 +132,8 @@ def test_stock_diffusers_loads_the_export_without_qdiff(exports, family):
     assert index[component] == ["diffusers", type(student).__name__]
     config = json.loads((folder / component / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "torchao"
-    assert config["quantization_config"]["quant_type"]["default"]["_type"] == "Int8DynamicActivationInt8WeightConfig"
+    quant_type = config["quantization_config"]["quant_type"]["default"]
+    assert quant_type["_type"] == "Int8DynamicActivationInt8WeightConfig"
     assert sorted(config[RECORD_KEY]["int8_layers"]) == sorted(name for name, _ in iter_quant_layers(student))
     assert (folder / "qdiff_manifest.json").is_file()
     with torch.no_grad():
@@ -202,7 +203,8 @@ def test_export_format_config():
 def test_missing_torchao_names_the_extra(monkeypatch):
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchao" else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install qdiff-toolkit\[torchao\]"):
         ExportConfig(format="torchao")
 
@@ -264,3 +266,17 @@ def test_an_existing_export_converts_to_the_same_torchao_model(exports, tmp_path
             assert torch.equal(x, y), key
     with torch.no_grad():
         assert torch.equal(a(**_inputs("flux")).sample, b(**_inputs("flux")).sample)
+
+
+def test_a_linear_whose_codes_do_not_fit_int8_stays_float():
+    pipe = tiny_flux()
+    symmetric = torchao_model(_student(pipe.transformer, weight_bits=8, weight_symmetric=True))
+    assert symmetric.config[RECORD_KEY]["float_layers"] == {}  # symmetric 8-bit codes are int8
+    student = _student(pipe.transformer, weight_bits=8)
+    layer = student.get_submodule("x_embedder")
+    layer.weight_quantizer.zero_point.fill_(250)  # codes - 250 reach -250
+    model = torchao_model(student)
+    assert "beyond int8" in model.config[RECORD_KEY]["float_layers"]["x_embedder"]
+    assert "x_embedder" in model.config.quantization_config["modules_to_not_convert"]
+    assert type(model.x_embedder.weight) is nn.Parameter
+    torch.testing.assert_close(model.x_embedder.weight, layer.quantized_weight().detach(), rtol=1e-6, atol=0)

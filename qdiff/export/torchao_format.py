@@ -12,20 +12,23 @@ What each quantized layer of the student becomes:
 * Linear: its weight is a torchao `Int8Tensor` built from qdiff's own grid, not
   re-quantized: the codes centred on their zero point (q - zp: 4-bit asymmetric codes
   lie in [-15, 15]) and the per-output-channel step sizes, so dequant(W) is the student's
-  Q_w(W0 + B @ A) exactly. Its input is quantized on the fly per token (per row) to int8,
+  Q_w(W0 + B @ A) (to float rounding: torchao multiplies in its own order). Its input is quantized on the fly per token (per row) to int8,
   asymmetric or symmetric as the student's activations are (`act_quant_kwargs` of the
   tensor: torchao's `Int8DynamicActivationInt8WeightConfig` layout). For a student with
   8-bit `dynamic_per_token` activations and clip ratio 1, that is the student's own
   activation grid. Learned clip ratios < 1 and `temporal` (per-timestep) step-size tables
   have no torchao form: those inputs get the full-range dynamic per-token grid, and the
   layers are named in config.json under `_qdiff_torchao["dynamic_activations_replace"]`.
-* Convolution: torchao has no int8 convolution, so it stays a float convolution whose
-  weight is the student's dequantized Q_w (activations float). Named in
+* Convolution (torchao has no int8 convolution), and a Linear whose centred codes do not
+  fit int8 (8-bit asymmetric weights with an off-centre zero point): a float layer whose
+  weight is the student's dequantized Q_w, float input. Named, with the reason, in
   `quantization_config["modules_to_not_convert"]` and `_qdiff_torchao["float_layers"]`.
 * Refused (`TorchaoExportError`, one line naming the layers): what only qdiff's kernels
   compute -- activations below 8 bits, Hadamard-rotated inputs, split (concatenated)
-  inputs, per-group activations within a token, and weight codes that do not fit int8
-  once centred (8-bit asymmetric weights). Export those with `export.format: qdiff`.
+  inputs, per-group activations within a token. Export those with `export.format: qdiff`.
+
+`torchao_model(student)` builds it from a student, `torchao_model_from_export(model)` from
+a loaded qdiff export's denoiser (its stored codes and scales), for `convert_export`.
 
 diffusers drops config keys starting with "_" when it builds the model, so the
 `_qdiff_torchao` record is for people and tools only.
@@ -138,12 +141,12 @@ def _from_integer(layer: nn.Module, empty: nn.Module) -> _Portable:
                      None, replaced, module)
 
 
-def _check_codes(layer: _Portable) -> Optional[str]:
-    """Weight codes must fit int8 once centred (4-bit asymmetric: [-15, 15])."""
-    if layer.qdiff_only or not layer.linear:
-        return layer.qdiff_only
+def _float_reason(layer: _Portable) -> Optional[str]:
+    """Why a layer torchao could compute stays float (None: it becomes an Int8Tensor)."""
+    if not layer.linear:
+        return "convolution (torchao has no int8 convolution)"
     codes = layer.codes().to(torch.int32) - layer.zero_point.to(torch.int32).view(-1, 1)
-    if int(codes.max()) > 127 or int(codes.min()) < -128:
+    if int(codes.max()) > 127 or int(codes.min()) < -128:  # 8-bit asymmetric, zero point off-centre
         return f"{layer.weight_bits}-bit weight codes beyond int8 once centred"
     return None
 
@@ -200,7 +203,7 @@ def _build(base: type, config: Mapping[str, Any], state: Mapping[str, torch.Tens
     from diffusers.quantizers.torchao import TorchAoHfQuantizer
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, PerRow
 
-    refused = {name: reason for name, layer in layers.items() if (reason := _check_codes(layer))}
+    refused = {name: layer.qdiff_only for name, layer in layers.items() if layer.qdiff_only}
     if refused:
         listed = ", ".join(f"{name} ({reason})" for name, reason in list(refused.items())[:8])
         more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
@@ -212,15 +215,16 @@ def _build(base: type, config: Mapping[str, Any], state: Mapping[str, torch.Tens
         model = base.from_config(dict(config))
     state = {key: value.detach().clone() for key, value in state.items()
              if not any(key.startswith(name + ".") for name in layers)}
-    float_layers, replaced = [], []
+    float_layers, replaced = {}, []
     for name, layer in layers.items():
         module = layer.module()
-        if layer.linear:
+        reason = _float_reason(layer)
+        if reason is None:
             module.weight = nn.Parameter(_int8_weight(layer, module.weight.dtype), requires_grad=False)
             if layer.replaced:
                 replaced.append(name)
         else:
-            float_layers.append(name)
+            float_layers[name] = reason + ": float weight = qdiff's dequantized codes, float input"
         model.set_submodule(name, module)
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [key for key in result.missing_keys if not any(key.startswith(n + ".") for n in layers)]
@@ -230,7 +234,7 @@ def _build(base: type, config: Mapping[str, Any], state: Mapping[str, torch.Tens
     symmetric = any(layer.act_symmetric for layer in layers.values())
     quant_type = Int8DynamicActivationInt8WeightConfig(
         granularity=PerRow(), act_mapping_type=MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC)
-    ao_config = TorchAoConfig(quant_type, modules_to_not_convert=float_layers or None)
+    ao_config = TorchAoConfig(quant_type, modules_to_not_convert=list(float_layers) or None)
     quantizer = TorchAoHfQuantizer(ao_config, pre_quantized=True)
     quantizer.validate_environment()  # sets what save_pretrained asks of it (no offload)
     model.hf_quantizer = quantizer
@@ -241,8 +245,7 @@ def _build(base: type, config: Mapping[str, Any], state: Mapping[str, torch.Tens
                    f"per-output-channel scales (torchao Int8Tensor)",
         "activations": "dynamic per-token int8 (torchao), Linear layers",
         "int8_layers": sorted(set(layers) - set(float_layers)),
-        "float_layers": {name: "convolution: float weight = qdiff's dequantized codes, "
-                               "float activations" for name in float_layers},
+        "float_layers": float_layers,
         "dynamic_activations_replace": replaced,
         "recipe": dict(recipe or {}),
     }})
