@@ -231,7 +231,8 @@ def test_the_embedded_teachers_unet_loads_without_qdiff(teacher, tmp_path):
     folder = export_pipeline(teacher, student, tmp_path / "export", QuantConfig(**W4A8), format="torchao")
     g = torch.Generator().manual_seed(2)
     inputs = {"sample": torch.randn(2, 3, 8, 8, generator=g),
-              "encoder_hidden_states": torch.randn(2, 1, 64, generator=g), "timestep": torch.tensor([800.0, 50.0])}
+              "encoder_hidden_states": torch.randn(2, 1, 64, generator=g),
+              "timestep": torch.tensor([800.0, 50.0])}
     save_file(inputs, tmp_path / "inputs.safetensors")
     lines = _without_qdiff(TEACHER_UNET, tmp_path, str(folder), str(tmp_path / "inputs.safetensors"),
                            str(tmp_path / "out.safetensors"))
@@ -280,3 +281,19 @@ def test_a_linear_whose_codes_do_not_fit_int8_stays_float():
     assert "x_embedder" in model.config.quantization_config["modules_to_not_convert"]
     assert type(model.x_embedder.weight) is nn.Parameter
     torch.testing.assert_close(model.x_embedder.weight, layer.quantized_weight().detach(), rtol=1e-6, atol=0)
+
+
+def test_a_runs_export_follows_export_format(tmp_path):
+    """`export.format: torchao` at the end of a run: the folder is the torchao form, loaded
+    back with the stock class before it is renamed into place."""
+    from qdiff.config import RunConfig
+    from qdiff.families import family_for
+    from qdiff.finetune import _export
+
+    pipe = tiny_stable_diffusion()
+    cfg = RunConfig(quant=QuantConfig(**W4A8),
+                    export=ExportConfig(dir=str(tmp_path / "export"), format="torchao"))
+    out = _export(family_for(pipe), _student(pipe.unet), cfg, tmp_path)
+    assert json.loads((out / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"

@@ -12,13 +12,16 @@ What each quantized layer of the student becomes:
 * Linear: its weight is a torchao `Int8Tensor` built from qdiff's own grid, not
   re-quantized: the codes centred on their zero point (q - zp: 4-bit asymmetric codes
   lie in [-15, 15]) and the per-output-channel step sizes, so dequant(W) is the student's
-  Q_w(W0 + B @ A) (to float rounding: torchao multiplies in its own order). Its input is quantized on the fly per token (per row) to int8,
-  asymmetric or symmetric as the student's activations are (`act_quant_kwargs` of the
-  tensor: torchao's `Int8DynamicActivationInt8WeightConfig` layout). For a student with
-  8-bit `dynamic_per_token` activations and clip ratio 1, that is the student's own
-  activation grid. Learned clip ratios < 1 and `temporal` (per-timestep) step-size tables
-  have no torchao form: those inputs get the full-range dynamic per-token grid, and the
-  layers are named in config.json under `_qdiff_torchao["dynamic_activations_replace"]`.
+  Q_w(W0 + B @ A) (to float rounding: torchao multiplies in its own order). Its input is
+  quantized on the fly per token (per row) to int8, asymmetric or symmetric as the
+  student's activations are (`act_quant_kwargs` of the tensor: torchao's
+  `Int8DynamicActivationInt8WeightConfig` layout). For a student with 8-bit
+  `dynamic_per_token` asymmetric activations and clip ratio 1, that is the student's own
+  activation grid (to float rounding at code edges). Learned clip ratios < 1, symmetric
+  activations (torchao divides by 127.5, qdiff by 127) and `temporal` (per-timestep)
+  step-size tables have no torchao form: those inputs get torchao's dynamic per-token
+  grid, and the layers are named in config.json under
+  `_qdiff_torchao["dynamic_activations_replace"]`.
 * Convolution (torchao has no int8 convolution), and a Linear whose centred codes do not
   fit int8 (8-bit asymmetric weights with an off-centre zero point): a float layer whose
   weight is the student's dequantized Q_w, float input. Named, with the reason, in
