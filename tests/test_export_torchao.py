@@ -267,6 +267,13 @@ def test_an_existing_export_converts_to_the_same_torchao_model(exports, tmp_path
             assert torch.equal(x, y), key
     with torch.no_grad():
         assert torch.equal(a(**_inputs("flux")).sample, b(**_inputs("flux")).sample)
+    from qdiff.convert.__main__ import main  # the same from the command line
+    main(["torchao", str(qdiff_export), str(tmp_path / "cli")])
+    cli, api = (load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+                for folder in (tmp_path / "cli", converted))
+    assert sorted(cli) == sorted(api) and all(torch.equal(cli[key], api[key]) for key in api)
+    with pytest.raises(SystemExit):  # a taken output folder: one line, nothing written
+        main(["torchao", str(qdiff_export), str(tmp_path / "cli")])
 
 
 def test_a_linear_whose_codes_do_not_fit_int8_stays_float():

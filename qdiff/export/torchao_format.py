@@ -63,15 +63,19 @@ class TorchaoExportError(QdiffError, ValueError):
     """A student has layers that the torchao export cannot express."""
 
 
+class TorchaoMissingError(QdiffError, ImportError):
+    """torchao (>= 0.16) is not installed; the message names the extra to install."""
+
+
 def require_torchao() -> None:
     """ImportError with the install hint unless torchao >= 0.16 is importable."""
     try:
         import torchao
     except ImportError:
-        raise ImportError(f"export.format=torchao needs torchao (>= 0.16): {INSTALL_HINT}") from None
+        raise TorchaoMissingError(f"export.format=torchao needs torchao (>= 0.16): {INSTALL_HINT}") from None
     version = tuple(int(part) for part in torchao.__version__.split(".")[:2] if part.isdigit())
     if version < MIN_TORCHAO:
-        raise ImportError(f"export.format=torchao needs torchao >= 0.16, found {torchao.__version__}: "
+        raise TorchaoMissingError(f"export.format=torchao needs torchao >= 0.16, found {torchao.__version__}: "
                           f"{INSTALL_HINT}")
 
 
