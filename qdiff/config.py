@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -356,6 +357,15 @@ class ExportConfig:
 
     enabled: bool = True
     dir: Optional[str] = None  # default: <run dir>/export
+    # "qdiff": integer layers (loads after `import qdiff`); "torchao": stock diffusers classes
+    # with torchao int8 weights and dynamic per-token int8 activations (qdiff/export/torchao_format.py)
+    format: str = "qdiff"
+
+    def __post_init__(self) -> None:
+        _check_choice("export.format", self.format, ("qdiff", "torchao"))
+        if self.format == "torchao" and importlib.util.find_spec("torchao") is None:
+            raise ConfigError("export.format=torchao needs torchao, which is not installed: "
+                              "pip install qdiff-toolkit[torchao]")
 
 
 @_finite_floats("eval")

@@ -1,4 +1,5 @@
-"""`python -m qdiff.convert ldm CKPT OUT`: an original checkpoint -> a qdiff pipeline folder."""
+"""`python -m qdiff.convert ldm CKPT OUT`: an original checkpoint -> a qdiff pipeline folder.
+`python -m qdiff.convert torchao EXPORT OUT`: a qdiff export -> its portable torchao form."""
 
 from __future__ import annotations
 
@@ -27,12 +28,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ldm.add_argument("--scale-factor", type=positive_float, default=defaults.scale_factor,
                      help="LatentDiffusion scale_factor (cin256-v2: 1.0)")
     add_debug_flag(ldm)
+    torchao = sub.add_parser("torchao", help="a qdiff export -> the torchao form stock diffusers loads "
+                                             "without qdiff (docs/guides/export-and-inference.md)")
+    torchao.add_argument("export", type=Path, help="a qdiff export folder, e.g. runs/x/export")
+    torchao.add_argument("out", type=Path, help="new pipeline folder to write")
+    add_debug_flag(torchao)
     return parser.parse_args(argv)
 
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Refuse a missing checkpoint or an output folder that is taken or unwritable, first."""
-    if not args.checkpoint.is_file():
+    if args.kind == "torchao":
+        if not (args.export / "model_index.json").is_file():
+            raise FileNotFoundError(f"No pipeline at {args.export}; give a qdiff export folder "
+                                    f"(it holds model_index.json).")
+    elif not args.checkpoint.is_file():
         raise FileNotFoundError(f"No checkpoint at {args.checkpoint}; give the path of a .ckpt "
                                 f"or .safetensors file.")
     writable_folder(args.out)
@@ -46,6 +56,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     check_inputs(args)
+    if args.kind == "torchao":
+        from qdiff.export import convert_export
+        from qdiff.export.torchao_format import require_torchao
+
+        require_torchao()
+        convert_export(args.export, args.out)
+        logger.info("wrote %s: loads with DiffusionPipeline.from_pretrained(path, torch_dtype=...) "
+                    "where torchao is installed", args.out)
+        return
     options = LDMOptions(args.num_heads, args.latent_size, args.scale_factor)
     pipe = convert_checkpoint(args.checkpoint, args.out, options)
     params = sum(p.numel() for p in pipe.unet.parameters())

@@ -19,14 +19,14 @@ from .format import FORMAT_VERSION, QUANT_METHOD, ExportFormatError, LayerSpec
 from .int_layers import IntConv2d, IntConv3d, IntLayer, IntLinear
 from . import models as _models
 from .models import QuantizedModelMixin, quantized_class_for
-from .pipeline import export_pipeline
+from .pipeline import convert_export, export_pipeline
 from .split_layer import SplitIntLayer
 from .verify import EXPORT_TOLERANCE, ExportMismatchError, check_export, layer_mismatch, on_grid_reference
 
 __all__ = [
     "EXPORT_TOLERANCE", "FORMAT_VERSION", "QUANT_METHOD",
     "ExportFormatError", "ExportMismatchError", "IntConv2d", "IntConv3d", "IntLayer", "IntLinear",
-    "LayerSpec", "QuantizedModelMixin", "SplitIntLayer", "check_export", "export_pipeline",
+    "LayerSpec", "QuantizedModelMixin", "SplitIntLayer", "check_export", "convert_export", "export_pipeline",
     "layer_mismatch", "on_grid_reference", "quantized_class_for",
 ]
 

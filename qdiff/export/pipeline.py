@@ -9,6 +9,11 @@ interrupted export never looks like a finished one. The last file written there 
 `qdiff_manifest.json` (`manifest`): the size and SHA-256 of every other file, which
 `qdiff.load_pipeline` checks, so a damaged component is refused by name instead of
 sampling wrong images.
+
+`format="torchao"` writes the portable form instead (`torchao_format`): each denoiser is
+its plain diffusers class with torchao int8 weights, and the folder loads with stock
+`DiffusionPipeline.from_pretrained(path, torch_dtype=...)` where torchao is installed and
+qdiff is not.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from qdiff.walk import DENOISER_COMPONENTS
 
 from .manifest import write_manifest
 from .models import quantized_class_for
+
+FORMATS = ("qdiff", "torchao")
 
 Students = Union[nn.Module, Mapping[str, nn.Module]]
 
@@ -80,7 +87,8 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
 
 
 def export_pipeline(pipe: DiffusionPipeline, students: Students, out_dir: Union[str, Path],
-                    quant_cfg: QuantConfig, check: Optional[Callable[[Path], None]] = None) -> Path:
+                    quant_cfg: QuantConfig, check: Optional[Callable[[Path], None]] = None,
+                    format: str = "qdiff") -> Path:
     """Write `pipe` with packed integer denoiser(s) to `out_dir`; return its path.
 
     `students` maps component names to quantized, calibrated copies of those components
@@ -92,14 +100,48 @@ def export_pipeline(pipe: DiffusionPipeline, students: Students, out_dir: Union[
     `check(folder)` runs on the written folder before it is renamed into place; when it
     raises, nothing is left at `out_dir` (an existing export there stays as it was).
     The folder's manifest lists every file written here; files added later are not in it.
+    `format`: "qdiff" (integer layers, loads after `import qdiff`) or "torchao" (stock
+    diffusers classes with torchao weights, see `torchao_format`; raises
+    `TorchaoExportError` naming the layers only qdiff computes).
     """
+    if format not in FORMATS:
+        raise ValueError(f"export_pipeline: format={format!r} is not one of {list(FORMATS)}.")
     named = _named_students(pipe, students)
     recipe: dict[str, Any] = dataclasses.asdict(quant_cfg)
-    classes = {name: quantized_class_for(student) for name, student in named.items()}
-    models = {name: classes[name].from_student(student, recipe) for name, student in named.items()}
+    if format == "torchao":
+        from .torchao_format import torchao_model
+        models = {name: torchao_model(student, recipe) for name, student in named.items()}
+    else:
+        classes = {name: quantized_class_for(student) for name, student in named.items()}
+        models = {name: classes[name].from_student(student, recipe) for name, student in named.items()}
     exported = copy.copy(pipe)  # shares the teacher's components; its config is its own
     exported.register_modules(**models)
-    out_dir = Path(out_dir)
+    return _write(exported, Path(out_dir), check)
+
+
+def convert_export(src: Union[str, Path], out_dir: Union[str, Path], format: str = "torchao") -> Path:
+    """Rewrite the qdiff export at `src` in `format` ("torchao": see `torchao_format`) at
+    `out_dir`, from its stored codes and scales (no student needed); `src` is checked
+    against its manifest first. Written atomically, with a manifest, as `export_pipeline`."""
+    from qdiff.models.loading import load_pipeline
+
+    from .models import QuantizedModelMixin
+    from .torchao_format import torchao_model_from_export
+
+    if format != "torchao":
+        raise ValueError(f"convert_export: format={format!r}; only 'torchao' converts.")
+    pipe = load_pipeline(src)
+    models = {name: torchao_model_from_export(model) for name, model in pipe.components.items()
+              if isinstance(model, QuantizedModelMixin)}
+    if not models:
+        raise ValueError(f"{src}: no qdiff integer denoiser to convert (is it a qdiff export?).")
+    pipe.register_modules(**models)
+    return _write(pipe, Path(out_dir), None)
+
+
+def _write(exported: DiffusionPipeline, out_dir: Path, check: Optional[Callable[[Path], None]]) -> Path:
+    """`exported.save_pretrained` into a staging folder beside `out_dir`, `check` it, add the
+    manifest, rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
