@@ -36,7 +36,7 @@ from qdiff.distill.loop import build_student
 from qdiff.families import FAMILIES, family_for
 from qdiff.finetune import finetune
 from qdiff.quant import TemporalActQuantizer
-from qdiff.walk import record_calls, sample_with_students
+from qdiff.walk import record_calls
 from tiny_families import (FLUX2_TEXT_LAYERS, PROMPTS, tiny_class_wan, tiny_cogvideox, tiny_dit,
                            tiny_flux, tiny_flux2, tiny_image, tiny_ltx2, tiny_qwen_image,
                            tiny_stable_diffusion, tiny_stable_diffusion_3, tiny_stable_diffusion_xl,

@@ -47,7 +47,7 @@ def write_earlier_report(results: Path, name: str, rows: list[dict], num_videos:
 
 def closed_cells(table: str, name: str) -> list[str]:
     """The four `closed` cells of the table row named `name`."""
-    line = next(l for l in table.splitlines() if l.startswith(f"| {name} |"))
+    line = next(row for row in table.splitlines() if row.startswith(f"| {name} |"))
     return [cell.strip() for cell in line.strip("|").split("|")][-4:]
 
 

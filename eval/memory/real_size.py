@@ -26,7 +26,6 @@ resident before the first forward pass.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -58,7 +58,8 @@ def measure(pipe, net, real: Reference, settings: SamplingSettings, pairs: int) 
         row["accuracy_change"] = (score(first[0], first[1], real, ["accuracy"], True)["accuracy"]
                                   - score(second[0], second[1], real, ["accuracy"], True)["accuracy"])
         pair_rows.append(row)
-    real_rows = [score(f, l, real, ["fid", "sfid", "accuracy"], True) for f, l in sets]
+    real_rows = [score(features, labels, real, ["fid", "sfid", "accuracy"], True)
+                 for features, labels in sets]
     return {"pairs": pair_rows, "vs_real": real_rows}
 
 
