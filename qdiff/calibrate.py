@@ -31,7 +31,7 @@ Students = Union[nn.Module, Mapping[str, nn.Module]]
 def by_component(students: Students, family: Family) -> dict[str, nn.Module]:
     """`{component: student}`: a mapping as it is; one model is the first denoiser's student,
     an `nn.ModuleDict` (what a run with several denoisers trains) its items."""
-    if isinstance(students, nn.ModuleDict) or isinstance(students, Mapping):
+    if isinstance(students, (nn.ModuleDict, Mapping)):
         return dict(students.items())
     return {family.denoisers[0]: students}
 

@@ -11,12 +11,10 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel, WanTransformer3DModel
 
-from eval.memory.count import build_meta, parameter_count, student_bytes, teacher_bytes, \
-    with_family_overrides
+from eval.memory.count import build_meta, parameter_count, student_bytes, teacher_bytes
 from eval.memory.real_size import ARCHITECTURES, FAMILIES
 from qdiff.config import AuxConfig, LayerOverride, LoRAConfig, QuantConfig
 from qdiff.distill.optim import freeze_all_but_quant_params
-from qdiff.families.class_wan import WAN_EIGHT_BIT
 from qdiff.families import FAMILIES as FAMILY_REGISTRY
 from qdiff.quant import quantize_, set_timesteps
 
@@ -57,18 +55,18 @@ CASES = {
     # SD-style UNet: temporal tables, split concat inputs, the SD family's 8-bit layers
     "unet-temporal": (_unet, QuantConfig(act_mode="temporal", split_concat_inputs=True,
                                          family_overrides=True, packed_base_weight=True),
-                      LoRAConfig(rank=4), None, FAMILY_REGISTRY['sd'].eight_bit_layers, True),
+                      LoRAConfig(rank=4), None, "sd", True),
     # FLUX: per-token activations, 3-bit weights (nibbles) with an 8-bit override, LSQ+,
     # frozen weight step sizes
     "flux-dynamic": (_flux, QuantConfig(weight_bits=3, act_mode="dynamic_per_token",
                                         learn_zero_point=True, packed_base_weight=True,
                                         overrides=[LayerOverride("proj_out", 8, 8)]),
-                     LoRAConfig(rank=8), None, (), False),
+                     LoRAConfig(rank=8), None, None, False),
     # Wan: per-token activations, the Wan 8-bit layers, QVGen's Phi, 2-bit codes somewhere
     "wan-aux": (_wan, QuantConfig(act_mode="dynamic_per_token", family_overrides=True,
                                   packed_base_weight=True, exclude=["blocks.0.ffn.*"],
                                   overrides=[LayerOverride("blocks.0.attn2.*", 2, None)]),
-                LoRAConfig(rank=4), AuxConfig(enabled=True, rank=4), WAN_EIGHT_BIT, True),
+                LoRAConfig(rank=4), AuxConfig(enabled=True, rank=4), "wan", True),
 }
 
 
@@ -79,10 +77,11 @@ def _tensor_bytes(tensors) -> int:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_counted_bytes_are_the_real_students_bytes(case):
-    build, quant_cfg, lora_cfg, aux_cfg, eight_bit, train_weight_scales = CASES[case]
+    build, quant_cfg, lora_cfg, aux_cfg, family, train_weight_scales = CASES[case]
     torch.manual_seed(0)
     teacher, inputs = build()
-    quant_cfg = with_family_overrides(quant_cfg, eight_bit)
+    if family is not None:  # the family's 8-bit layers, as build_student adds them
+        quant_cfg = FAMILY_REGISTRY[family].quant_config(quant_cfg)
     meta = build_meta({**teacher.config, "_class_name": type(teacher).__name__})
     assert parameter_count(meta) == parameter_count(teacher)
 

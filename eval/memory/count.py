@@ -7,8 +7,7 @@
 The model is built on the meta device (shapes, no storage). Which layers are quantized, and
 at what bits, comes from qdiff's own rules (`qdiff.quant.quantize.select_layers` and
 `layer_bits`: `include` / `exclude` / `_keep_in_fp32_modules` / `overrides`); the family's
-8-bit layers go in as overrides first (`with_family_overrides`), as a family's
-`quant_config` does. What a quantized layer holds is what `qdiff.quant.layers.QuantLayer`
+8-bit layers go in as overrides first, by the family's own `quant_config`. What a quantized layer holds is what `qdiff.quant.layers.QuantLayer`
 registers with `quant.packed_base_weight=true`:
 
 - `base_codes`: the frozen W0's codes, flat uint8, `8 // container_bits(bits)` codes a byte;
@@ -31,7 +30,6 @@ a gradient and two moments of its own size and a float32 `step` scalar.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
@@ -39,7 +37,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from qdiff.config import AuxConfig, LayerOverride, LoRAConfig, QuantConfig
+from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
 from qdiff.quant import TimestepContext, act_quantizer_class
 from qdiff.quant.concat_inputs import concat_input_splits
 from qdiff.quant.packing import container_bits
@@ -80,15 +78,6 @@ def teacher_bytes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """The teacher denoiser cast to `dtype` (`Family.cast_teacher`: `.to(dtype)` on the
     whole denoiser, `_keep_in_fp32_modules` included), parameters and buffers."""
     return sum(_bytes(t, dtype) for _, t in _tensors(model))
-
-
-def with_family_overrides(cfg: QuantConfig, eight_bit_layers: Iterable[str]) -> QuantConfig:
-    """`cfg` with a family's 8-bit layers after its own overrides, when it asks for them
-    (`quant.family_overrides`), as `Family.quant_config` builds it."""
-    if not cfg.family_overrides:
-        return cfg
-    defaults = [LayerOverride(pattern, 8, 8) for pattern in eight_bit_layers]
-    return dataclasses.replace(cfg, overrides=[*cfg.overrides, *defaults])
 
 
 @dataclass
@@ -162,7 +151,7 @@ def student_bytes(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[L
     says, plus what AdamW adds after a step.
 
     `quant_cfg` is the config `quantize_` gets (family 8-bit layers already among its
-    overrides: `with_family_overrides`). `table_entries`: the timesteps of a `temporal`
+    overrides: `FAMILIES[name].quant_config(cfg)`). `table_entries`: the timesteps of a `temporal`
     activation table (the trajectory's steps). `train_weight_scales`: whether the weight
     step sizes train (`distill.weight_scale_lr` > 0, the default)."""
     if quant_cfg.rotate_inputs:

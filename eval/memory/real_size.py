@@ -36,31 +36,13 @@ import yaml
 
 from eval.common.report import ROOT, results_dir, write_json, write_markdown
 from eval.memory.count import GB, StudentBytes, build_meta, encoder_bytes, parameter_count, \
-    student_bytes, teacher_bytes, with_family_overrides
+    student_bytes, teacher_bytes
 from qdiff.config import AuxConfig, DistillConfig, LayerOverride, LoRAConfig, QuantConfig
+from qdiff.families import FAMILIES as FAMILY_DECLARATIONS
 
 ARCHITECTURE_DIR = Path(__file__).resolve().parent / "architectures"
 ARCHITECTURES = {path.stem: path for path in sorted(ARCHITECTURE_DIR.glob("*.json"))}
 GPU_GB = 80.0
-
-# The 8-bit layers of each family's recipe (`quant.family_overrides`). A family qdiff knows
-# takes its declaration's `eight_bit_layers`; the ones not yet added use these, written for the
-# same roles as the known families' (patch / latent embedding, time and text embedders, the
-# last projection).
-EIGHT_BIT_LAYERS = {
-    "flux": ("x_embedder", "context_embedder", "time_text_embed.*", "norm_out.*", "proj_out"),
-    "sd3": ("pos_embed.proj", "context_embedder", "time_text_embed.*", "norm_out.*", "proj_out"),
-    "qwen-image": ("img_in", "txt_in", "time_text_embed.*", "norm_out.*", "proj_out"),
-    "sdxl": ("time_embedding.*", "add_embedding.*", "conv_in", "conv_out"),
-}
-
-
-def eight_bit_layers(family: str) -> tuple[str, ...]:
-    from qdiff.families import FAMILIES
-
-    declared = FAMILIES.get(family)
-    return tuple(declared.eight_bit_layers) if declared is not None else EIGHT_BIT_LAYERS[family]
-
 
 # --- the frozen components, built on the meta device from their published configs --------
 
@@ -211,7 +193,7 @@ def count_family(family: Family) -> dict:
     recipe = read_recipe(family.recipe_path)
     model = build_meta(json.loads(ARCHITECTURES[family.architecture].read_text()))
     params = parameter_count(model)
-    quant_cfg = with_family_overrides(recipe.quant, eight_bit_layers(family.family))
+    quant_cfg = FAMILY_DECLARATIONS[family.family].quant_config(recipe.quant)
     student: StudentBytes = student_bytes(
         model, quant_cfg, recipe.lora, recipe.aux, table_entries=recipe.distill.trajectory_steps,
         train_weight_scales=recipe.distill.weight_scale_lr > 0)

@@ -41,6 +41,7 @@ import qdiff
 from eval.common.memory import peak_bytes, settle
 from eval.common.plotting import require_matplotlib
 from eval.common.report import results_dir, write_json, write_markdown
+from eval.quality.ptq import BIT_WIDTHS, CONFIGS
 from qdiff.config import load_config
 from qdiff.distill.loop import build_student, distill
 from qdiff.eval.evaluate import (
@@ -55,8 +56,6 @@ from qdiff.eval.sampling import SamplingSettings, generate
 from qdiff.export import export_pipeline
 
 RESULTS = results_dir("quality")
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-BIT_WIDTHS = ("w8a8", "w4a8", "w4a4", "w3a3")
 METRICS = ("accuracy", "fid", "sfid", "is", "precision", "recall")
 NOISE = RESULTS / "eval-noise.json"
 

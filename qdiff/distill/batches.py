@@ -13,7 +13,9 @@ import torch
 _LABEL_STREAM, _NOISE_STREAM = 1, 2
 
 
-def _seed(*parts: int) -> int:
+def mixed_seed(*parts: int) -> int:
+    """One seed from several integers (run seed, stream, trajectory, sample), the same on
+    every machine and process."""
     value = 0
     for part in parts:
         value = (value * 1_000_003 + part) % (2**63 - 1)
@@ -27,8 +29,8 @@ def trajectory_batch(seed: int, index: int, batch_size: int, num_classes: int,
         raise ValueError(f"distill.batch_size={batch_size} must be divisible by the number "
                          f"of processes ({world_size}).")
     labels = torch.randint(num_classes, (batch_size,),
-                           generator=torch.Generator().manual_seed(_seed(seed, _LABEL_STREAM, index)))
+                           generator=torch.Generator().manual_seed(mixed_seed(seed, _LABEL_STREAM, index)))
     per_process = batch_size // world_size
     mine = range(rank * per_process, (rank + 1) * per_process)
-    generators = [torch.Generator().manual_seed(_seed(seed, _NOISE_STREAM, index, j)) for j in mine]
+    generators = [torch.Generator().manual_seed(mixed_seed(seed, _NOISE_STREAM, index, j)) for j in mine]
     return labels[mine.start:mine.stop], generators

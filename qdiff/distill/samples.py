@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
+from qdiff.distill.batches import mixed_seed
 from qdiff.families import Family, family_for
 from qdiff.walk import sample_with_students
 
@@ -16,8 +17,7 @@ from qdiff.walk import sample_with_students
 def sample_generators(seed: int, count: int, start: int = 0) -> list[torch.Generator]:
     """One generator per sample j = start, ..., start + count - 1, seeded (seed, j): a
     sample's noise does not depend on the batch it is drawn in."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + j)
-            for j in range(start, start + count)]
+    return [torch.Generator().manual_seed(mixed_seed(seed, j)) for j in range(start, start + count)]
 
 
 @torch.no_grad()

@@ -165,12 +165,14 @@ class Family:
         return value.float()
 
     # -- quantization ------------------------------------------------------------------
-    def quant_config(self, cfg: QuantConfig) -> QuantConfig:
+    @classmethod
+    def quant_config(cls, cfg: QuantConfig) -> QuantConfig:
         """`cfg`, with this family's 8-bit layers after its own overrides when it asks for them
-        (quant.family_overrides); the user's patterns come first, so they win."""
+        (quant.family_overrides); the user's patterns come first, so they win. A classmethod:
+        the memory count asks it without a pipeline (`FAMILIES[name].quant_config(cfg)`)."""
         if not cfg.family_overrides:
             return cfg
-        defaults = [LayerOverride(pattern, 8, 8) for pattern in self.eight_bit_layers]
+        defaults = [LayerOverride(pattern, 8, 8) for pattern in cls.eight_bit_layers]
         return dataclasses.replace(cfg, overrides=[*cfg.overrides, *defaults])
 
     def cast_teacher(self, dtype: torch.dtype) -> None:

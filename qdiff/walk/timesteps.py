@@ -15,35 +15,19 @@ from diffusers import DiffusionPipeline
 
 from .call import timestep_of
 from .tap import DenoiserTap
-from .x0 import single_timestep
-
-
-class _GridRead(Exception):
-    """Ends the pipeline call once the scheduler's grid is known."""
-
-
-def pipeline_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) -> torch.Tensor:
-    """`pipe.scheduler.timesteps` as `pipe(**call_kwargs)` sets them (no denoiser runs)."""
-    def stop(component: str, index: int, args: tuple, kwargs: dict) -> Any:
-        raise _GridRead
-
-    try:
-        with DenoiserTap(pipe, stop):
-            pipe(**call_kwargs)
-    except _GridRead:
-        return pipe.scheduler.timesteps.detach().clone()
-    raise RuntimeError(f"{type(pipe).__name__} returned without calling its denoiser.")
+from .x0 import grids_as_called, single_timestep
 
 
 class _FirstCall(Exception):
+    """Ends the pipeline call at its first denoiser call (the scheduler's grid is set)."""
+
     def __init__(self, timestep: Any) -> None:
         self.timestep = timestep
 
 
-def denoiser_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) -> torch.Tensor:
-    """The grid of `pipe(**call_kwargs)` as its denoisers see it: the scheduler's timesteps,
-    or, for pipelines that pass `timestep / num_train_timesteps` (FLUX, Qwen-Image), those
-    divided as the first call shows (no denoiser runs). Timestep tables are keyed by it."""
+def _first_call_timestep(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) -> Any:
+    """Run `pipe(**call_kwargs)` up to its first denoiser call (no denoiser runs); that
+    call's `timestep` argument."""
     def stop(component: str, index: int, args: tuple, kwargs: dict) -> Any:
         raise _FirstCall(timestep_of(tap.original(component), args, kwargs))
 
@@ -51,16 +35,25 @@ def denoiser_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) 
         with DenoiserTap(pipe, stop) as tap:
             pipe(**call_kwargs)
     except _FirstCall as first:
-        called = first.timestep
-    else:
-        raise RuntimeError(f"{type(pipe).__name__} returned without calling its denoiser.")
-    grid = pipe.scheduler.timesteps.detach().cpu()
+        return first.timestep
+    raise RuntimeError(f"{type(pipe).__name__} returned without calling its denoiser.")
+
+
+def pipeline_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """`pipe.scheduler.timesteps` as `pipe(**call_kwargs)` sets them (no denoiser runs)."""
+    _first_call_timestep(pipe, call_kwargs)
+    return pipe.scheduler.timesteps.detach().clone()
+
+
+def denoiser_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The grid of `pipe(**call_kwargs)` as its denoisers see it: the scheduler's timesteps,
+    or, for pipelines that pass `timestep / num_train_timesteps` (FLUX, Qwen-Image), those
+    divided as the first call shows (no denoiser runs). Timestep tables are keyed by it."""
+    called = _first_call_timestep(pipe, call_kwargs)
     t = single_timestep(called)
+    grid, divided = grids_as_called(pipe.scheduler, called)
     if float(grid[0]) == t:
         return grid.clone()
-    dtype = torch.as_tensor(called).dtype
-    divided = grid.to(dtype if dtype.is_floating_point else torch.float32)
-    divided = (divided / pipe.scheduler.config.get("num_train_timesteps", 1000)).float()
     if float(divided[0]) == t:
         return divided
     raise ValueError(f"{type(pipe).__name__} calls its denoiser at timestep {t}, which is neither "

@@ -42,19 +42,24 @@ def single_timestep(timestep: TimestepLike) -> float:
     return float(t[0])
 
 
-def flow_sigma(scheduler: SchedulerMixin, timestep: TimestepLike) -> float:
-    """The sigma the scheduler's current grid pairs with `timestep` (after `set_timesteps`).
-
-    Pipelines pass their denoiser the grid's timestep (Wan, SD3) or, as FLUX.1, FLUX.2 and
-    Qwen-Image do, `timestep / 1000` (t / num_train_timesteps, in the latents' dtype): the
-    timestep is looked for on the grid, then on the grid divided as those pipelines divide it.
-    """
-    t = single_timestep(timestep)
+def grids_as_called(scheduler: SchedulerMixin, timestep: TimestepLike
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scheduler's current grid as pipelines pass it to their denoiser: as it is (Wan,
+    SD3), and as FLUX.1, FLUX.2 and Qwen-Image pass it, divided by num_train_timesteps in the
+    dtype of the call's `timestep` (float32 for an integer one)."""
     dtype = torch.as_tensor(timestep).dtype
-    grid = scheduler.timesteps.cpu()
+    grid = scheduler.timesteps.detach().cpu()
     divided = grid.to(dtype if dtype.is_floating_point else torch.float32)
-    divided = divided / scheduler.config.get("num_train_timesteps", 1000)
-    for timesteps in (grid.float(), divided.float()):
+    divided = (divided / scheduler.config.get("num_train_timesteps", 1000)).float()
+    return grid, divided
+
+
+def flow_sigma(scheduler: SchedulerMixin, timestep: TimestepLike) -> float:
+    """The sigma the scheduler's current grid pairs with `timestep` (after `set_timesteps`):
+    the timestep is looked for on the grid, then on it divided (`grids_as_called`)."""
+    t = single_timestep(timestep)
+    grid, divided = grids_as_called(scheduler, timestep)
+    for timesteps in (grid.float(), divided):
         matches = (timesteps == t).nonzero()
         if len(matches):
             return float(scheduler.sigmas[int(matches[0])])
