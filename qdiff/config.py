@@ -200,7 +200,7 @@ class QuantConfig:
     # "temporal" (LSQ table per timestep), "dynamic_per_token", or a mode registered with
     # qdiff.quant.register_act_quantizer
     act_mode: str = "temporal"
-    act_init: str = "mse"  # temporal: "mse" (Lp search) or "minmax" over the observed range
+    act_init: str = "mse"  # "mse" (Lp search) or "minmax" (temporal: the observed range; dynamic: ratio 1)
     act_per_timestep: bool = True  # temporal: False starts every timestep from one pooled range
     act_timestep_groups: int = 10  # dynamic_per_token: clipping ratios per bucket of timesteps
     # dynamic_per_token: each token's channels in consecutive groups of this many, each group

@@ -37,15 +37,21 @@ class DynamicActQuantizer(KeyedObservations, ActQuantizer):
     `channel_dim` is the feature dim that a token spans: -1 for (B, tokens, C) inputs of
     Linear layers, 1 for (B, C, ...) inputs of convolutions (a token is a position).
     Calibration (`start_calibration` / `finish_calibration`) searches each group's ratio
-    under the Lp norm on a sample of tokens; without it every ratio starts at 1 (min-max).
+    under the Lp norm on a sample of tokens (`init_method="mse"`); with `"minmax"`, or
+    without calibration, every ratio is 1: each token's own min-max grid, which is what
+    torchao's dynamic per-token int8 computes (`export.format: torchao`).
     """
 
     channel_groups = True
 
     def __init__(self, bits: int, context: TimestepContext, *, symmetric: bool = False,
                  num_groups: int = 10, channel_dim: int = -1, lsq_grad_scale: bool = True,
-                 p: float = 2.4, sample_size: int = 256, group_size: int = 0) -> None:
+                 p: float = 2.4, sample_size: int = 256, group_size: int = 0,
+                 init_method: str = "mse") -> None:
         super().__init__()
+        if init_method not in ("mse", "minmax"):
+            raise ValueError(f"init_method must be 'mse' or 'minmax', not {init_method!r}")
+        self.init_method = init_method
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
@@ -65,7 +71,7 @@ class DynamicActQuantizer(KeyedObservations, ActQuantizer):
                     channel_dim: int, group_size: int) -> "DynamicActQuantizer":
         return cls(bits, context, symmetric=cfg.act_symmetric, num_groups=cfg.act_timestep_groups,
                    channel_dim=channel_dim, lsq_grad_scale=cfg.lsq_grad_scale, p=cfg.lp_norm,
-                   group_size=group_size)
+                   group_size=group_size, init_method=cfg.act_init)
 
     @torch.no_grad()
     def export_table(self, name: str) -> ActTable:
@@ -116,10 +122,15 @@ class DynamicActQuantizer(KeyedObservations, ActQuantizer):
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
-        """Set each group's ratio by the Lp search; unobserved groups copy the nearest observed."""
+        """Set each group's ratio by the Lp search (`init_method="mse"`; unobserved groups
+        copy the nearest observed), or to 1 (`"minmax"`)."""
         self.calibrating = False
         if not self._observers:
             raise RuntimeError("finish_calibration(): no activations were observed.")
+        if self.init_method == "minmax":
+            self.clip_ratio.fill_(1.0)
+            self._observers = {}
+            return
         observed = sorted(self._observers)
         best = {group: self._search_ratio(self._observers[group].sample) for group in observed}
         for group in range(self.clip_ratio.numel()):
