@@ -30,7 +30,15 @@ Students = Union[nn.Module, Mapping[str, nn.Module]]
 
 def by_component(students: Students, family: Family) -> dict[str, nn.Module]:
     """`{component: student}`: a mapping as it is; one model is the first denoiser's student,
-    an `nn.ModuleDict` (what a run with several denoisers trains) its items."""
+    an `nn.ModuleDict` (what a run with several denoisers trains) its items.
+
+    Args:
+        students: One student, a `{component: student}` mapping, or an `nn.ModuleDict`.
+        family: The family whose denoisers the students replace.
+
+    Returns:
+        `{component: student}`.
+    """
     if isinstance(students, (nn.ModuleDict, Mapping)):
         return dict(students.items())
     return {family.denoisers[0]: students}
@@ -38,7 +46,21 @@ def by_component(students: Students, family: Family) -> dict[str, nn.Module]:
 
 def trajectory_grid(family: Family, steps: int, guidance: float, eta: float = 0.0) -> torch.Tensor:
     """The timesteps a `steps`-step call of the family's pipeline visits, as its denoisers
-    are called with them (the keys of the students' timestep tables)."""
+    are called with them (the keys of the students' timestep tables).
+
+    Args:
+        family: The family whose pipeline is asked.
+        steps: The number of sampling steps.
+        guidance: The guidance scale of the call.
+        eta: DDIM's eta, for schedulers that take it.
+
+    Returns:
+        The timesteps in the order the denoisers are called with them.
+
+    Raises:
+        ConfigError: The scheduler does not visit `steps` distinct timesteps (one denoiser
+            call per step), so a timestep table could not key its steps.
+    """
     probe = family.call_kwargs(torch.zeros(1, dtype=torch.long), torch.Generator().manual_seed(0),
                                steps, guidance, eta)
     grid = denoiser_timesteps(family.pipe, probe)
@@ -60,6 +82,19 @@ def calibrate(students: Students, pipe, num_samples: int, steps: int, eta: float
     from their nearest); sampling later with fewer steps uses the nearest entries. `pipe`
     is a pipeline or its family; the trajectories cover its conditions evenly, their noise
     drawn from one generator seeded with `seed`.
+
+    Args:
+        students: One student, or `{component: student}` for a pipeline with several denoisers.
+        pipe (DiffusionPipeline | Family): The teacher pipeline, or its family.
+        num_samples: The number of teacher trajectories to record.
+        steps: The number of sampling steps of each trajectory (the timestep table's grid).
+        eta: DDIM's eta, for schedulers that take it.
+        guidance: The guidance scale of the trajectories.
+        batch_size: Trajectories per pipeline call.
+        seed: The seed of the noise's generator.
+
+    Raises:
+        ConfigError: The scheduler's grid cannot key a timestep table (see `trajectory_grid`).
     """
     family = family_for(pipe)
     students = by_component(students, family)

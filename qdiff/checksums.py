@@ -18,6 +18,14 @@ _BLOCK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks so that a large weight file is not held in memory.
+
+    Args:
+        path: The file to hash.
+
+    Returns:
+        The hex digest.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_BLOCK), b""):
@@ -26,20 +34,43 @@ def sha256_file(path: Path) -> str:
 
 
 def describe_files(folder: Path, names: Iterable[str]) -> Entries:
-    """`{name: {"size", "sha256"}}` of the files `names` (paths relative to `folder`)."""
+    """`{name: {"size", "sha256"}}` of the files `names` (paths relative to `folder`).
+
+    Args:
+        folder: The folder the names are relative to.
+        names: The files to describe.
+
+    Returns:
+        `{name: {"size": bytes, "sha256": hex digest}}`.
+    """
     return {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
             for name in sorted(names)}
 
 
 def files_under(folder: Path, skip: Iterable[str] = ()) -> list[str]:
-    """Every regular file below `folder` as a POSIX path relative to it, but `skip`."""
+    """Every regular file below `folder` as a POSIX path relative to it, but `skip`.
+
+    Args:
+        folder: The folder to list.
+        skip: Relative paths to leave out.
+
+    Returns:
+        The paths, sorted.
+    """
     skipped = set(skip)
     return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
                   if path.is_file() and path.relative_to(folder).as_posix() not in skipped)
 
 
 def well_formed(entries: Any) -> bool:
-    """Whether `entries` (read from JSON) has the shape `describe_files` writes."""
+    """Whether `entries` (read from JSON) has the shape `describe_files` writes.
+
+    Args:
+        entries: The value read from JSON.
+
+    Returns:
+        True when it is a mapping of names to `{"size": int, "sha256": str}`.
+    """
     return isinstance(entries, Mapping) and all(
         isinstance(name, str) and _inside(name) and isinstance(entry, Mapping)
         and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
@@ -55,7 +86,15 @@ def _inside(name: str) -> bool:
 def first_problem(folder: Path, entries: Mapping[str, Mapping[str, Any]]) -> str | None:
     """What is wrong with the first recorded file that is missing, of another size or of
     another checksum, as "<name> missing" / "<name> size ..." / "<name> checksum mismatch";
-    None when every recorded file is as recorded. Files not recorded are not looked at."""
+    None when every recorded file is as recorded. Files not recorded are not looked at.
+
+    Args:
+        folder: The folder the recorded names are relative to.
+        entries: What `describe_files` recorded.
+
+    Returns:
+        A one-line description of the first problem, or None.
+    """
     for name, entry in sorted(entries.items()):
         path = folder / name
         if not path.is_file():

@@ -65,6 +65,19 @@ def run_main(body: Callable[[], T], args: Optional[argparse.Namespace] = None,
 
     `interrupted` is what to tell the user after Ctrl-C (for example how to resume), or a
     function that says it then (when it depends on how far the command got).
+
+    Args:
+        body: The command's work, called with no arguments.
+        args: The parsed arguments; their `debug` (or `QDIFF_DEBUG`) lets every error
+            propagate with its traceback.
+        interrupted: The message after Ctrl-C, or a function returning it.
+
+    Returns:
+        What `body` returns.
+
+    Raises:
+        SystemExit: On a `QdiffError`, a missing path or a full disk (usage status), or on
+            Ctrl-C (interrupted status), after printing one line to stderr.
     """
     debug = debug_enabled(args)
     try:

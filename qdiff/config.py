@@ -523,7 +523,20 @@ def _to_config(layers: Sequence[Mapping[str, Any]]) -> RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Build a validated RunConfig from a YAML file and `key=value` overrides."""
+    """Build a validated RunConfig from a YAML file and `key=value` overrides.
+
+    Args:
+        path: The YAML file (its `extends` chain is read first), or None for the defaults.
+        overrides: `key=value` strings (for example `quant.weight_bits=4`), applied after
+            the file in order.
+
+    Returns:
+        The merged, validated config; its `name` is the file's stem unless the config sets one.
+
+    Raises:
+        ConfigError: The file is missing or not a mapping, its `extends` forms a cycle, an
+            override is not `key=value`, or a key or value is invalid.
+    """
     layers: list[Mapping[str, Any]] = []
     name = None
     if path is not None:
@@ -545,5 +558,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (what a run actually used)."""
+    """Write the resolved config as YAML (what a run actually used).
+
+    Args:
+        config: The config to write.
+        path: The YAML file to write (replaced if it exists).
+    """
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))

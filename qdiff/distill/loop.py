@@ -71,7 +71,18 @@ class Student:
 
 
 def teacher_family(pipe, cfg: RunConfig) -> Family:
-    """The family of `pipe` (a pipeline or a family) with `model.scheduler` in place."""
+    """The family of `pipe` (a pipeline or a family) with `model.scheduler` in place.
+
+    Args:
+        pipe (DiffusionPipeline | Family): The teacher pipeline, or its family.
+        cfg: The run's config.
+
+    Returns:
+        The family; its pipeline's scheduler is replaced when `model.scheduler` names another.
+
+    Raises:
+        ConfigError: No family fits the pipeline, or its prompts or images cannot be read.
+    """
     family = family_for(pipe, cfg.model)
     if cfg.model.scheduler:
         use_scheduler(family.pipe, cfg.model.scheduler)
@@ -85,6 +96,18 @@ def build_student(pipe, cfg: RunConfig, calibrated: bool = True) -> Student:
     `pipe` is the teacher pipeline or its family; the students train in float32 whatever
     the teacher's dtype. One denoiser gives its student; several (Wan 2.2's two experts)
     an `nn.ModuleDict` of them by component.
+
+    Args:
+        pipe (DiffusionPipeline | Family): The teacher pipeline, or its family.
+        cfg: The run's config (`quant`, `lora`, `distill`).
+        calibrated: Set the activation scales by PTQ on teacher trajectories.
+
+    Returns:
+        The students (`model`: one, or an `nn.ModuleDict` by component) and the
+        quantization report.
+
+    Raises:
+        ConfigError: The config does not fit the teacher (for example its scheduler's grid).
     """
     family = teacher_family(pipe, cfg)
     students, reports = {}, {}
@@ -115,7 +138,17 @@ def build_student(pipe, cfg: RunConfig, calibrated: bool = True) -> Student:
 def student_at(pipe, cfg: RunConfig, checkpoint: Path, averaged: bool = True) -> nn.Module:
     """The student of a run of `cfg` at `checkpoint`, with Phi at the ranks it had there (as
     a resume builds it): the parameters' average where the run keeps one, the live
-    parameters otherwise or with `averaged=False`."""
+    parameters otherwise or with `averaged=False`.
+
+    Args:
+        pipe (DiffusionPipeline | Family): The teacher pipeline, or its family.
+        cfg: The run's config.
+        checkpoint: A checkpoint folder of the run.
+        averaged: Take the averaged parameters where the run keeps them.
+
+    Returns:
+        The student, in eval mode.
+    """
     model = build_student(pipe, cfg, calibrated=False).model
     if cfg.aux.enabled:
         RankDecay(model, cfg.aux, cfg.distill.steps).step(checkpoint_step(checkpoint))
@@ -127,7 +160,14 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Keep only each block's inputs for the backward pass and recompute the rest there.
 
     Most of a training step's memory is what the fake-quantized layers keep for the backward
-    pass, which LoRA does not shrink; this trades it for one more forward pass."""
+    pass, which LoRA does not shrink; this trades it for one more forward pass.
+
+    Args:
+        model: A student, or an `nn.ModuleDict` of them.
+
+    Raises:
+        ConfigError: A student's class does not support gradient checkpointing.
+    """
     for student in (model.values() if isinstance(model, nn.ModuleDict) else [model]):
         if not getattr(student, "_supports_gradient_checkpointing", False):
             raise ConfigError(
@@ -176,6 +216,22 @@ def distill(pipe, cfg: RunConfig, run_dir: Path, resume: bool = False,
     `on_setup_done` is called (by the main process) once the student is built and any
     checkpoint loaded, before the run writes to `run_dir`: `--overwrite` deletes the
     previous run only then. A run that diverges raises `DivergenceError`.
+
+    Args:
+        pipe (DiffusionPipeline | Family): The teacher pipeline, or its family.
+        cfg: The run's config.
+        run_dir: The run's folder (checkpoints, log, samples).
+        resume: Continue from the run's latest checkpoint.
+        accelerator: The `Accelerator` to train with; None builds one from `cfg`.
+        on_setup_done: Called once setup is done, before the run writes to `run_dir`.
+
+    Returns:
+        The trained student, or an `nn.ModuleDict` of them by component.
+
+    Raises:
+        DivergenceError: The loss diverged (see `distill.divergence`).
+        NonFiniteLossError: The loss became NaN or infinite.
+        ConfigError: The config does not fit the teacher.
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -375,7 +431,8 @@ def _optimizer_step(trainer: Trainer) -> float:
 
 def _warn_collapsed_tables(model: nn.Module, warned: set[str], step: int, main: bool) -> None:
     """Say so when an activation step size has crossed zero (once per table): the run goes on,
-    but that entry's grid is now mirrored -- what broke W4A4 runs down (docs/notes/research-log.md)."""
+    but that entry's grid is mirrored, which can make a low-bit run diverge
+    (docs/notes/research-log.md)."""
     new = [name for name in nonpositive_step_tables(model) if name not in warned]
     warned.update(new)
     if new and main:
@@ -410,7 +467,15 @@ def _stop_if_collapsed(model: nn.Module, step: int, run_dir: Path) -> None:
 
 
 def mean_recent_loss(run_dir: Path, last: int = 50) -> float:
-    """Mean loss of the last logged steps (for the summary)."""
+    """Mean loss of the last logged steps (for the summary).
+
+    Args:
+        run_dir: The run's folder (its `log.jsonl`).
+        last: The number of logged steps to average.
+
+    Returns:
+        The mean loss, or NaN when nothing is logged.
+    """
     lines = (run_dir / "log.jsonl").read_text().splitlines()[-last:]
     losses = [json.loads(line)["loss"] for line in lines]
     return sum(losses) / len(losses) if losses else math.nan

@@ -138,7 +138,14 @@ class IntLoraConv3d(_IntLoraConv, peft_lora.Conv3d):
 
 
 def lora_class_for(layer: nn.Module) -> Optional[type]:
-    """The LoRA layer class for an integer layer, None for any other module."""
+    """The LoRA layer class for an integer layer, None for any other module.
+
+    Args:
+        layer: Any module.
+
+    Returns:
+        `IntLoraLinear`, `IntLoraConv2d` or `IntLoraConv3d`, or None.
+    """
     if isinstance(layer, SplitIntLayer):
         layer = _storage(layer)
     for int_cls, lora_cls in ((IntLinear, IntLoraLinear), (IntConv2d, IntLoraConv2d),
@@ -151,7 +158,17 @@ def lora_class_for(layer: nn.Module) -> Optional[type]:
 def dispatch_int_layer(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any
                        ) -> Optional[nn.Module]:
     """A PEFT LoRA dispatcher (see `peft.tuners.lora.layer.dispatch_default`) for qdiff's
-    integer layers; None for anything else, which PEFT's own dispatchers then take."""
+    integer layers; None for anything else, which PEFT's own dispatchers then take.
+
+    Args:
+        target: The module PEFT is about to wrap.
+        adapter_name: The adapter's name.
+        config: PEFT's `LoraConfig`.
+        **kwargs: PEFT's per-layer LoRA arguments (rank, alpha, dropout, ...).
+
+    Returns:
+        The LoRA layer around `target`, or None.
+    """
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     lora_cls = lora_class_for(base)
     if lora_cls is None:

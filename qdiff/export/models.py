@@ -283,6 +283,15 @@ def quantized_class_for(student: Union[nn.Module, type]) -> type:
 
     `X` must be a `ModelMixin` subclass that the `diffusers` package exports under its own
     name, since that name is how a loading process finds the class again.
+
+    Args:
+        student: A student, or its diffusers model class.
+
+    Returns:
+        The class `Quantized<X>`.
+
+    Raises:
+        ValueError: `X` is not a `ModelMixin` that `diffusers` exports under its name.
     """
     base = student if isinstance(student, type) else type(student)
     if isinstance(base, type) and issubclass(base, QuantizedModelMixin):

@@ -41,7 +41,18 @@ Students = Union[nn.Module, Mapping[str, nn.Module]]
 
 
 def denoiser_name(pipe: DiffusionPipeline, student: nn.Module) -> str:
-    """The first denoiser component (in `DENOISER_COMPONENTS` order) of `student`'s class."""
+    """The first denoiser component (in `DENOISER_COMPONENTS` order) of `student`'s class.
+
+    Args:
+        pipe: The pipeline.
+        student: A student of one of its denoisers.
+
+    Returns:
+        The component name.
+
+    Raises:
+        ValueError: No denoiser component of `pipe` has the student's class.
+    """
     for name in DENOISER_COMPONENTS:
         if type(pipe.components.get(name)) is type(student):
             return name
@@ -103,6 +114,23 @@ def export_pipeline(pipe: DiffusionPipeline, students: Students, out_dir: Union[
     `format`: "qdiff" (integer layers, loads after `import qdiff`) or "torchao" (stock
     diffusers classes with torchao weights, see `torchao_format`; raises
     `TorchaoExportError` naming the layers only qdiff computes).
+
+    Args:
+        pipe: The teacher pipeline; its other components are written as they are.
+        students: `{component: student}`, or one student.
+        out_dir: The export folder to write.
+        quant_cfg: The run's `quant` block, recorded as the recipe.
+        check: Called with the staging folder before it is moved into place.
+        format: "qdiff" or "torchao".
+
+    Returns:
+        `out_dir`, as a `Path`.
+
+    Raises:
+        ValueError: `format` is unknown, a component is missing or of another class than its
+            student, or a student still has Phi layers.
+        TorchaoExportError: With "torchao", a student has layers only qdiff computes.
+        TorchaoMissingError: With "torchao", torchao >= 0.16 is not installed.
     """
     if format not in FORMATS:
         raise ValueError(f"export_pipeline: format={format!r} is not one of {list(FORMATS)}.")
@@ -122,7 +150,22 @@ def export_pipeline(pipe: DiffusionPipeline, students: Students, out_dir: Union[
 def convert_export(src: Union[str, Path], out_dir: Union[str, Path], format: str = "torchao") -> Path:
     """Rewrite the qdiff export at `src` in `format` ("torchao": see `torchao_format`) at
     `out_dir`, from its stored codes and scales (no student needed); `src` is checked
-    against its manifest first. Written atomically, with a manifest, as `export_pipeline`."""
+    against its manifest first. Written atomically, with a manifest, as `export_pipeline`.
+
+    Args:
+        src: A qdiff export folder.
+        out_dir: The folder to write.
+        format: The format to write; only "torchao".
+
+    Returns:
+        `out_dir`, as a `Path`.
+
+    Raises:
+        ValueError: `format` is not "torchao", or `src` holds no qdiff integer denoiser.
+        ExportFormatError: A file of `src` differs from its manifest.
+        TorchaoExportError: The export has layers only qdiff computes.
+        TorchaoMissingError: torchao >= 0.16 is not installed.
+    """
     from qdiff.models.loading import load_pipeline
 
     from .models import QuantizedModelMixin

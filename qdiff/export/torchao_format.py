@@ -68,7 +68,11 @@ class TorchaoMissingError(QdiffError, ImportError):
 
 
 def require_torchao() -> None:
-    """ImportError with the install hint unless torchao >= 0.16 is importable."""
+    """ImportError with the install hint unless torchao >= 0.16 is importable.
+
+    Raises:
+        TorchaoMissingError: torchao is missing, or older than 0.16.
+    """
     try:
         import torchao
     except ImportError:
@@ -176,7 +180,19 @@ def _int8_weight(layer: _Portable, dtype: torch.dtype) -> torch.Tensor:
 def torchao_model(student: nn.Module, recipe: Optional[Mapping[str, Any]] = None) -> ModelMixin:
     """The diffusers model of `student`'s own class with torchao int8 Linear weights
     (see the module docstring); the student is unchanged. Raises `TorchaoExportError`
-    naming the layers only qdiff computes."""
+    naming the layers only qdiff computes.
+
+    Args:
+        student: A quantized, calibrated student (LoRA merged or not).
+        recipe: Recorded as the recipe in the model's `quantization_config`.
+
+    Returns:
+        A model of the student's diffusers class, loadable without qdiff.
+
+    Raises:
+        TorchaoExportError: The student has layers torchao cannot express.
+        TorchaoMissingError: torchao >= 0.16 is not installed.
+    """
     require_torchao()
     layers = dict(iter_quant_layers(student))
     check_no_aux(layers.items())
@@ -186,7 +202,19 @@ def torchao_model(student: nn.Module, recipe: Optional[Mapping[str, Any]] = None
 
 def torchao_model_from_export(model: nn.Module) -> ModelMixin:
     """The same for a loaded qdiff export's denoiser (a `Quantized<X>`): its stored codes
-    and scales become torchao tensors, so an export converts without its student."""
+    and scales become torchao tensors, so an export converts without its student.
+
+    Args:
+        model: A loaded qdiff export's denoiser.
+
+    Returns:
+        A model of its base diffusers class, loadable without qdiff.
+
+    Raises:
+        TypeError: `model` is not a `Quantized<X>`.
+        TorchaoExportError: The export has layers torchao cannot express.
+        TorchaoMissingError: torchao >= 0.16 is not installed.
+    """
     require_torchao()
     from .models import QuantizedModelMixin
 

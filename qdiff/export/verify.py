@@ -32,6 +32,16 @@ def on_grid_reference(student: nn.Module, dtype: torch.dtype = torch.float64) ->
 
     Re-quantizing those weights in `dtype` gives back the same codes, so the copy's
     forward is the student's function on the student's grid, evaluated in `dtype`.
+
+    Args:
+        student: A quantized student.
+        dtype: The copy's dtype.
+
+    Returns:
+        The copy; the student is unchanged.
+
+    Raises:
+        ValueError: The student's base weights are packed (`packed_base_weight=True`).
     """
     reference = copy.deepcopy(student)
     for _, layer in iter_quant_layers(reference):
@@ -56,6 +66,14 @@ def layer_mismatch(student: nn.Module, model: nn.Module,
 
     `run_student(student)` runs the student (one or more forwards); each quantized layer's
     input is handed, at the same timestep, to the integer layer of the same name.
+
+    Args:
+        student: The quantized student.
+        model: Its exported integer model.
+        run_student: Runs the student on the inputs to compare on.
+
+    Returns:
+        `{layer name: relative error}`.
     """
     errors: dict[str, float] = {}
     context = timestep_context(model)
@@ -100,6 +118,20 @@ def check_export(family: Any, students: Mapping[str, nn.Module], models: Mapping
 
     `family` is the teacher's (`qdiff.families`): its pipeline, conditions and scheduler are
     the ones the students were trained with.
+
+    Args:
+        family: The teacher's family.
+        students: `{component: student}`.
+        models: `{component: exported model}`.
+        guidance: The guidance scale of the call.
+        steps: The number of steps of the call.
+        tolerance: The largest relative error allowed.
+
+    Returns:
+        `{layer name: relative error}`.
+
+    Raises:
+        ExportMismatchError: A layer's error is above `tolerance`.
     """
     from qdiff.walk import sample_with_students  # late: qdiff.walk imports qdiff.quant
 

@@ -17,7 +17,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The non-empty lines of a prompt file (a line starting with '#' is a comment)."""
+    """The non-empty lines of a prompt file (a line starting with '#' is a comment).
+
+    Args:
+        path: The prompt file.
+
+    Returns:
+        The prompts, stripped, in file order.
+
+    Raises:
+        ConfigError: `path` is not a file, or it holds no prompts.
+    """
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"model.prompts='{path}' is not a file. Give a text file with one "
@@ -30,7 +40,17 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def read_images(path: str | Path) -> list[Image.Image]:
-    """The images of a folder (PNG, JPEG, WebP), in name order, as RGB."""
+    """The images of a folder (PNG, JPEG, WebP), in name order, as RGB.
+
+    Args:
+        path: The folder of images.
+
+    Returns:
+        The images.
+
+    Raises:
+        ConfigError: `path` is not a folder, holds no image files, or an image cannot be read.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"model.images='{path}' is not a folder. Give a folder of first "

@@ -32,14 +32,30 @@ from .conditions import read_images, read_prompts
 
 
 def frames_side_by_side(videos: torch.Tensor) -> torch.Tensor:
-    """Videos (N, F, C, H, W) -> images (N, C, H, F * W), frame 0 on the left."""
+    """Videos (N, F, C, H, W) -> images (N, C, H, F * W), frame 0 on the left.
+
+    Args:
+        videos: Videos of shape (N, F, C, H, W).
+
+    Returns:
+        Images of shape (N, C, H, F * W).
+    """
     n, frames, channels, height, width = videos.shape
     return videos.permute(0, 2, 3, 1, 4).reshape(n, channels, height, frames * width)
 
 
 class Family:
     """One kind of pipeline, declared. Subclasses set the class attributes and, where the
-    pipeline's arguments differ from the common ones, override the `*_kwargs` methods."""
+    pipeline's arguments differ from the common ones, override the `*_kwargs` methods.
+
+    Args:
+        pipe: The teacher pipeline the family serves.
+        model_cfg: The run's `model` block: prompts, first-frame images, sample size and extra
+            pipeline arguments. None takes the defaults (no prompts).
+
+    Raises:
+        ConfigError: `model_cfg.prompts` or `model_cfg.images` cannot be read.
+    """
 
     name: ClassVar[str]
     pipelines: ClassVar[tuple[str, ...]] = ()  # pipeline class names this family serves
@@ -63,7 +79,14 @@ class Family:
     # -- what the family serves -------------------------------------------------------
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
-        """Whether `pipe` is of this family (model.family=auto picks the first that matches)."""
+        """Whether `pipe` is of this family (model.family=auto picks the first that matches).
+
+        Args:
+            pipe: The pipeline to test.
+
+        Returns:
+            True when the pipeline's class is one this family declares.
+        """
         return type(pipe).__name__ in cls.pipelines
 
     @property
@@ -72,7 +95,14 @@ class Family:
         return denoiser_components(self.pipe)
 
     def denoiser(self, component: Optional[str] = None) -> nn.Module:
-        """The teacher's denoiser `component` (default: the first)."""
+        """The teacher's denoiser `component` (default: the first).
+
+        Args:
+            component: A name of `denoisers`, or None for the first.
+
+        Returns:
+            The teacher's denoiser module.
+        """
         return getattr(self.pipe, component or self.denoisers[0])
 
     # -- conditions ----------------------------------------------------------------------
@@ -84,10 +114,23 @@ class Family:
         return len(self._prompt_list())
 
     def num_classes(self) -> int:
+        """The number of classes of a class-conditional family (its null class not counted).
+
+        Returns:
+            The number of classes.
+
+        Raises:
+            NotImplementedError: The family declares `conditions = "classes"` but does not
+                override this method.
+        """
         raise NotImplementedError(f"{self.name} declares conditions='classes' but no num_classes().")
 
     def preview_conditions(self) -> torch.Tensor:
-        """The condition ids of one row of a sample grid."""
+        """The condition ids of one row of a sample grid.
+
+        Returns:
+            Up to ten condition ids.
+        """
         return torch.arange(min(self.num_conditions, 10))
 
     def _prompt_list(self) -> list[str]:
@@ -98,7 +141,17 @@ class Family:
         return self.prompts
 
     def condition_kwargs(self, ids: torch.Tensor) -> dict[str, Any]:
-        """The pipeline arguments that carry the conditions `ids` (a prompt list by default)."""
+        """The pipeline arguments that carry the conditions `ids` (a prompt list by default).
+
+        Args:
+            ids: Condition ids (class ids, or indices into the prompt list).
+
+        Returns:
+            `{"class_labels": ...}`, or `{"prompt": [...]}` plus `image` for an image-to-video family.
+
+        Raises:
+            ConfigError: A prompt family has no prompts, or an image-to-video family no images.
+        """
         if self.conditions == "classes":
             return {"class_labels": ids.reshape(-1).tolist()}
         prompts = self._prompt_list()
@@ -114,11 +167,23 @@ class Family:
 
     # -- the call ----------------------------------------------------------------------
     def guidance_kwargs(self, guidance: float, count: int) -> dict[str, Any]:
-        """The pipeline arguments that set guidance to `guidance` for `count` samples."""
+        """The pipeline arguments that set guidance to `guidance` for `count` samples.
+
+        Args:
+            guidance: The guidance scale.
+            count: The number of samples of the call.
+
+        Returns:
+            The guidance arguments of the pipeline's `__call__`.
+        """
         return {"guidance_scale": guidance}
 
     def size_kwargs(self) -> dict[str, Any]:
-        """The pipeline arguments for the sample size (none: the pipeline's default)."""
+        """The pipeline arguments for the sample size (none: the pipeline's default).
+
+        Returns:
+            The size arguments (for example `height`, `width`, `num_frames`), or `{}`.
+        """
         if self.size is None:
             return {}
         if len(self.size) == 3:
@@ -130,7 +195,23 @@ class Family:
     def call_kwargs(self, ids: torch.Tensor, generators: Any, steps: int, guidance: float,
                     eta: float = 0.0, output_type: str = "latent") -> dict[str, Any]:
         """The arguments of one `pipe(...)` call: conditions `ids`, one generator per sample
-        (or one for all), `steps` denoising steps of the configured scheduler."""
+        (or one for all), `steps` denoising steps of the configured scheduler.
+
+        Args:
+            ids: Condition ids, one per sample.
+            generators: A `torch.Generator`, or a list of one per sample.
+            steps: The number of denoising steps.
+            guidance: The guidance scale.
+            eta: DDIM's eta; passed only to pipelines that take it.
+            output_type: The pipeline's `output_type`.
+
+        Returns:
+            The keyword arguments of `pipe(...)`.
+
+        Raises:
+            ConfigError: `eta` is not 0 but the pipeline takes no `eta`, or the conditions cannot
+                be given (see `condition_kwargs`).
+        """
         kwargs = {**self.condition_kwargs(ids), **self.guidance_kwargs(guidance, len(ids)),
                   **self.size_kwargs(), **self.extra_kwargs, "num_inference_steps": steps,
                   "generator": generators, "output_type": output_type}
@@ -145,18 +226,40 @@ class Family:
     # -- outputs -----------------------------------------------------------------------
     def prediction(self, component: str, output: torch.Tensor) -> torch.Tensor:
         """The part of a denoiser's raw output the student is trained to match (all of it;
-        a family whose model also predicts what its pipeline discards narrows it)."""
+        a family whose model also predicts what its pipeline discards narrows it).
+
+        Args:
+            component: The denoiser component that produced `output`.
+            output: The denoiser's raw output.
+
+        Returns:
+            The part of `output` the loss compares.
+        """
         return output
 
     def to_images(self, output: Any) -> torch.Tensor:
         """A pipeline output of `output_type="pt"` -> images (N, C, H, W) in [0, 1]; a video's
-        frames side by side."""
+        frames side by side.
+
+        Args:
+            output: The pipeline's output.
+
+        Returns:
+            Images (N, C, H, W) in [0, 1].
+        """
         value = self.to_samples(output)
         return frames_side_by_side(value) if self.video else value
 
     def to_samples(self, output: Any) -> torch.Tensor:
         """A pipeline output of `output_type="pt"` -> images (N, C, H, W), or for a video
-        family videos (N, F, C, H, W), as floats in [0, 1]."""
+        family videos (N, F, C, H, W), as floats in [0, 1].
+
+        Args:
+            output: The pipeline's output.
+
+        Returns:
+            Images (N, C, H, W) or videos (N, F, C, H, W) in [0, 1].
+        """
         value = output[0]
         if isinstance(value, np.ndarray):  # channels last, as "np" outputs are
             value = torch.from_numpy(value).movedim(-1, -3)
@@ -169,7 +272,14 @@ class Family:
     def quant_config(cls, cfg: QuantConfig) -> QuantConfig:
         """`cfg`, with this family's 8-bit layers after its own overrides when it asks for them
         (quant.family_overrides); the user's patterns come first, so they win. A classmethod:
-        the memory count asks it without a pipeline (`FAMILIES[name].quant_config(cfg)`)."""
+        the memory count asks it without a pipeline (`FAMILIES[name].quant_config(cfg)`).
+
+        Args:
+            cfg: The run's `quant` block.
+
+        Returns:
+            A copy of `cfg` with the family's overrides appended, or `cfg` itself when it adds none.
+        """
         if not cfg.family_overrides:
             return cfg
         defaults = [LayerOverride(pattern, 8, 8) for pattern in cls.eight_bit_layers]
@@ -177,7 +287,11 @@ class Family:
 
     def cast_teacher(self, dtype: torch.dtype) -> None:
         """Run the teacher's denoisers in `dtype` (bf16/fp16 halve their memory); the other
-        components (text encoders, autoencoder) stay as they are."""
+        components (text encoders, autoencoder) stay as they are.
+
+        Args:
+            dtype: The denoisers' new dtype.
+        """
         for component in self.denoisers:
             self.denoiser(component).to(dtype)
 

@@ -48,7 +48,16 @@ class ConvLayer(Protocol):
 
 def int8_fits(inner: int, levels: int, weight: Int8Weight) -> bool:
     """Whether every sum of `inner` products |a - za'| * |w' - zw'| fits int32 (int32
-    arithmetic wraps, so intermediate overflow cancels: the bound is on the result)."""
+    arithmetic wraps, so intermediate overflow cancels: the bound is on the result).
+
+    Args:
+        inner: The length of the sums (input features, or channels times kernel size).
+        levels: The number of activation levels.
+        weight: The prepared weight.
+
+    Returns:
+        True when an int32 accumulator gives the exact sums.
+    """
     return inner * levels * max(weight.max_abs, 1) < _INT32_LIMIT
 
 

@@ -20,7 +20,11 @@ _CHOICES: dict[Hashable, str] = {}
 
 
 def choices() -> dict[Hashable, str]:
-    """What "auto" picked so far, by shape key (a copy)."""
+    """What "auto" picked so far, by shape key (a copy).
+
+    Returns:
+        `{shape key: kernel name}`.
+    """
     return dict(_CHOICES)
 
 
@@ -55,6 +59,15 @@ def pick(key: Hashable, candidates: Mapping[str, Callable[[], T]], device: torch
 
     `candidates` map a kernel name to a call; all must give the same result. Under
     `torch.compile` nothing is timed: the remembered choice, else the first candidate.
+
+    Args:
+        key: What the choice is remembered by (the operands' shapes and device).
+        candidates: `{kernel name: call}`, in order of preference.
+        device: The device the calls run on (synchronised around each timing).
+        timer: The clock to time with.
+
+    Returns:
+        The result of the chosen call.
     """
     if len(candidates) == 1:
         return next(iter(candidates.values()))()

@@ -47,7 +47,16 @@ class Int8Acts(NamedTuple):
 
 def int8_acts(act: ActGrid, x: torch.Tensor, centred: bool) -> Int8Acts:
     """Quantize `x` on `act`'s grid into int8 operands (see the module docstring); `centred`:
-    whether `code - zp` fits int8 for every grid `act` produces."""
+    whether `code - zp` fits int8 for every grid `act` produces.
+
+    Args:
+        act: The activation grid (scale, zero point, levels) of the call.
+        x: The layer's float input.
+        centred: Whether to store `code - zp` rather than offset codes.
+
+    Returns:
+        The int8 operands and their zero points.
+    """
     scale, zero_point = act.grid(x)
     levels = act.qmax - act.qmin
     codes = torch.div(x, scale)

@@ -30,7 +30,15 @@ _INT8_MIN, _INT8_MAX = -128, 127
 
 
 def int8_offset(bits: int, qmin: int) -> int:
-    """Shift that maps b-bit codes [qmin, qmin + 2**b - 1] into int8's [-128, 127]."""
+    """Shift that maps b-bit codes [qmin, qmin + 2**b - 1] into int8's [-128, 127].
+
+    Args:
+        bits: The code width b.
+        qmin: The smallest code.
+
+    Returns:
+        The offset to subtract from a code.
+    """
     return qmin + 2 ** (bits - 1)
 
 

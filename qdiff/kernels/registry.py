@@ -47,7 +47,18 @@ class UnknownKernelError(QdiffError, ValueError):
 
 
 def register_kernel(name: str) -> Callable[[K], K]:
-    """Class decorator: register one instance of a `Kernel` subclass under `name`."""
+    """Class decorator: register one instance of a `Kernel` subclass under `name`.
+
+    Args:
+        name: The kernel's name (a layer setting and a `QDIFF_KERNEL` value).
+
+    Returns:
+        A decorator that registers an instance and returns the class unchanged.
+
+    Raises:
+        ValueError: `name` is taken, or is "auto" or "reference".
+        TypeError: The decorated object is not a `Kernel` subclass.
+    """
     def register(cls: K) -> K:
         if name in (AUTO, REFERENCE) or name in _KERNELS:
             raise ValueError(f"qdiff kernel name {name!r} is taken; registered: {kernel_names()}.")
@@ -62,24 +73,50 @@ def register_kernel(name: str) -> Callable[[K], K]:
 
 
 def unregister_kernel(name: str) -> None:
-    """Remove a registered kernel (layers set to it then fail on their next call)."""
+    """Remove a registered kernel (layers set to it then fail on their next call).
+
+    Args:
+        name: A registered kernel's name; an unknown name is ignored.
+    """
     get_kernel(name)
     del _KERNELS[name]
     _INTEGER_KERNEL.clear()
 
 
 def kernel_names() -> tuple[str, ...]:
-    """Every name a layer can be set to: "auto", the registered kernels, "reference"."""
+    """Every name a layer can be set to: "auto", the registered kernels, "reference".
+
+    Returns:
+        The names, "auto" first and "reference" last.
+    """
     return (AUTO, *_KERNELS, REFERENCE)
 
 
 def available_kernels(device: torch.device) -> tuple[str, ...]:
-    """The registered kernels that run on `device` (in registration order)."""
+    """The registered kernels that run on `device` (in registration order).
+
+    Args:
+        device: The device asked about.
+
+    Returns:
+        The kernel names.
+    """
     return tuple(name for name, kernel in _KERNELS.items() if kernel.available(torch.device(device)))
 
 
 def get_kernel(name: str) -> Kernel:
-    """The registered kernel `name`."""
+    """The registered kernel `name`.
+
+    Args:
+        name: A registered kernel's name.
+
+    Returns:
+        The kernel instance.
+
+    Raises:
+        UnknownKernelError: `name` is not registered (including the settings "auto" and
+            "reference", which name no single kernel).
+    """
     kernel = _KERNELS.get(name)
     if kernel is None:
         check_kernel(name)
@@ -89,7 +126,17 @@ def get_kernel(name: str) -> Kernel:
 
 
 def check_kernel(name: str) -> str:
-    """`name` if a layer can be set to it, else an `UnknownKernelError` listing the choices."""
+    """`name` if a layer can be set to it, else an `UnknownKernelError` listing the choices.
+
+    Args:
+        name: A kernel setting.
+
+    Returns:
+        `name`.
+
+    Raises:
+        UnknownKernelError: `name` is not one of `kernel_names()`.
+    """
     if name not in kernel_names():
         raise UnknownKernelError(f"Unknown qdiff kernel {name!r}; choose one of {kernel_names()} "
                                  f"(e.g. model.set_qdiff_kernel('auto') or {ENV_VAR}=int8).")
@@ -97,7 +144,14 @@ def check_kernel(name: str) -> str:
 
 
 def default_kernel() -> str:
-    """The kernel new integer layers start with: `$QDIFF_KERNEL`, else "auto"."""
+    """The kernel new integer layers start with: `$QDIFF_KERNEL`, else "auto".
+
+    Returns:
+        A kernel setting.
+
+    Raises:
+        UnknownKernelError: `$QDIFF_KERNEL` names no kernel setting.
+    """
     name = os.environ.get(ENV_VAR, AUTO)
     if name not in kernel_names():
         raise UnknownKernelError(f"{ENV_VAR}={name!r} is not a qdiff kernel; choose one of {kernel_names()}.")
@@ -105,7 +159,15 @@ def default_kernel() -> str:
 
 
 def prepare(name: str, weight: Int8Weight) -> None:
-    """Hold `weight` as kernel setting `name` reads it ("auto" keeps what is held)."""
+    """Hold `weight` as kernel setting `name` reads it ("auto" keeps what is held).
+
+    Args:
+        name: A kernel setting.
+        weight: The prepared weight.
+
+    Raises:
+        UnknownKernelError: `name` is not "auto" and not a registered kernel.
+    """
     if name != AUTO:
         get_kernel(name).prepare(weight)
 
@@ -114,7 +176,19 @@ def candidates(name: str, device: torch.device, exact: Callable[[Kernel], bool])
     """The kernels a layer set to `name` may run on operands for which `exact(kernel)` says
     whether a kernel gives the exact sum: the named kernel where it is available and exact,
     else the fallback; for "auto" the device's integer kernel (where exact) and the
-    fallback, in that order, to be timed against each other."""
+    fallback, in that order, to be timed against each other.
+
+    Args:
+        name: The layer's kernel setting.
+        device: The operands' device.
+        exact: Whether a kernel gives the exact sum on these operands.
+
+    Returns:
+        The kernels, in order of preference.
+
+    Raises:
+        UnknownKernelError: `name` is not a kernel setting.
+    """
     fallback = get_kernel(FALLBACK)
     kernel = get_kernel(integer_kernel(device) if name == AUTO else name)
     usable = kernel is fallback or (kernel.available(device) and exact(kernel))
@@ -130,6 +204,12 @@ def integer_kernel(device: torch.device) -> str:
 
     Measured once per device type: every layer on the device then holds its weights in the
     winner's format (one copy), and "auto" weighs only that kernel against the fallback.
+
+    Args:
+        device: The device asked about.
+
+    Returns:
+        A registered kernel's name, or the fallback's when none is available.
     """
     if device.type not in _INTEGER_KERNEL:
         kernels = [kernel for kernel in _KERNELS.values() if kernel.auto_candidate and kernel.available(device)]

@@ -83,6 +83,22 @@ class ClassConditionalLDMPipeline(DiffusionPipeline):
 
         `output_type`: "pil" (list of PIL images), "np" (N, H, W, C) floats in [0, 1],
         "pt" (N, C, H, W) tensor in [0, 1], or "latent" (the latents, not decoded).
+
+        Args:
+            class_labels: One class id, or one per image.
+            guidance_scale: Classifier-free guidance scale; 1 samples without the null class.
+            num_inference_steps: The number of DDIM steps.
+            eta: DDIM's eta (0 is deterministic).
+            generator: The noise's generator, or one per image.
+            latents: Starting latents instead of drawn noise.
+            output_type: "pil", "np", "pt" or "latent".
+            return_dict: Return an `ImagePipelineOutput` rather than a tuple.
+
+        Returns:
+            An `ImagePipelineOutput` whose `images` are in `output_type`, or `(images,)`.
+
+        Raises:
+            ValueError: `output_type` is not one of the four above.
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got "

@@ -90,6 +90,21 @@ class ClassConditionalVideoPipeline(DiffusionPipeline):
         `output_type`: "np" (N, F, H, W, C) floats in [0, 1], as diffusers' video pipelines;
         "pt" (N, F, C, H, W) tensor in [0, 1]; "pil" a list of frame lists; "latent" the
         latents (N, C, F, H, W) as they are.
+
+        Args:
+            class_labels: One class id, or one per video.
+            guidance_scale: Classifier-free guidance scale; 1 samples without the null class.
+            num_inference_steps: The number of Euler steps.
+            generator: The noise's generator, or one per video.
+            latents: Starting latents instead of drawn noise.
+            output_type: "np", "pt", "pil" or "latent".
+            return_dict: Return a pipeline output with `frames` rather than a tuple.
+
+        Returns:
+            The videos in `output_type`, as an output's `frames` or as `(frames,)`.
+
+        Raises:
+            ValueError: `output_type` is not one of the four above.
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt', 'pil' or 'latent', got "

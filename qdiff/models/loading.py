@@ -75,6 +75,20 @@ def load_pipeline(path: str | Path, verify: bool = True, **kwargs: Any) -> Diffu
     Other keyword arguments go to `from_pretrained` (for example `torch_dtype`).
     A name that is not a local path but looks like a hub id (`owner/name`) comes from the
     hub cache, downloaded first when there is a network (`qdiff.models.hub`).
+
+    Args:
+        path: A pipeline folder, or a hub id (`owner/name`).
+        verify: Check the files an export's manifest lists before loading.
+        **kwargs: Passed to `DiffusionPipeline.from_pretrained`.
+
+    Returns:
+        The loaded pipeline, of the class its `model_index.json` names.
+
+    Raises:
+        FileNotFoundError: `path` is a file, names no folder and no reachable hub id, or the
+            folder lacks a component its model index lists.
+        ExportFormatError: A file the export's manifest lists is missing or differs from it.
+        PipelineLoadError: The model index is not valid, or a component cannot be loaded.
     """
     folder = Path(path)
     if folder.is_file():

@@ -30,6 +30,11 @@ def calibrate_on_calls(pipe: DiffusionPipeline, student_by_component: Mapping[st
 
     A student whose quantizers have a declared timestep table (`qdiff.quant.set_timesteps`)
     keeps it; otherwise the table is the timesteps its component was called at.
+
+    Args:
+        pipe: The teacher pipeline.
+        student_by_component: `{component: student}`; components without a student are left out.
+        call_kwargs_batches: The arguments of each `pipe(...)` call to walk.
     """
     def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
         teacher = tap.original(component)

@@ -96,7 +96,17 @@ def cast_inputs(denoiser: nn.Module, args: tuple, kwargs: dict, dtype: torch.dty
 
 def prediction(result: Any) -> torch.Tensor:
     """The raw prediction in a denoiser's return value: a tensor, a tuple's first item, or
-    a diffusers `*Output`'s first field (`sample`)."""
+    a diffusers `*Output`'s first field (`sample`).
+
+    Args:
+        result: What the denoiser returned.
+
+    Returns:
+        The prediction tensor.
+
+    Raises:
+        TypeError: `result` is none of these forms.
+    """
     if isinstance(result, torch.Tensor):
         return result
     if isinstance(result, (BaseOutput, tuple, list)):
@@ -105,7 +115,18 @@ def prediction(result: Any) -> torch.Tensor:
 
 
 def with_prediction(result: Any, output: torch.Tensor) -> Any:
-    """`result` in the same form, its prediction replaced by `output`."""
+    """`result` in the same form, its prediction replaced by `output`.
+
+    Args:
+        result: What the denoiser returned.
+        output: The prediction to put in its place.
+
+    Returns:
+        A tensor, tuple or `*Output` like `result`, holding `output`.
+
+    Raises:
+        TypeError: `result` is not a tensor, a tuple or a diffusers `*Output`.
+    """
     if isinstance(result, torch.Tensor):
         return output
     if isinstance(result, BaseOutput):

@@ -46,6 +46,23 @@ def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str
     (`config`, `dtype`, ...) still see the teacher. `before_call(call)` runs before the
     student answers (its `output` is the teacher's): a trainer takes the optimizer step of
     the previous denoising step there, so the student answers this call updated.
+
+    Args:
+        pipe: The teacher pipeline.
+        student_by_component: `{component: student}`.
+        call_kwargs: The arguments of `pipe(...)`.
+        on_call: Called as `on_call(call, student_output, teacher_output)` at every call of a
+            component with a student, with gradients enabled; it may raise `StopWalk`.
+        follow: "student" (the pipeline continues from the students' answers), "teacher", or
+            a function of the call that gives one of the two.
+        before_call: Called with each call before its student answers.
+
+    Returns:
+        The pipeline's output, or None when the walk was stopped.
+
+    Raises:
+        ValueError: A key of `student_by_component` is not a denoiser component of `pipe`, or
+            `follow` gives something other than "student" or "teacher".
     """
     unknown = set(student_by_component) - set(denoiser_components(pipe))
     if unknown:
@@ -86,7 +103,16 @@ def walk_with_student(pipe: DiffusionPipeline, student_by_component: Mapping[str
 def sample_with_students(pipe: DiffusionPipeline, student_by_component: Mapping[str, nn.Module],
                          call_kwargs: Mapping[str, Any]) -> Any:
     """`pipe(**call_kwargs)` with the students in their components' place (each asked in its
-    own dtype, answering in the teacher's): what the pipeline samples with the students."""
+    own dtype, answering in the teacher's): what the pipeline samples with the students.
+
+    Args:
+        pipe: The teacher pipeline.
+        student_by_component: `{component: student}`; other denoisers stay the teacher's.
+        call_kwargs: The arguments of `pipe(...)`.
+
+    Returns:
+        The pipeline's output.
+    """
     def answer(component: str, index: int, args: tuple, kwargs: dict) -> Any:
         teacher = tap.original(component)
         student = student_by_component.get(component)

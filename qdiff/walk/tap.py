@@ -45,13 +45,27 @@ def working_dtype(pipe: DiffusionPipeline) -> Optional[torch.dtype]:
 
 
 def denoiser_components(pipe: DiffusionPipeline) -> list[str]:
-    """The names of the pipeline's denoiser components that are set (not None)."""
+    """The names of the pipeline's denoiser components that are set (not None).
+
+    Args:
+        pipe: The pipeline.
+
+    Returns:
+        The component names, in `DENOISER_COMPONENTS` order.
+    """
     return [name for name in DENOISER_COMPONENTS
             if isinstance(getattr(pipe, name, None), nn.Module)]
 
 
 class DenoiserProxy(nn.Module):
-    """Stands in for the denoiser `model`: calls go to `answer`, attribute reads to `model`."""
+    """Stands in for the denoiser `model`: calls go to `answer`, attribute reads to `model`.
+
+    Args:
+        component: The component name, passed on to `answer`.
+        model: The real denoiser.
+        answer: Called as `answer(component, args, kwargs)` for every call.
+        working_dtype: The dtype the proxy reports, when it differs from the model's.
+    """
 
     def __init__(self, component: str, model: nn.Module,
                  answer: Callable[[str, tuple, dict], Any],
@@ -95,6 +109,14 @@ class DenoiserTap:
     `handler(component, call_index, args, kwargs)` returns what the pipeline receives;
     `original(component)` is the real model, for handlers that ask it. `calls` counts
     the denoiser calls so far (over all components).
+
+    Args:
+        pipe: The pipeline whose denoiser calls to divert.
+        handler: Called as `handler(component, call_index, args, kwargs)` for every call.
+        components: The components to tap; None taps every denoiser component that is set.
+
+    Raises:
+        ValueError: `pipe` has none of the components asked for.
     """
 
     def __init__(self, pipe: DiffusionPipeline, handler: CallHandler,

@@ -23,6 +23,13 @@ def record_calls(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]
 
     Give `call_kwargs` one generator per sample (`generator=[...]`) so that a sample's
     noise does not depend on the batch it is drawn in.
+
+    Args:
+        pipe: The teacher pipeline.
+        call_kwargs: The arguments of `pipe(...)`.
+
+    Returns:
+        `(output, calls)`: the pipeline's output and its denoiser calls.
     """
     calls: list[DenoiserCall] = []
 

@@ -40,7 +40,15 @@ def _first_call_timestep(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]
 
 
 def pipeline_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) -> torch.Tensor:
-    """`pipe.scheduler.timesteps` as `pipe(**call_kwargs)` sets them (no denoiser runs)."""
+    """`pipe.scheduler.timesteps` as `pipe(**call_kwargs)` sets them (no denoiser runs).
+
+    Args:
+        pipe: The pipeline.
+        call_kwargs: The arguments of the call.
+
+    Returns:
+        The scheduler's timesteps for that call.
+    """
     _first_call_timestep(pipe, call_kwargs)
     return pipe.scheduler.timesteps.detach().clone()
 
@@ -48,7 +56,19 @@ def pipeline_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) 
 def denoiser_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) -> torch.Tensor:
     """The grid of `pipe(**call_kwargs)` as its denoisers see it: the scheduler's timesteps,
     or, for pipelines that pass `timestep / num_train_timesteps` (FLUX, Qwen-Image), those
-    divided as the first call shows (no denoiser runs). Timestep tables are keyed by it."""
+    divided as the first call shows (no denoiser runs). Timestep tables are keyed by it.
+
+    Args:
+        pipe: The pipeline.
+        call_kwargs: The arguments of the call.
+
+    Returns:
+        The timesteps as the denoisers are called with them.
+
+    Raises:
+        ValueError: The first call's timestep is neither the scheduler's first timestep nor
+            it divided by `num_train_timesteps`.
+    """
     called = _first_call_timestep(pipe, call_kwargs)
     t = single_timestep(called)
     grid, divided = grids_as_called(pipe.scheduler, called)
@@ -63,7 +83,15 @@ def denoiser_timesteps(pipe: DiffusionPipeline, call_kwargs: Mapping[str, Any]) 
 
 def use_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     """Give `pipe` the diffusers scheduler class `name`, built from its scheduler's config
-    (nothing changes when it already has one of that class)."""
+    (nothing changes when it already has one of that class).
+
+    Args:
+        pipe: The pipeline; its `scheduler` is replaced.
+        name: A scheduler class of `diffusers`, for example "DDIMScheduler".
+
+    Raises:
+        AttributeError: `diffusers` has no class `name`.
+    """
     import diffusers
 
     if type(pipe.scheduler).__name__ != name:

@@ -23,7 +23,14 @@ TimestepLike = Union[int, float, torch.Tensor]
 
 
 def is_flow_matching(scheduler: SchedulerMixin) -> bool:
-    """Whether the scheduler's model predicts a flow-matching velocity on a sigma grid."""
+    """Whether the scheduler's model predicts a flow-matching velocity on a sigma grid.
+
+    Args:
+        scheduler: The pipeline's scheduler.
+
+    Returns:
+        True for flow-matching schedulers.
+    """
     config = scheduler.config
     return (bool(config.get("use_flow_sigmas", False))
             or config.get("prediction_type") == "flow_prediction"
@@ -69,7 +76,19 @@ def flow_sigma(scheduler: SchedulerMixin, timestep: TimestepLike) -> float:
 
 
 def x0_scale(scheduler: SchedulerMixin, timestep: TimestepLike) -> float:
-    """d x0 / d (raw denoiser output) at `timestep` under the scheduler's parameterisation."""
+    """d x0 / d (raw denoiser output) at `timestep` under the scheduler's parameterisation.
+
+    Args:
+        scheduler: The pipeline's scheduler.
+        timestep: The call's timestep (one for the whole batch).
+
+    Returns:
+        The scale to weight the loss on the raw output by, so that it measures x0's error.
+
+    Raises:
+        ValueError: The batch has several timesteps, the timestep is not on the scheduler's
+            grid, or the scheduler's `prediction_type` has no x0 weighting.
+    """
     if is_flow_matching(scheduler):
         return flow_sigma(scheduler, timestep)
     a_t = float(scheduler.alphas_cumprod[int(round(single_timestep(timestep)))])

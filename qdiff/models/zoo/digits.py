@@ -1,6 +1,6 @@
 """Train the embedded models on scikit-learn's digits and write them to `assets/`.
 
-    python -m qdiff.models.zoo.digits            # ~25 minutes on 2 CPU cores
+    python -m qdiff.models.zoo.digits            # runs on the CPU
 
 writes
     assets/digits-features/   the feature network (FID/sFID/IS/accuracy on this domain)

@@ -33,8 +33,8 @@ CONTEXT_DIM = 64
 def build_video_transformer() -> WanTransformer3DModel:
     """About 0.6 M parameters: width 96 (3 heads of 32), 4 blocks, FFN 256; one grey channel.
 
-    Width 64 with 3 blocks (0.2 M) trained as long left the digit changing shape from frame
-    to frame (45% of frames classified as their class).
+    The width and depth are what it takes for the digit to keep its shape from frame to
+    frame; a smaller transformer lets it change shape (docs/notes/research-log.md, Video).
     """
     return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=32, in_channels=1,

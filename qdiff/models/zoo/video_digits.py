@@ -1,6 +1,6 @@
 """Train the embedded video teacher on moving digits and write it to `assets/tiny-wan-digits/`.
 
-    python -m qdiff.models.zoo.video_digits       # ~45 minutes on 2 CPU threads
+    python -m qdiff.models.zoo.video_digits       # runs on the CPU
 
 The pipeline is assembled in `tiny-wan-digits.partial/` and renamed when complete, so a
 crash never leaves a folder that looks finished; an existing teacher is kept unless
