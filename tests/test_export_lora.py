@@ -6,12 +6,19 @@ pipeline and into its export: at every layer the LoRA adds the same thing to the
 as to the float one (float rounding); the denoiser output and the images move the same way;
 `set_adapters` weights, `disable_lora`, and `unload_lora_weights` (the exact pre-LoRA outputs)
 behave as on the float pipeline; `fuse_lora` is refused.
+
+Every other tiny family whose diffusers pipeline has a LoRA loader -- SDXL, SD3, Qwen-Image,
+FLUX.2, Wan 2.2 I2V (`WanImageToVideoPipeline`), LTX-2 and CogVideoX (`MORE_FAMILIES`) -- runs
+one lighter test: the LoRA takes every target (attention and other layers) on an integer layer,
+each LoRA layer adds the float one's branch, the denoiser output moves as the float one's, and
+`unload_lora_weights` gives back the export's output bit for bit. HunyuanVideo 1.5 and DiT
+are not tested: their pipelines have no LoRA loader.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pytest
@@ -29,7 +36,10 @@ from qdiff.export import IntLayer, SplitIntLayer, quantized_class_for  # noqa: E
 from qdiff.export.lora import IntLoraConv2d, IntLoraConv3d, IntLoraLinear, LoraFusionError  # noqa: E402
 from qdiff.families import family_for  # noqa: E402
 from qdiff.quant import quantize_, timestep_context  # noqa: E402
-from tiny_families import PROMPTS, tiny_flux, tiny_stable_diffusion, tiny_wan  # noqa: E402
+from tiny_families import (FLUX2_TEXT_LAYERS, PROMPTS, tiny_cogvideox, tiny_flux,  # noqa: E402
+                           tiny_flux2, tiny_image, tiny_ltx2, tiny_qwen_image,
+                           tiny_stable_diffusion, tiny_stable_diffusion_3,
+                           tiny_stable_diffusion_xl, tiny_wan, tiny_wan22_i2v)
 
 pytestmark = pytest.mark.usefixtures("one_thread", "quiet")
 
@@ -42,6 +52,9 @@ class Family:
     lora_arg: str  # save_lora_weights' argument for the denoiser's layers
     targets: list[str]
     call: dict  # pipeline call kwargs, but the generator
+    # ModelConfig fields for the export's calibration (sizes, pipeline_kwargs); default: the
+    # call's size (and an image-to-video call's first frames)
+    model: dict = field(default_factory=dict)
 
 
 FAMILIES = {
@@ -63,6 +76,55 @@ FAMILIES = {
 }
 
 
+# Every other family whose pipeline has a LoRA loader: the lighter test below only (the
+# image comparisons of `pipes` would not fit the suite's time). Targets: attention and at
+# least one non-attention layer (MLP, modulation, patch embedding, resnet conv).
+MORE_FAMILIES = {
+    "sdxl": Family("sdxl", tiny_stable_diffusion_xl, "unet", "unet_lora_layers",
+                   ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1",
+                    "conv_shortcut", "time_emb_proj"],
+                   dict(prompt="a red bus", height=16, width=16, num_inference_steps=2,
+                        guidance_scale=1.0)),
+    "sd3": Family("sd3", tiny_stable_diffusion_3, "transformer", "transformer_lora_layers",
+                  ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "ff.net.2",
+                   "ff_context.net.0.proj", "norm1.linear"],
+                  dict(prompt="a red bus", height=8, width=8, num_inference_steps=2,
+                       guidance_scale=1.0, max_sequence_length=8),
+                  dict(image_size=[8, 8], pipeline_kwargs=dict(max_sequence_length=8))),
+    "qwen-image": Family("qwen-image", tiny_qwen_image, "transformer", "transformer_lora_layers",
+                         ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "to_add_out",
+                          "img_mlp.net.2", "txt_mlp.net.0.proj", "img_mod.1"],
+                         dict(prompt="a red bus", height=16, width=16, num_inference_steps=2,
+                              true_cfg_scale=1.0)),
+    "flux2": Family("flux2", tiny_flux2, "transformer", "transformer_lora_layers",
+                    ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_qkv_mlp_proj",
+                     "linear_in", "linear_out"],
+                    dict(prompt="a red bus", height=8, width=8, num_inference_steps=2,
+                         guidance_scale=4.0, max_sequence_length=40,
+                         text_encoder_out_layers=FLUX2_TEXT_LAYERS),
+                    dict(image_size=[8, 8], pipeline_kwargs=dict(
+                        max_sequence_length=40, text_encoder_out_layers=list(FLUX2_TEXT_LAYERS)))),
+    "wan-i2v": Family("wan-i2v", tiny_wan22_i2v, "transformer", "transformer_lora_layers",
+                      ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2",
+                       "patch_embedding"],
+                      dict(image=tiny_image(), prompt="a red bus", height=16, width=16,
+                           num_frames=5, num_inference_steps=2, guidance_scale=1.0,
+                           guidance_scale_2=1.0, max_sequence_length=8)),
+    "ltx2": Family("ltx2", tiny_ltx2, "transformer", "transformer_lora_layers",
+                   ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "audio_ff.net.2",
+                    "proj_in", "audio_proj_in"],
+                   dict(prompt="a red bus", height=32, width=32, num_frames=5,
+                        num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16,
+                        spatio_temporal_guidance_blocks=[0]),
+                   dict(video_size=[5, 32, 32], pipeline_kwargs=dict(
+                       max_sequence_length=16, spatio_temporal_guidance_blocks=[0]))),
+    "cogvideox": Family("cogvideox", tiny_cogvideox, "transformer", "transformer_lora_layers",
+                        ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                         "norm1.linear", "patch_embed.proj"],
+                        dict(prompt="a red bus", height=16, width=16, num_frames=5,
+                             num_inference_steps=2, guidance_scale=1.0)),
+}
+
 # W8A8 with per-token activations: the exports' own error stays well below the LoRA's move, so
 # whole outputs can be compared; the layer-level check holds at any precision (see the split test).
 EXPORT_QUANT = QuantConfig(weight_bits=8, act_bits=8, act_mode="dynamic_per_token")
@@ -72,8 +134,12 @@ def _export(pipe, family: Family, folder, quant: QuantConfig = EXPORT_QUANT):
     """A copy of `pipe` whose denoiser is the integer model of a calibrated student."""
     prompts = folder / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    sizes = {"video_size": [5, 16, 16]} if family.denoiser == "transformer" and "num_frames" in family.call \
-        else {"image_size": [16, 16]}
+    sizes = family.model or ({"video_size": [5, 16, 16]} if "num_frames" in family.call
+                             else {"image_size": [16, 16]})
+    if "image" in family.call:  # image to video: a folder of first frames
+        (folder / "frames").mkdir(exist_ok=True)
+        family.call["image"].save(folder / "frames" / "0.png")
+        sizes = {**sizes, "images": str(folder / "frames")}
     student = copy.deepcopy(getattr(pipe, family.denoiser))
     quantize_(student, quant, LoRAConfig())
     calibrate(student, family_for(pipe, ModelConfig(prompts=str(prompts), **sizes)), 2, 2, 0.0, 1.0)
@@ -287,3 +353,29 @@ def test_a_partial_load_keeps_the_integer_codes(pipes, tmp_path):
     assert any(m.int8 is not None for m in denoiser.modules() if isinstance(m, IntLayer))
     denoiser.load_state_dict({}, strict=False)
     assert torch.equal(_denoise(exported, family), before)
+
+
+@pytest.mark.parametrize("name", list(MORE_FAMILIES))
+def test_every_lora_family_takes_a_lora_at_every_layer_and_unloads_exactly(name, tmp_path):
+    """SDXL, SD3, Qwen-Image, FLUX.2, Wan 2.2 I2V, LTX-2 and CogVideoX: the LoRA loads on the
+    export through the family's own loader, every target takes it on an integer layer, each
+    LoRA layer adds the float pipeline's branch, the denoiser output moves as on the float
+    pipeline, and `unload_lora_weights` gives back the export's own output bit for bit."""
+    family = MORE_FAMILIES[name]
+    pipe = family.build()
+    exported = _export(pipe, family, tmp_path)
+    lora = _random_lora(pipe, family, tmp_path)
+    float_before, int_before = _denoise(pipe, family), _denoise(exported, family)
+    pipe.load_lora_weights(lora)
+    exported.load_lora_weights(lora)
+    wrapped = set(map(id, _check_layers(family, pipe, exported)))
+    wrapped = [n for n, m in getattr(exported, family.denoiser).named_modules() if id(m) in wrapped]
+    for target in family.targets:  # attention and the rest: all on integer layers
+        assert any(n == target or n.endswith("." + target) for n in wrapped), target
+    float_move = _denoise(pipe, family) - float_before
+    int_move = _denoise(exported, family) - int_before
+    assert float_move.norm() > 0 and _cosine(int_move, float_move) > 0.9
+    exported.unload_lora_weights()
+    denoiser = getattr(exported, family.denoiser)
+    assert not any(isinstance(m, BaseTunerLayer) for m in denoiser.modules())
+    assert torch.equal(_denoise(exported, family), int_before)
