@@ -227,6 +227,24 @@ def test_dynamic_calibration_clips_wide_tokens_and_lowers_error():
     assert calibrated < minmax
 
 
+def test_dynamic_minmax_init_keeps_each_tokens_own_range():
+    """`act_init: minmax`: calibration leaves every clip ratio at 1 (torchao's dynamic int8
+    grid), where the Lp search of the same tokens clips them."""
+    x = torch.randn(4, 16, 256, generator=torch.Generator().manual_seed(0))
+    ratios = {}
+    for init in ("mse", "minmax"):
+        context = TimestepContext()
+        quantizer = DynamicActQuantizer(4, context, num_groups=2, init_method=init)
+        quantizer.start_calibration()
+        with context.use(900):
+            quantizer(x)
+        quantizer.finish_calibration()
+        ratios[init] = quantizer.clip_ratio.tolist()
+    assert ratios["minmax"] == [1.0, 1.0] and ratios["mse"][0] < 1.0
+    with pytest.raises(ValueError, match="'mse' or 'minmax'"):
+        DynamicActQuantizer(4, TimestepContext(), init_method="percentile")
+
+
 @pytest.mark.parametrize("batch_elements", [1, 1 << 20])  # one ratio per batch; all 100 at once
 def test_dynamic_calibration_picks_the_ratio_with_the_lowest_error(monkeypatch, batch_elements):
     monkeypatch.setattr(primitives, "SEARCH_ELEMENTS", batch_elements)
