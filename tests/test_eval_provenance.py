@@ -21,6 +21,8 @@ def test_every_results_file_is_in_a_suite_folder_and_listed_in_the_provenance():
     assert {e["file"] for e in listed["files"]} == files, "run python -m eval.common.provenance"
     table = (report.RESULTS / "PROVENANCE.md").read_text()
     assert "Recovered after the fact" in table
+    assert f"](../../{provenance.STUDIES}/PROVENANCE.md)" in table, "the studies' folder is named as not covered"
+    assert (report.ROOT / provenance.STUDIES / "PROVENANCE.md").is_file()
     assert all(f"]({f})" in table for f in files), "run python -m eval.common.provenance"
     assert all(e["commit"] != provenance.NOT_RECORDED for e in listed["files"])
 

@@ -13,7 +13,9 @@ for it, so this recovers what the repository still knows about each file --
   line of the Markdown report of the same run (named in the table);
 - machine: the CPU, thread count or torch version the file states, the same way.
 
-Anything not stated is "not recorded": the recovery does not guess. Run it again after
+The study results moved to docs/notes/studies-2026-11/ for the research log are not covered
+(the generated table says so): their rows were copied into that folder's PROVENANCE.md when
+they moved. Anything not stated is "not recorded": the recovery does not guess. Run it again after
 adding or changing a result (tests/test_eval_provenance.py checks that every results file
 is listed).
 """
@@ -31,6 +33,12 @@ NOT_RECORDED = "not recorded"
 OWN_FILES = ("PROVENANCE.md", "provenance.json")
 # Plots and secondary tables are named after their run's report with one of these endings.
 DERIVED = ("-frames", "-training", "-quality", "-samples")
+# Not covered: the study results moved out of eval/results/ for the research log, whose rows
+# were copied into that folder's own PROVENANCE.md when they moved.
+STUDIES = "docs/notes/studies-2026-11"
+STUDIES_NOTE = (f"Not covered: the study results of November 2026 (seed spreads, ablations, sweeps, "
+                f"superseded variants), kept for the research log in {STUDIES}/ -- their provenance, "
+                f"recovered before the move, is in that folder's PROVENANCE.md.")
 COMMAND = [re.compile(r"Command: `([^`]+)`"), re.compile(r"Produced by `([^`]+)`")]
 MACHINE = [re.compile(r"Machine: ([^.]+(?:\.\d+[^.]*)*)\."),
            re.compile(r"^(CPU \([^)]*\)[^;\n]*)", re.M),
@@ -135,6 +143,7 @@ def write(entries: list[dict]) -> None:
     (RESULTS / "provenance.json").write_text(json.dumps({
         "recovered": "after the fact, from git history and the files' own text; see eval/common/provenance.py",
         "generated_by": {k: generator[k] for k in ("command", "git_commit", "created")},
+        "not_covered": {"path": STUDIES, "reason": STUDIES_NOTE},
         "counts": {"files": len(entries), **counts}, "files": entries}, indent=2) + "\n")
     lines = ["# Provenance of the committed results", "",
              "**Recovered after the fact** by `python -m eval.common.provenance`, not recorded when "
@@ -147,7 +156,8 @@ def write(entries: list[dict]) -> None:
              "\"not recorded\" means the file does not say; nothing here is guessed. "
              "The same in machine-readable form: [provenance.json](provenance.json).", "",
              f"{len(entries)} files: {counts['commit']} with a commit, {counts['command']} with a command, "
-             f"{counts['machine']} with a machine.", ""]
+             f"{counts['machine']} with a machine.", "",
+             STUDIES_NOTE.replace(f"{STUDIES}/", f"[{STUDIES}/](../../{STUDIES}/PROVENANCE.md)"), ""]
     for suite in sorted({e["suite"] for e in entries}):
         lines += [f"## {suite}", "", "| file | last changed | command | machine |", "|---|---|---|---|"]
         for e in (e for e in entries if e["suite"] == suite):

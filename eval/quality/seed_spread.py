@@ -13,7 +13,8 @@ then scores every student as eval/quality/finetune.py does (1000 samples, the FP
 FID to the FP samples) and reports each variant's mean and range. A run that keeps a moving
 average (`distill.ema_decay`) is scored twice, its average and its last step's weights: the
 same training, so their difference is the average's alone.
-Writes eval/results/quality/seed-spread.md and .json (or --report's name).
+Writes eval/results/quality/seed-spread.md and .json (or --report's name). The runs of Nov 2026
+(seed-spread*.md) are kept for the research log in docs/notes/studies-2026-11/quality/.
 """
 
 from __future__ import annotations
