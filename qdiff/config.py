@@ -50,6 +50,12 @@ def act_modes() -> tuple[str, ...]:
     return registered()
 
 
+def weight_modes() -> tuple[str, ...]:
+    """The registered `quant.weight_mode` values (`qdiff.quant.register_weight_quantizer`)."""
+    from qdiff.quant import weight_modes as registered  # late: qdiff.quant imports this module
+    return registered()
+
+
 def family_names() -> tuple[str, ...]:
     """"auto" and the registered `model.family` values (`qdiff.families.register_family`)."""
     from qdiff.families import FAMILIES  # late: qdiff.families imports this module
@@ -197,6 +203,9 @@ class QuantConfig:
     lp_norm: float = 2.4
     learn_zero_point: bool = False  # LSQ+ instead of LSQ
     lsq_grad_scale: bool = True  # scale step-size gradients by 1/sqrt(numel * qmax)
+    # "per_channel" (LSQ step size per output channel), or a mode registered with
+    # qdiff.quant.register_weight_quantizer
+    weight_mode: str = "per_channel"
     # "temporal" (LSQ table per timestep), "dynamic_per_token", or a mode registered with
     # qdiff.quant.register_act_quantizer
     act_mode: str = "temporal"
@@ -222,6 +231,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _check_bits("quant.weight_bits", self.weight_bits)
         _check_bits("quant.act_bits", self.act_bits)
+        _check_choice("quant.weight_mode", self.weight_mode, weight_modes())
         _check_choice("quant.weight_init", self.weight_init, ("minmax", "mse"))
         _check_choice("quant.act_mode", self.act_mode, act_modes())
         _check_choice("quant.act_init", self.act_init, ("minmax", "mse"))

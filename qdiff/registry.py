@@ -1,9 +1,11 @@
 """`ClassRegistry`: names -> classes, filled by a class decorator.
 
 An extension point of qdiff is one registry: the activation quantizers by
-`quant.act_mode` (`qdiff.quant.register_act_quantizer`) and the export's activation codes
-by `act_granularity` (`qdiff.export.act_codes.register_act_codes`). A new kind is one new
-file whose class carries the decorator; nothing else in qdiff names it. The registry is a
+`quant.act_mode` (`qdiff.quant.register_act_quantizer`), the weight quantizers by
+`quant.weight_mode` (`qdiff.quant.register_weight_quantizer`) and the export's
+activation codes by `act_granularity` (`qdiff.export.act_codes.register_act_codes`). A
+new kind is one new file whose class carries the decorator; nothing else in qdiff names
+it. The registry is a
 read-only mapping in registration order, so callers ask `name in registry`,
 `registry[name]` and `list(registry)`.
 """

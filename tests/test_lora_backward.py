@@ -87,7 +87,7 @@ def test_quantize_and_clipped_are_fake_quantizes_value_and_zero_gradient(overwri
         quantizer.scale.fill_(0.1)
         quantizer.zero_point.fill_(0.0)
     weight.requires_grad_(True)
-    scale, zero_point = quantizer._params(weight)
+    scale, zero_point = quantizer.grid(weight)
     expected = fake_quantize(weight, scale, zero_point, quantizer.qmin, quantizer.qmax)
     expected.sum().backward()
     given = weight.detach().clone()

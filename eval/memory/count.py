@@ -12,8 +12,9 @@ registers with `quant.packed_base_weight=true`:
 
 - `base_codes`: the frozen W0's codes, flat uint8, `8 // container_bits(bits)` codes a byte;
 - `base_scale`, `base_zero_point`: float32, one per output channel (frozen copies);
-- the weight quantizer's `scale` (parameter) and `zero_point` (buffer, or parameter with
-  LSQ+), float32 per output channel;
+- the weight quantizer, built here for real from `quant.weight_mode` -- a `per_channel` one
+  holds `scale` (parameter) and `zero_point` (buffer, or parameter with LSQ+), float32 per
+  output channel;
 - the activation quantizer(s): built here for real (they are a few floats) -- a
   `dynamic_per_token` one holds `act_timestep_groups` clipping ratios and the group edges, a
   `temporal` one a table of `table_entries` timesteps, step sizes and zero points; a split
@@ -38,11 +39,10 @@ import torch
 from torch import nn
 
 from qdiff.config import AuxConfig, LoRAConfig, QuantConfig
-from qdiff.quant import TimestepContext, act_quantizer_class
+from qdiff.quant import TimestepContext, act_quantizer_class, weight_quantizer_class
 from qdiff.quant.concat_inputs import concat_input_splits
 from qdiff.quant.packing import container_bits
 from qdiff.quant.quantize import layer_bits, select_layers
-from qdiff.quant.weight_quantizer import LSQWeightQuantizer
 
 GB = 1e9  # decimal gigabytes, as GPU memory is sold ("80 GB")
 ADAM_STEP_BYTES = 4  # torch.optim.AdamW keeps `step` as a float32 scalar per parameter
@@ -174,8 +174,8 @@ def student_bytes(model: nn.Module, quant_cfg: QuantConfig, lora_cfg: Optional[L
         else:
             out.other_float += weight.numel() * FLOAT32
         with torch.device("cpu"):
-            weight_quantizer = LSQWeightQuantizer(out_channels, weight_bits, quant_cfg.weight_symmetric,
-                                                  quant_cfg.learn_zero_point)
+            weight_quantizer = weight_quantizer_class(quant_cfg.weight_mode).from_config(
+                quant_cfg, out_channels=out_channels, bits=weight_bits)
         total, trained, count = _module_bytes(weight_quantizer, train_weight_scales)
         out.quantizer_tables += total
         out.trainable += trained

@@ -90,8 +90,7 @@ def weight_codes(name: str, layer: QuantLayer) -> tuple[torch.Tensor, torch.Tens
     quantizer = layer.weight_quantizer
     fake = quantizer(weight)
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    scale = quantizer.scale.detach().float().clamp_min(1e-8).view(shape)
-    zero_point = quantizer.zero_point.detach().float().round().view(shape)
+    scale, zero_point = (param.view(shape) for param in quantizer.export_params())
     codes = torch.round(fake / scale) + zero_point
     error = ((codes - zero_point) * scale - fake).abs().max()
     if not torch.isfinite(error) or error > 1e-5 * fake.abs().max().clamp_min(1e-30):
@@ -109,7 +108,7 @@ def freeze_layer(name: str, layer: QuantLayer, context: TimestepContext) -> Expo
     check_no_aux([(name, layer)])
     tables = _act_tables(name, layer)
     spec = _layer_spec(layer, tables[0])
-    int_layer = empty_int_layer(layer.base_layer, spec, context).to(layer.weight_quantizer.scale.device)
+    int_layer = empty_int_layer(layer.base_layer, spec, context).to(layer.weight_quantizer.device)
     for table, target in zip(tables, _act_modules(int_layer)):
         target.load_table(table.tensors)
     int_layer.set_weight(*weight_codes(name, layer))

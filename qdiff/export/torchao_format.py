@@ -118,8 +118,8 @@ def _from_student(layer: QuantLayer) -> _Portable:
     replaced = ratio is None or symmetric or bool((ratio.detach().clamp_min(1e-4) != 1).any())
     return _Portable(
         isinstance(layer, QuantLinear), layer.weight_bits, layer.act_bits, symmetric,
-        lambda: wq.codes(layer.adapted_weight()), wq.zero_point.detach().round(),
-        wq.scale.detach().clamp_min(1e-8).float(),
+        lambda: wq.codes(layer.adapted_weight()), wq.export_params()[1],
+        wq.export_params()[0],
         _reason(layer.act_bits, layer.input_rotation is not None, bool(layer.act_split),
                 bool(getattr(quantizer, "group_size", 0))),
         replaced, lambda: layer.to_module().requires_grad_(False))

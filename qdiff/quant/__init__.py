@@ -9,6 +9,8 @@
 # the built-in activation quantizers register their modes on import, the default first
 from .temporal_act_quantizer import TemporalActQuantizer  # isort: skip
 from .dynamic_act_quantizer import DynamicActQuantizer  # isort: skip
+# and the built-in weight quantizer registers its mode (the default)
+from .lsq_weight_quantizer import LSQWeightQuantizer  # isort: skip
 from .act_quantizer import (ActQuantizer, ActTable, UnknownActModeError, act_modes,
                             act_quantizer_class, register_act_quantizer, unregister_act_quantizer)
 from .aux_branch import AuxBranch
@@ -25,11 +27,14 @@ from .rank_decay import RankDecay
 from .report import QuantizationReport, ReportRow
 from .split_act_quantizer import SplitActQuantizer
 from .timestep_context import TimestepContext
-from .weight_quantizer import LSQWeightQuantizer
+from .weight_quantizer import (UnknownWeightModeError, WeightQuantizer, register_weight_quantizer,
+                               unregister_weight_quantizer, weight_modes, weight_quantizer_class)
 
 __all__ = [
     "ActQuantizer", "ActTable", "UnknownActModeError", "act_modes", "act_quantizer_class",
     "register_act_quantizer", "unregister_act_quantizer",
+    "UnknownWeightModeError", "WeightQuantizer", "register_weight_quantizer",
+    "unregister_weight_quantizer", "weight_modes", "weight_quantizer_class",
     "AuxBranch", "DynamicActQuantizer", "LSQWeightQuantizer", "QUANT_LAYERS", "QuantConv2d",
     "QuantConv3d", "QuantLayer", "QuantLinear", "QuantParams", "QuantizationReport", "RankDecay",
     "ReportRow", "SplitActQuantizer", "TemporalActQuantizer", "TimestepContext", "act_param_groups", "calibrating", "fake_quantize",

@@ -35,7 +35,7 @@ from .packing import pack_codes, unpack_codes
 from .rotation import HadamardRotation
 from .split_act_quantizer import SplitActQuantizer
 from .timestep_context import TimestepContext
-from .weight_quantizer import LSQWeightQuantizer
+from .weight_quantizer import WeightQuantizer, weight_quantizer_class
 
 
 class QuantLayer(nn.Module):
@@ -56,9 +56,8 @@ class QuantLayer(nn.Module):
         self.weight_shape = tuple(weight.shape)
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.context = context or TimestepContext()
-        self.weight_quantizer = LSQWeightQuantizer(
-            weight.shape[0], weight_bits, quant_cfg.weight_symmetric, quant_cfg.learn_zero_point,
-            quant_cfg.lsq_grad_scale).to(weight.device)
+        self.weight_quantizer: WeightQuantizer = weight_quantizer_class(quant_cfg.weight_mode).from_config(
+            quant_cfg, out_channels=weight.shape[0], bits=weight_bits).to(weight.device)
         self.weight_quantizer.init_from(weight, quant_cfg.weight_init, quant_cfg.lp_norm)
         self.base_layer = base_layer.requires_grad_(False)
         self.act_quantizer: Union[ActQuantizer, SplitActQuantizer] = self._make_act_quantizer(
@@ -141,7 +140,7 @@ class QuantLayer(nn.Module):
             raise ValueError(f"Cannot split the input of {self.base_layer} into channel slices "
                              f"{list(widths)}: they add up to {sum(widths)}, not its {in_channels} "
                              f"input channels.")
-        device = self.weight_quantizer.scale.device
+        device = self.weight_quantizer.device
         parts = [self._make_act_quantizer(self.act_bits, cfg, width).to(device) for width in widths]
         if len({part.group_size for part in parts}) > 1:
             raise ValueError(f"Cannot quantize the input slices {list(widths)} of {self.base_layer} in "
@@ -172,12 +171,14 @@ class QuantLayer(nn.Module):
         self.lora_B = nn.Parameter(weight.new_zeros(weight.shape[0], rank))
 
     @torch.no_grad()
-    def _pack_base(self, weight: torch.Tensor, quantizer: LSQWeightQuantizer) -> None:
-        """Store `weight` as packed codes on `quantizer`'s current grid (frozen copies of s, zp)."""
+    def _pack_base(self, weight: torch.Tensor, quantizer: WeightQuantizer) -> None:
+        """Store `weight` as packed codes on `quantizer`'s current grid (frozen copies of its
+        per-channel s, zp: `export_params`)."""
         codes = pack_codes(quantizer.codes(weight), quantizer.bits, quantizer.qmin)
+        scale, zero_point = quantizer.export_params()
         self.register_buffer("base_codes", codes)
-        self.register_buffer("base_scale", quantizer.scale.detach().clamp_min(1e-8).clone())
-        self.register_buffer("base_zero_point", quantizer.zero_point.detach().round().clone())
+        self.register_buffer("base_scale", scale.clone())
+        self.register_buffer("base_zero_point", zero_point.clone())
         self.base_dtype = weight.dtype
 
     def base_weight(self) -> torch.Tensor:
@@ -193,7 +194,7 @@ class QuantLayer(nn.Module):
     def get_delta_weight(self) -> torch.Tensor:
         """B @ A reshaped to the weight's shape (zeros without LoRA)."""
         if self.lora_A is None:
-            return torch.zeros(self.weight_shape, device=self.weight_quantizer.scale.device)
+            return torch.zeros(self.weight_shape, device=self.weight_quantizer.device)
         return (self.lora_B @ self.lora_A.flatten(1)).view(self.weight_shape)
 
     def adapted_weight(self) -> torch.Tensor:
