@@ -60,3 +60,23 @@ def test_every_suite_runs_as_a_module_from_the_repository_root():
         out = subprocess.run([sys.executable, "-m", f"eval.{suite}", "--help"], cwd=report.ROOT,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and "usage: python -m eval." in out.stdout, (suite, out.stderr[-2000:])
+
+
+def test_a_rewritten_report_does_not_mark_the_code_dirty(tmp_path, monkeypatch):
+    """The JSON a run wrote is tracked and changed when its Markdown asks for provenance:
+    only changes outside eval/results/ make a report's commit 'with uncommitted changes'."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    (tmp_path / "eval" / "results").mkdir(parents=True)
+    (tmp_path / "eval" / "results" / "r.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    (tmp_path / "eval" / "results" / "r.json").write_text('{"rows": []}')
+    assert report.provenance("cmd")["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert report.provenance("cmd")["git_dirty"] is True

@@ -83,7 +83,7 @@ def _git(*args: str) -> str | None:
 
 def provenance(command: str | None = None) -> dict:
     """Who made a report: qdiff and torch versions, the commit (and whether the work tree
-    differed from it), the machine and the command line."""
+    differed from it outside eval/results/), the machine and the command line."""
     try:
         import qdiff
         version = getattr(qdiff, "__version__", "unknown")
@@ -94,7 +94,8 @@ def provenance(command: str | None = None) -> dict:
         torch_version = torch.__version__
     except ImportError:
         torch_version = "not installed"
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # changes under eval/results/ are reports being (re)written, not the code that makes them
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)eval/results")
     return {"qdiff_version": version, "git_commit": _git("rev-parse", "HEAD") or "unknown",
             "git_dirty": None if status is None else bool(status),
             "torch_version": torch_version, "python": platform.python_version(),
