@@ -3,6 +3,7 @@ eager and compiled; and what a user's LoRA costs on an export.
 
     python -m eval.speed.portable            # -> eval/results/speed/portable.md and .json
     python -m eval.speed.portable --quick    # small sizes, few repeats (own files: -quick)
+    python -m eval.speed.portable --models sd --parts lora --report portable-lora   # the LoRA alone
 
 Two denoisers, each W4A8 with per-token int8 activations at clip ratio 1 (what
 `configs/tiny-ldm-w4a8-torchao.yaml` trains, so both exports compute the same layers):
@@ -21,13 +22,15 @@ the variants take turns within each repeat after an untimed warm-up (eval.speed.
 LoRA (SD-sized UNet, eager): a random rank-32 LoRA on every attention projection, feed-forward
 and proj_in/proj_out Linear (diffusers' `add_adapter`, PEFT), on the float32 teacher and on
 qdiff's export (its float branch beside each integer layer, `qdiff.export.lora`); the
-ratio is the forward time with the LoRA over without, per repeat.
+ratio is the forward time with the LoRA over without, per repeat. Only these four models
+are held in memory while it is timed (`--parts lora` runs it alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import tempfile
 import time
@@ -184,22 +187,29 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
     return lora.eval()
 
 
-def measure(model: Model, repeats: int, inner: int, compile_: bool, lora: bool) -> dict:
+def measure(model: Model, repeats: int, inner: int, parts: set[str]) -> dict:
+    """The `parts` ("eager", "compiled", "lora") of one model, in that order."""
     result = {"name": model.name, "describe": model.describe, "sizes": model.sizes}
-    eager = interleaved(model.variants, model.inputs, repeats, inner)
-    result["eager"] = {"seconds": eager, "ratios": ratios(eager, "float32")}
-    if compile_:
+    if "eager" in parts:
+        eager = interleaved(model.variants, model.inputs, repeats, inner)
+        result["eager"] = {"seconds": eager, "ratios": ratios(eager, "float32")}
+    if "compiled" in parts:
         times = interleaved(compiled(model.variants), model.inputs, repeats, inner)
         result["compiled"] = {"seconds": times, "ratios": ratios(times, "float32 compiled")}
-    if lora:
+        torch._dynamo.reset()  # the compiled graphs hold frozen copies of every weight
+    if "lora" in parts:
+        names = ("float32", "qdiff W4A8")
+        for name in set(model.variants) - set(names):  # only what the LoRA pairs need in memory
+            del model.variants[name]
+        gc.collect()
         pairs = {}
-        for name in ("float32", "qdiff W4A8"):
+        for name in names:
             pairs[name] = model.variants[name]
             pairs[f"{name} + LoRA"] = with_lora(model.variants[name])
         times = interleaved(pairs, model.inputs, repeats, inner)
         result["lora"] = {"seconds": times, "ratios": {
-            name: ratios({"a": times[f"{name} + LoRA"], "b": times[name]}, "a")["b"]
-            for name in ("float32", "qdiff W4A8")}}
+            name: ratios({"with": times[f"{name} + LoRA"], "without": times[name]}, "with")["without"]
+            for name in names}}
     return result
 
 
@@ -243,8 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats")
     parser.add_argument("--models", default="digits,sd")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--parts", default="eager,compiled,lora",
+                        help="what to time: eager, compiled, lora (the SD-sized model only)")
+    parser.add_argument("--report", default="portable", help="write eval/results/speed/REPORT.md and .json")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if not parts <= {"eager", "compiled", "lora"}:
+        parser.error(f"--parts takes eager, compiled, lora; not {sorted(parts - {'eager', 'compiled', 'lora'})}")
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()  # the torchao loader's bfloat16 advice, once per load
     repeats = args.repeats or (2 if args.quick else 7)
@@ -255,13 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="qdiff-portable-") as tmp:
         if "digits" in args.models:
             model = digits_model(Path(tmp))
-            results["models"].append(measure(model, repeats, 1 if args.quick else 20, args.compile, False))
+            results["models"].append(measure(model, repeats, 1 if args.quick else 20, parts - {"lora"}))
             print(results["models"][-1], flush=True)
         if "sd" in args.models:
             model = sd_model(Path(tmp), args.quick)
-            results["models"].append(measure(model, repeats, 1, args.compile, True))
+            results["models"].append(measure(model, repeats, 1, parts))
             print(results["models"][-1], flush=True)
-    stem = "portable-quick" if args.quick else "portable"
+    stem = args.report + ("-quick" if args.quick else "")
     report(results, command_line(), stem)
     print((RESULTS / f"{stem}.md").read_text())
 
