@@ -110,7 +110,7 @@ def _export(family: Family, student: nn.Module, cfg: RunConfig, run_dir: Path) -
     def check(folder: Path) -> None:
         if cfg.export.format == "torchao":  # stock classes: check that each loads back
             for component, model in students.items():
-                type(model).from_pretrained(folder / component, torch_dtype=model.dtype)
+                type(model).from_pretrained(folder / component, dtype=model.dtype)
             return
         exported = {component: quantized_class_for(model).from_pretrained(folder / component)
                     .to(family.pipe.device) for component, model in students.items()}

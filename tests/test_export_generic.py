@@ -170,6 +170,21 @@ def test_the_loaded_model_is_the_integer_model(exported):
         assert float((_forward(loaded, case, t) - expected).abs().mean()) < 0.1 * float(expected.abs().mean())
 
 
+def test_dtype_and_torch_dtype_cast_the_float_parts_alike(exported):
+    """diffusers 0.42 names the load dtype `dtype` (its pipeline loader still passes
+    `torch_dtype`): either casts the float parameters; the integer codes stay as saved."""
+    _, _, student, integer, folder, _ = exported
+    cls = quantized_class_for(student)
+    a = cls.from_pretrained(folder, dtype=torch.bfloat16)
+    b = cls.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    floats = [key for key, value in integer.state_dict().items() if value.is_floating_point()]
+    assert floats and all(a.state_dict()[key].dtype == torch.bfloat16 for key in floats)
+    for key, value in integer.state_dict().items():
+        assert torch.equal(a.state_dict()[key], b.state_dict()[key]), key
+        if not value.is_floating_point():
+            assert torch.equal(a.state_dict()[key], value), key
+
+
 def _tiny_flux_pipeline() -> FluxPipeline:
     """Flux with tiny CLIP and T5 text encoders (the denoiser is what matters here)."""
     torch.manual_seed(0)

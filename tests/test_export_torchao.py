@@ -2,7 +2,7 @@
 
 Tiny random SD, FLUX and Wan pipelines, each with a W4A8 dynamic-per-token student, are
 exported with `export_pipeline(..., format="torchao")` and loaded by
-`DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)` in one subprocess in
+`DiffusionPipeline.from_pretrained(path, dtype=torch.float32)` in one subprocess in
 which `import qdiff` fails (no site processing: the editable install's finder is not on
 the path, and the working directory is a temporary folder). Each denoiser's output there
 equals the student's own output on the same inputs to float rounding (an activation on a
@@ -82,7 +82,7 @@ FRESH_PROCESS = textwrap.dedent("""
     from safetensors.torch import load_file, save_file
     torch.set_num_threads(1)
     for family, folder, component in json.loads(sys.argv[1]):
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
         model = getattr(pipe, component)
         with torch.no_grad():
             out = model(**load_file(f"{folder}.inputs.safetensors")).sample
@@ -152,7 +152,7 @@ def test_weights_are_the_students_codes(exports):
     from diffusers import FluxTransformer2DModel
     from torchao.quantization import Int8Tensor
     student, folder, _ = exports[0]["flux"]
-    loaded = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+    loaded = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32)
     for name, layer in iter_quant_layers(student):
         weight = loaded.get_submodule(name).weight
         assert isinstance(weight, Int8Tensor)
@@ -216,7 +216,7 @@ TEACHER_UNET = textwrap.dedent("""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file, save_file
     torch.set_num_threads(1)
-    unet = UNet2DConditionModel.from_pretrained(sys.argv[1], subfolder="unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(sys.argv[1], subfolder="unet", dtype=torch.float32)
     with torch.no_grad():
         out = unet(**load_file(sys.argv[2])).sample
     save_file({"out": out.contiguous()}, sys.argv[3])
@@ -257,7 +257,7 @@ def test_an_existing_export_converts_to_the_same_torchao_model(exports, tmp_path
     assert (converted / "qdiff_manifest.json").is_file()
     index = json.loads((converted / "model_index.json").read_text())
     assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
-    a, b = (FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+    a, b = (FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32)
             for folder in (direct, converted))
     assert list(a.state_dict()) == list(b.state_dict())
     for (key, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):

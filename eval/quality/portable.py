@@ -10,7 +10,7 @@ both ways, and each export is loaded back as its users would load it:
 
 - native: `export.format: qdiff` (written beside the run's export, in `export-qdiff/`),
   loaded with `qdiff.load_pipeline`: qdiff's integer layers, every layer as trained;
-- portable: the run's own `export/` (torchao), loaded with `torch_dtype=torch.float32`:
+- portable: the run's own `export/` (torchao), loaded with `dtype=torch.float32`:
   stock diffusers' UNet with torchao int8 Linear layers; convolutions (torchao has none in
   int8) and Linear layers whose 8-bit codes do not fit int8 are float layers holding the
   student's dequantized weights, with float inputs.
@@ -65,7 +65,7 @@ def exports(pipe, cfg: RunConfig) -> dict[str, Path]:
 
 
 def load(folder: Path, form: str):
-    pipe = qdiff.load_pipeline(folder, **({"torch_dtype": torch.float32} if "torchao" in form else {}))
+    pipe = qdiff.load_pipeline(folder, **({"dtype": torch.float32} if "torchao" in form else {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -86,7 +86,7 @@ def add_exports(model: Model, teacher: torch.nn.Module, student: torch.nn.Module
     model.variants["qdiff W4A8"] = quantized_class_for(student).from_pretrained(native / "unet").eval()
     for dtype in ("float32", "bfloat16"):
         model.variants[f"torchao W4A8 {dtype}"] = UNet2DConditionModel.from_pretrained(
-            portable / "unet", torch_dtype=_dtype(dtype)).eval()
+            portable / "unet", dtype=_dtype(dtype)).eval()
 
 
 def digits_model(workdir: Path) -> Model:

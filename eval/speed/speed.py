@@ -269,7 +269,7 @@ base = rss_bytes()
 folder, variant = sys.argv[1], sys.argv[2]
 dtype = torch.bfloat16 if variant == "bfloat16" else torch.float32
 cls = UNet2DConditionModel if variant in ("float32", "bfloat16") else QuantizedUNet2DConditionModel
-unet = cls.from_pretrained(folder, torch_dtype=dtype).eval()
+unet = cls.from_pretrained(folder, dtype=dtype).eval()
 with torch.inference_mode():
     sample, t, context = sd_inputs(unet, dtype)
     unet(sample, t, encoder_hidden_states=context)

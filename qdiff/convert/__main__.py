@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> None:
 
         require_torchao()
         convert_export(args.export, args.out)
-        logger.info("wrote %s: loads with DiffusionPipeline.from_pretrained(path, torch_dtype=...) "
+        logger.info("wrote %s: loads with DiffusionPipeline.from_pretrained(path, dtype=...) "
                     "where torchao is installed", args.out)
         return
     options = LDMOptions(args.num_heads, args.latent_size, args.scale_factor)

@@ -122,9 +122,14 @@ class QuantizedModelMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path],
                         subfolder: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None,
-                        **kwargs: Any) -> ModelMixin:
-        """Load an export's denoiser folder (or `subfolder` of a pipeline folder)."""
+                        dtype: Optional[torch.dtype] = None, **kwargs: Any) -> ModelMixin:
+        """Load an export's denoiser folder (or `subfolder` of a pipeline folder).
+
+        `dtype` (diffusers' name since 0.42; `torch_dtype` is the name diffusers' pipeline
+        loader still passes) is the dtype of the float parts; the integer codes stay integer.
+        """
         _check_load_args(kwargs)
+        torch_dtype = dtype if dtype is not None else torch_dtype
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         config_file = folder / "config.json"
         if not config_file.is_file():

@@ -12,7 +12,7 @@ sampling wrong images.
 
 `format="torchao"` writes the portable form instead (`torchao_format`): each denoiser is
 its plain diffusers class with torchao int8 weights, and the folder loads with stock
-`DiffusionPipeline.from_pretrained(path, torch_dtype=...)` where torchao is installed and
+`DiffusionPipeline.from_pretrained(path, dtype=...)` where torchao is installed and
 qdiff is not.
 """
 

@@ -3,7 +3,7 @@
 The portable export needs no qdiff to load: its denoiser is the plain diffusers class
 (`UNet2DConditionModel`, `FluxTransformer2DModel`, ...), and `config.json` carries the
 `quantization_config` of diffusers' own torchao quantizer (`TorchAoConfig`), so
-`DiffusionPipeline.from_pretrained(path, torch_dtype=...)` loads it wherever torchao
+`DiffusionPipeline.from_pretrained(path, dtype=...)` loads it wherever torchao
 (>= 0.16) is installed. diffusers saves the torchao tensors as safetensors (torchao's
 `flatten_tensor_state_dict`).
 

@@ -72,7 +72,7 @@ def load_pipeline(path: str | Path, verify: bool = True, **kwargs: Any) -> Diffu
     without an error. This reads every weight once more; `verify=False` skips it, for
     speed, where the folder is known to be intact (the denoiser's own checksum is checked
     either way). Folders without a manifest load unchecked.
-    Other keyword arguments go to `from_pretrained` (for example `torch_dtype`).
+    Other keyword arguments go to `from_pretrained` (for example `dtype`).
     A name that is not a local path but looks like a hub id (`owner/name`) comes from the
     hub cache, downloaded first when there is a network (`qdiff.models.hub`).
 
