@@ -137,6 +137,15 @@ def provenance_line(prov: dict) -> str:
             f"`{prov['command']}`, {prov['created']}.")
 
 
+def markdown_head(title: str, command: str, *paragraphs: str) -> list[str]:
+    """A report's first Markdown lines: the title, the command that made it, then each
+    paragraph, each followed by a blank line."""
+    lines = [f"# {title}", "", f"Command: `{command}`", ""]
+    for paragraph in paragraphs:
+        lines += [paragraph, ""]
+    return lines
+
+
 def write_markdown(path: Path, text: str, command: str | None = None) -> None:
     """Write a report's Markdown, ending with its provenance line."""
     path = Path(path)

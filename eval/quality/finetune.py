@@ -30,9 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-import qdiff
-from eval.common.report import results_dir, write_json, write_markdown
-from eval.quality.ptq import evaluate_row, evaluate_teacher
+from eval.common.report import markdown_head, results_dir, write_json, write_markdown
+from eval.quality.ptq import evaluate_row, quality_cells, sampling_note, teacher_setup
 from qdiff.config import load_config
 from qdiff.distill.loop import build_student, distill
 from qdiff.eval.sampling import SamplingSettings
@@ -113,22 +112,16 @@ def run_recipe(pipe, recipe: str, settings, net, real, fp, overrides: list[str],
 def write_report(rows: list[dict], settings: SamplingSettings, command: str, report: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{report}.json", {"settings": vars(settings), "rows": rows})
-    lines = ["# Distillation vs calibrated PTQ on the embedded teacher", "",
-             f"Command: `{command}`", "",
-             f"{settings.num_samples} samples per row, {settings.steps} DDIM steps, guidance "
-             f"{settings.guidance}, the FP row's seeds for every row; digits feature network. "
-             f"`FID to FP`: against the FP samples of the same seeds (noise floor in "
-             f"[eval-noise.md](eval-noise.md)); `gap closed`: 1 - FID to FP of qdiff / of "
-             f"calibrated PTQ. "
-             f"Rows between PTQ and qdiff (with `--ablation`) change EfficientDM's objective "
-             f"into qdiff's one step at a time; each starts from PTQ calibrated on its own "
-             f"trajectories.", "",
-             "| method | bits | class accuracy | FID | sFID | FID to FP | gap closed | distill min |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = markdown_head(
+        "Distillation vs calibrated PTQ on the embedded teacher", command,
+        sampling_note(settings) + " `gap closed`: 1 - FID to FP of qdiff / of calibrated PTQ. "
+        "Rows between PTQ and qdiff (with `--ablation`) change EfficientDM's objective into "
+        "qdiff's one step at a time; each starts from PTQ calibrated on its own trajectories.")
+    lines += ["| method | bits | class accuracy | FID | sFID | FID to FP | gap closed | distill min |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         closed = f"{row['gap_closed']:.0%}" if "gap_closed" in row else ""
-        lines.append(f"| {row['method']} | {row['bits']} | {row['accuracy']:.2%} | {row['fid']:.3f} "
-                     f"| {row['sfid']:.3f} | {row['fid_to_fp']:.3f} | {closed} | "
+        lines.append(f"| {row['method']} | {row['bits']} | {quality_cells(row)} | {closed} | "
                      f"{row.get('distill_min', '')} |")
     write_markdown(RESULTS / f"{report}.md", "\n".join(lines) + "\n")
 
@@ -143,12 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="write eval/results/REPORT.md and .json (a variant need not replace the table)")
     parser.add_argument("overrides", nargs="*", help="key=value for every recipe")
     args = parser.parse_args(argv)
-    base = load_config(CONFIGS / "tiny-ldm-w4a4.yaml")
-    pipe = qdiff.load_pipeline(base.model.path)
-    pipe.set_progress_bar_config(disable=True)
-    settings = SamplingSettings(args.num_samples, base.eval.steps, base.eval.guidance_scale,
-                                base.eval.seed, 250)
-    net, real, fp, fp_row = evaluate_teacher(pipe, settings)
+    _, pipe, settings, net, real, fp, fp_row = teacher_setup(CONFIGS / "tiny-ldm-w4a4.yaml",
+                                                             args.num_samples)
     rows = [fp_row]
     for recipe in args.bits.split(","):
         rows += run_recipe(pipe, recipe, settings, net, real, fp, args.overrides, args.ablation)

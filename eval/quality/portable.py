@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 import qdiff
-from eval.common.report import command_line, results_dir, write_json, write_markdown
-from eval.quality.ptq import evaluate_row, evaluate_teacher
+from eval.common.report import command_line, markdown_head, results_dir, write_json, write_markdown
+from eval.quality.ptq import evaluate_row, quality_cells, sampling_note, teacher_setup
 from eval.speed.export import folder_bytes
 from qdiff.config import RunConfig, load_config
 from qdiff.distill.checkpoint import latest_checkpoint
@@ -93,25 +93,20 @@ def run_recipe(pipe, recipe: str, settings, net, real, fp, teacher_bytes: int) -
 
 def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> None:
     write_json(RESULTS / "portable.json", {"settings": vars(settings), "rows": rows}, command)
-    lines = ["# The portable export (torchao) against the native export, embedded teacher", "",
-             f"Command: `{command}`", "",
-             f"{settings.num_samples} samples per row, {settings.steps} DDIM steps, guidance "
-             f"{settings.guidance}, the FP row's seeds for every row; digits feature network; "
-             f"`FID to FP` against the FP samples of the same seeds (noise floor in "
-             f"[eval-noise.md](eval-noise.md)). Each recipe's one student "
-             f"(`configs/tiny-ldm-<bits>-torchao.yaml`, 1000 distillation steps) exported both "
-             f"ways: `native` is qdiff's integer model; `portable` is stock diffusers with "
-             f"torchao int8 Linear layers (dynamic per-token int8 inputs) and float "
-             f"convolutions holding the student's dequantized weights. `int8 / float`: the "
-             f"portable form's quantized layers by kind. Size: the denoiser folder against the "
-             f"teacher's float32 one.", "",
-             "| export | bits | class accuracy | FID | sFID | FID to FP | denoiser size | vs float32 | int8 / float |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = markdown_head(
+        "The portable export (torchao) against the native export, embedded teacher", command,
+        sampling_note(settings) + " Each recipe's one student (`configs/tiny-ldm-<bits>-torchao.yaml`, "
+        "1000 distillation steps) exported both ways: `native` is qdiff's integer model; "
+        "`portable` is stock diffusers with torchao int8 Linear layers (dynamic per-token int8 "
+        "inputs) and float convolutions holding the student's dequantized weights. `int8 / "
+        "float`: the portable form's quantized layers by kind. Size: the denoiser folder "
+        "against the teacher's float32 one.")
+    lines += ["| export | bits | class accuracy | FID | sFID | FID to FP | denoiser size | vs float32 "
+              "| int8 / float |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         size = f"{row['denoiser_bytes'] / 2**20:.2f} MiB" if "denoiser_bytes" in row else ""
         ratio = f"{row['size_vs_float32']:.2f}x" if "size_vs_float32" in row else ""
-        lines.append(f"| {row['method']} | {row['bits']} | {row['accuracy']:.2%} | {row['fid']:.3f} "
-                     f"| {row['sfid']:.3f} | {row['fid_to_fp']:.3f} | {size} | {ratio} | "
+        lines.append(f"| {row['method']} | {row['bits']} | {quality_cells(row)} | {size} | {ratio} | "
                      f"{row.get('int8_float_layers', '')} |")
     write_markdown(RESULTS / "portable.md", "\n".join(lines) + "\n", command)
 
@@ -121,12 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", default=",".join(RECIPES))
     parser.add_argument("--num-samples", type=int, default=1000)
     args = parser.parse_args(argv)
-    base = load_config(CONFIGS / "tiny-ldm-w4a8-torchao.yaml")
-    pipe = qdiff.load_pipeline(base.model.path)
-    pipe.set_progress_bar_config(disable=True)
-    settings = SamplingSettings(args.num_samples, base.eval.steps, base.eval.guidance_scale,
-                                base.eval.seed, 250)
-    net, real, fp, fp_row = evaluate_teacher(pipe, settings)
+    base, pipe, settings, net, real, fp, fp_row = teacher_setup(
+        CONFIGS / "tiny-ldm-w4a8-torchao.yaml", args.num_samples)
     teacher_bytes = folder_bytes(Path(base.model.path) / "unet")
     rows = [{**fp_row, "denoiser_bytes": teacher_bytes, "size_vs_float32": 1.0}]
     for recipe in args.bits.split(","):

@@ -76,6 +76,32 @@ def evaluate_teacher(pipe, settings) -> tuple[object, Reference, Reference, dict
     return net, real, fp, {"method": "FP (teacher)", "bits": "W32A32", **fp_row}
 
 
+def teacher_setup(config: Path, num_samples: int) -> tuple:
+    """(config, teacher pipeline, SamplingSettings of its eval section, digits net, real
+    reference, FP reference, FP row) for the recipe `config`: where every quality script
+    that scores students against the embedded teacher starts."""
+    base = load_config(config)
+    pipe = qdiff.load_pipeline(base.model.path)
+    pipe.set_progress_bar_config(disable=True)
+    settings = SamplingSettings(num_samples, base.eval.steps, base.eval.guidance_scale,
+                                base.eval.seed, 250)
+    return (base, pipe, settings, *evaluate_teacher(pipe, settings))
+
+
+def sampling_note(settings: SamplingSettings) -> str:
+    """How every row of a table against the teacher was sampled and scored."""
+    return (f"{settings.num_samples} samples per row, {settings.steps} DDIM steps, guidance "
+            f"{settings.guidance}, the FP row's seeds for every row; digits feature network; "
+            f"`FID to FP` against the FP samples of the same seeds (noise floor in "
+            f"[eval-noise.md](eval-noise.md)).")
+
+
+def quality_cells(row: dict) -> str:
+    """A row's class accuracy, FID, sFID and FID to FP as Markdown cells."""
+    return (f"{row['accuracy']:.2%} | {row['fid']:.3f} | {row['sfid']:.3f} | "
+            f"{row['fid_to_fp']:.3f}")
+
+
 def write_report(rows: list[dict], settings: SamplingSettings, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "ptq.json", {"settings": vars(settings), "rows": rows})

@@ -44,7 +44,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
 import qdiff
-from eval.common.report import ROOT, command_line, machine, results_dir, write_json, write_markdown
+from eval.common.report import (ROOT, command_line, machine, markdown_head, results_dir, write_json,
+                                write_markdown)
 from eval.speed.export import folder_bytes
 from eval.speed.speed import build_sd, sd_inputs
 from qdiff.calibrate import calibrate
@@ -219,11 +220,12 @@ def _cell(r: dict) -> str:
 
 def report(results: dict, command: str, stem: str) -> None:
     write_json(RESULTS / f"{stem}.json", results, command)
-    lines = ["# The portable export (torchao) beside float32, bfloat16 and qdiff's export", "",
-             f"Command: `{command}`", "", results["machine"], "",
-             "Seconds per denoiser forward (median over repeats; the variants take turns within "
-             "each repeat). Ratio: float32 time / this variant's time, per repeat, median (min-max) "
-             "(> 1: faster than float32); the compiled table's baseline is float32 compiled.", ""]
+    lines = markdown_head(
+        "The portable export (torchao) beside float32, bfloat16 and qdiff's export", command,
+        results["machine"],
+        "Seconds per denoiser forward (median over repeats; the variants take turns within "
+        "each repeat). Ratio: float32 time / this variant's time, per repeat, median (min-max) "
+        "(> 1: faster than float32); the compiled table's baseline is float32 compiled.")
     for case in results["models"]:
         lines += [f"## {case['name']}", "", case["describe"] + ".", ""]
         for mode in ("eager", "compiled"):

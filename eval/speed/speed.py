@@ -52,7 +52,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import qdiff
 from eval.common.plotting import require_matplotlib
-from eval.common.report import ROOT, machine, results_dir, write_json, write_markdown
+from eval.common.report import ROOT, machine, markdown_head, results_dir, write_json, write_markdown
 from qdiff.calibrate import calibrate
 from qdiff.config import LayerOverride, LoRAConfig, QuantConfig, load_config
 from qdiff.export import export_pipeline
@@ -318,11 +318,11 @@ def ratio_cell(r: dict) -> str:
 def report(results: dict, command: str, suffix: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / f"speed{suffix}.json", {"command": command, **results})
-    lines = ["# Speed of the exported low-bit pipelines against their float teacher", "",
-             f"Command: `{command}`", "", results["machine"], "",
-             "Ratios: teacher time / low-bit time per repeat (> 1: the low-bit pipeline is faster), "
-             "median (min-max) over repeats; the variants take turns within a repeat. Low-bit "
-             "pipelines on the default kernel (\"auto\"). Seconds are medians.", ""]
+    lines = markdown_head(
+        "Speed of the exported low-bit pipelines against their float teacher", command, results["machine"],
+        "Ratios: teacher time / low-bit time per repeat (> 1: the low-bit pipeline is faster), "
+        "median (min-max) over repeats; the variants take turns within a repeat. Low-bit "
+        "pipelines on the default kernel (\"auto\"). Seconds are medians.")
     for case in results["cases"]:
         lines += [f"## {case['name']}", "", case["describe"], ""]
         for measure in ("denoiser forward", "end-to-end sampling"):
