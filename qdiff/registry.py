@@ -20,11 +20,24 @@ C = TypeVar("C", bound=type)
 
 class ClassRegistry(Mapping[str, type]):
     """Subclasses of `base` by name; `register(name)` decorates one and sets its `attribute`
-    to the name. `what` names an entry in messages ("Activation mode")."""
+    to the name. `what` names an entry in messages ("Activation mode"). `lookup` and
+    `unregister` of a name that is not registered raise `unknown` naming `key` (the config
+    key the names are the values of, e.g. "quant.act_mode") and the registered names.
+    """
 
-    def __init__(self, what: str, base: type, attribute: str) -> None:
+    def __init__(self, what: str, base: type, attribute: str, *, key: str = "name",
+                 unknown: type[Exception] = KeyError) -> None:
         self.what, self.base, self.attribute = what, base, attribute
+        self.key, self.unknown = key, unknown
         self._classes: dict[str, type] = {}
+
+    def lookup(self, name: str) -> type:
+        """The class registered under `name`; `unknown` (one line) if there is none."""
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise self.unknown(f"{self.key}={name!r} is not registered; registered: "
+                               f"{list(self)}.") from None
 
     def register(self, name: str) -> Callable[[C], C]:
         """Class decorator: `cls` is what `name` stands for from now on."""
@@ -41,7 +54,9 @@ class ClassRegistry(Mapping[str, type]):
         return register
 
     def unregister(self, name: str) -> None:
-        """Forget `name` (what names it is refused from then on)."""
+        """Forget `name` (what names it is refused from then on); `unknown` if it is not
+        registered."""
+        self.lookup(name)
         del self._classes[name]
 
     def __getitem__(self, name: str) -> type:

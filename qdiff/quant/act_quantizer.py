@@ -107,7 +107,8 @@ class UnknownActModeError(QdiffError, ValueError):
 
 
 Q = TypeVar("Q", bound=type)
-_ACT_QUANTIZERS = ClassRegistry("Activation mode", ActQuantizer, "mode")
+_ACT_QUANTIZERS = ClassRegistry("Activation mode", ActQuantizer, "mode", key="quant.act_mode",
+                                unknown=UnknownActModeError)
 
 
 def register_act_quantizer(mode: str) -> Callable[[Q], Q]:
@@ -117,7 +118,6 @@ def register_act_quantizer(mode: str) -> Callable[[Q], Q]:
 
 def unregister_act_quantizer(mode: str) -> None:
     """Remove a registered mode (configs naming it are refused from then on)."""
-    act_quantizer_class(mode)
     _ACT_QUANTIZERS.unregister(mode)
 
 
@@ -128,8 +128,4 @@ def act_modes() -> tuple[str, ...]:
 
 def act_quantizer_class(mode: str) -> type:
     """The `ActQuantizer` subclass registered under `mode`."""
-    try:
-        return _ACT_QUANTIZERS[mode]
-    except KeyError:
-        raise UnknownActModeError(f"quant.act_mode={mode!r} is not registered; registered: "
-                                  f"{list(act_modes())}.") from None
+    return _ACT_QUANTIZERS.lookup(mode)

@@ -152,7 +152,8 @@ class UnknownWeightModeError(QdiffError, ValueError):
 
 
 Q = TypeVar("Q", bound=type)
-_WEIGHT_QUANTIZERS = ClassRegistry("Weight mode", WeightQuantizer, "mode")
+_WEIGHT_QUANTIZERS = ClassRegistry("Weight mode", WeightQuantizer, "mode", key="quant.weight_mode",
+                                   unknown=UnknownWeightModeError)
 
 
 def register_weight_quantizer(mode: str) -> Callable[[Q], Q]:
@@ -162,7 +163,6 @@ def register_weight_quantizer(mode: str) -> Callable[[Q], Q]:
 
 def unregister_weight_quantizer(mode: str) -> None:
     """Remove a registered mode (configs naming it are refused from then on)."""
-    weight_quantizer_class(mode)
     _WEIGHT_QUANTIZERS.unregister(mode)
 
 
@@ -173,8 +173,4 @@ def weight_modes() -> tuple[str, ...]:
 
 def weight_quantizer_class(mode: str) -> type:
     """The `WeightQuantizer` subclass registered under `mode`."""
-    try:
-        return _WEIGHT_QUANTIZERS[mode]
-    except KeyError:
-        raise UnknownWeightModeError(f"quant.weight_mode={mode!r} is not registered; registered: "
-                                     f"{list(weight_modes())}.") from None
+    return _WEIGHT_QUANTIZERS.lookup(mode)
