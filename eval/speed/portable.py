@@ -33,7 +33,6 @@ import copy
 import gc
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,7 +46,7 @@ import qdiff
 from eval.common.report import (ROOT, command_line, machine, markdown_head, results_dir, write_json,
                                 write_markdown)
 from eval.speed.export import folder_bytes
-from eval.speed.speed import build_sd, sd_inputs
+from eval.speed.speed import build_sd, interleaved, ratio_cell, ratio_summary, sd_inputs
 from qdiff.calibrate import calibrate
 from qdiff.config import LayerOverride, LoRAConfig, QuantConfig, load_config
 from qdiff.export import export_pipeline, quantized_class_for
@@ -141,31 +140,23 @@ def sd_model(workdir: Path, quick: bool) -> Model:
     return model
 
 
-@torch.inference_mode()
-def interleaved(variants: dict[str, torch.nn.Module], inputs: Callable[[torch.dtype], dict],
-                repeats: int, inner: int) -> dict[str, list[float]]:
-    """Seconds per forward, per variant and repeat (mean of `inner` forwards); the variants
-    take turns within each repeat, after one untimed warm-up each."""
+def forwards(variants: dict[str, torch.nn.Module], inputs: Callable[[torch.dtype], dict],
+             repeats: int, inner: int) -> dict[str, list[float]]:
+    """Seconds per forward, per variant and repeat (the mean of `inner` forwards), the
+    variants taking turns (`eval.speed.speed.interleaved`)."""
     args = {name: inputs(_dtype(name)) for name in variants}
-    for name, model in variants.items():
-        model(**args[name])
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, model in variants.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                model(**args[name])
-            times[name].append((time.perf_counter() - start) / inner)
-    return times
+
+    def run(name: str) -> None:
+        for _ in range(inner):
+            variants[name](**args[name])
+
+    times = interleaved({name: name for name in variants}, run, repeats)
+    return {name: [seconds / inner for seconds in values] for name, values in times.items()}
 
 
 def ratios(times: dict[str, list[float]], baseline: str) -> dict[str, dict]:
     """baseline time / variant time per repeat: min, median, max."""
-    out = {}
-    for name, seconds in times.items():
-        r = [b / s for b, s in zip(times[baseline], seconds)]
-        out[name] = {"min": min(r), "median": statistics.median(r), "max": max(r)}
-    return out
+    return {name: ratio_summary(times[baseline], seconds) for name, seconds in times.items()}
 
 
 def compiled(variants: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
@@ -192,10 +183,10 @@ def measure(model: Model, repeats: int, inner: int, parts: set[str]) -> dict:
     """The `parts` ("eager", "compiled", "lora") of one model, in that order."""
     result = {"name": model.name, "describe": model.describe, "sizes": model.sizes}
     if "eager" in parts:
-        eager = interleaved(model.variants, model.inputs, repeats, inner)
+        eager = forwards(model.variants, model.inputs, repeats, inner)
         result["eager"] = {"seconds": eager, "ratios": ratios(eager, "float32")}
     if "compiled" in parts:
-        times = interleaved(compiled(model.variants), model.inputs, repeats, inner)
+        times = forwards(compiled(model.variants), model.inputs, repeats, inner)
         result["compiled"] = {"seconds": times, "ratios": ratios(times, "float32 compiled")}
         torch._dynamo.reset()  # the compiled graphs hold frozen copies of every weight
     if "lora" in parts:
@@ -207,15 +198,10 @@ def measure(model: Model, repeats: int, inner: int, parts: set[str]) -> dict:
         for name in names:
             pairs[name] = model.variants[name]
             pairs[f"{name} + LoRA"] = with_lora(model.variants[name])
-        times = interleaved(pairs, model.inputs, repeats, inner)
+        times = forwards(pairs, model.inputs, repeats, inner)
         result["lora"] = {"seconds": times, "ratios": {
-            name: ratios({"with": times[f"{name} + LoRA"], "without": times[name]}, "with")["without"]
-            for name in names}}
+            name: ratio_summary(times[f"{name} + LoRA"], times[name]) for name in names}}
     return result
-
-
-def _cell(r: dict) -> str:
-    return f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})"
 
 
 def report(results: dict, command: str, stem: str) -> None:
@@ -234,7 +220,7 @@ def report(results: dict, command: str, stem: str) -> None:
             m = case[mode]
             lines += [f"{mode}:", "", "| variant | seconds | vs float32 |", "|---|---:|---:|"]
             for name, seconds in m["seconds"].items():
-                lines.append(f"| {name} | {statistics.median(seconds):.4f} | {_cell(m['ratios'][name])} |")
+                lines.append(f"| {name} | {statistics.median(seconds):.4f} | {ratio_cell(m['ratios'][name])} |")
             lines.append("")
         sizes = case["sizes"]
         lines += ["denoiser folder size: " + ", ".join(
@@ -245,7 +231,7 @@ def report(results: dict, command: str, stem: str) -> None:
                       "| | seconds without | seconds with | time with / without |", "|---|---:|---:|---:|"]
             for name, r in lora["ratios"].items():
                 lines.append(f"| {name} | {statistics.median(lora['seconds'][name]):.4f} | "
-                             f"{statistics.median(lora['seconds'][name + ' + LoRA']):.4f} | {_cell(r)} |")
+                             f"{statistics.median(lora['seconds'][name + ' + LoRA']):.4f} | {ratio_cell(r)} |")
             lines.append("")
     write_markdown(RESULTS / f"{stem}.md", "\n".join(lines) + "\n", command)
 

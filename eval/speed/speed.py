@@ -218,15 +218,16 @@ def _seconds(run: Callable[[], None]) -> float:
 
 
 @torch.inference_mode()
-def interleaved(pipes: dict, call: Callable, repeats: int) -> dict[str, list[float]]:
-    """Seconds per variant and repeat; the variants take turns within each repeat."""
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-        call(pipe)  # warm-up (and the low-bit kernels' one-time preparation and measurement)
-    times: dict[str, list[float]] = {name: [] for name in pipes}
+def interleaved(variants: dict, call: Callable, repeats: int) -> dict[str, list[float]]:
+    """Seconds of `call(variant)` per variant and repeat; the variants take turns within each
+    repeat, after one untimed call each (the warm-up, and the low-bit kernels' one-time
+    preparation and measurement)."""
+    for variant in variants.values():
+        call(variant)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
-        for name, pipe in pipes.items():
-            times[name].append(_seconds(lambda: call(pipe)))
+        for name, variant in variants.items():
+            times[name].append(_seconds(lambda: call(variant)))
     return times
 
 
@@ -238,14 +239,16 @@ def teachers(times: dict) -> list[str]:
     return [name for name in TEACHERS if name in times]
 
 
+def ratio_summary(numerator: list[float], denominator: list[float]) -> dict:
+    """numerator / denominator per repeat: min, median, max."""
+    r = [n / d for n, d in zip(numerator, denominator)]
+    return {"min": min(r), "median": statistics.median(r), "max": max(r)}
+
+
 def ratios(times: dict[str, list[float]]) -> dict:
     """teacher / low-bit per repeat, min / median / max, for every (low-bit, teacher) pair."""
-    out = {}
-    for low in low_bit(times):
-        for teacher in teachers(times):
-            r = [t / s for t, s in zip(times[teacher], times[low])]
-            out[f"{low} vs {teacher}"] = {"min": min(r), "median": statistics.median(r), "max": max(r)}
-    return out
+    return {f"{low} vs {teacher}": ratio_summary(times[teacher], times[low])
+            for low in low_bit(times) for teacher in teachers(times)}
 
 
 def add_compiled(case: Case) -> None:
@@ -386,6 +389,8 @@ def plot(results: dict, path: Path) -> None:
 def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool,
                  bf16_sampling: bool) -> dict:
     choices_before = len(choices())
+    for pipe in case.pipes.values():
+        pipe.set_progress_bar_config(disable=True)
     sampled = {name: pipe for name, pipe in case.pipes.items() if bf16_sampling or name != "bfloat16"}
     sampling = interleaved(sampled, case.sample, sample_repeats)
     picked = list(choices().values())[choices_before:]
