@@ -24,11 +24,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, ClassVar, Hashable, Mapping, NamedTuple, Optional, TypeVar
 
 import torch
-from torch import nn
 
 from qdiff.quant.primitives import grid_codes, int_range, per_token_grid
 from qdiff.quant.timestep_context import TimestepContext, nearest_index
 from qdiff.registry import ClassRegistry
+
+from .fixed_dtype import FixedDtypeBuffers
 
 if TYPE_CHECKING:
     from .format import LayerSpec
@@ -46,7 +47,7 @@ class ActCodes(NamedTuple):
     scale: torch.Tensor
 
 
-class ActCodesModule(nn.Module):
+class ActCodesModule(FixedDtypeBuffers):
     """Base of the exported layers' activation modules: `forward(x)` gives `ActCodes`.
 
     `granularity` is the format's `act_granularity` it computes (set by
@@ -78,6 +79,11 @@ class ActCodesModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ActCodes:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def shared_grid(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(scale, zero point) as 0-d tensors in `x`'s dtype when one grid serves the whole
+        call, else None (default: grids vary per token). Fused kernels quantize with it."""
+        return None
 
 
 C = TypeVar("C", bound=type)
@@ -134,9 +140,14 @@ class TimestepActCodes(ActCodesModule):
         index = None if torch.compiler.is_compiling() else self._shared_index(x.shape[0])
         if index is None:
             return self._lookup(x)
-        scale, zero_point = self._entry(index, x)
+        scale, zero_point = self._entry(index, x, x.dim())
         rows = (x.shape[0],) + (1,) * (x.dim() - 1)
         return scale.expand(rows), zero_point.expand(rows)
+
+    def shared_grid(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The table entry of every sample, as 0-d tensors, when they all share one."""
+        index = None if torch.compiler.is_compiling() else self._shared_index(x.shape[0])
+        return None if index is None else self._entry(index, x, 0)
 
     def _shared_index(self, rows: int) -> Optional[int]:
         """The table entry of every row, when they all share one (else None)."""
@@ -152,12 +163,13 @@ class TimestepActCodes(ActCodesModule):
             self._key = tuple(self.timesteps.tolist())
         return self._key
 
-    def _entry(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Table entry `index` as (1, ...) tensors in `x`'s dtype, device and inference mode."""
-        key = (index, x.dim(), x.dtype, x.device, torch.is_inference_mode_enabled())
+    def _entry(self, index: int, x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table entry `index` as (1,) * `dims`-shaped tensors in `x`'s dtype, device and
+        inference mode."""
+        key = (index, dims, x.dtype, x.device, torch.is_inference_mode_enabled())
         entry = self._entries.get(key)
         if entry is None:
-            shape = (1,) * x.dim()
+            shape = (1,) * dims
             entry = self._entries[key] = (self.scale[index].view(shape).to(x.device, x.dtype),
                                           self.zero_point[index].view(shape).to(x.device, x.dtype))
         return entry

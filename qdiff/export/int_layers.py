@@ -28,20 +28,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qdiff.kernels import REFERENCE, Int8Weight, check_kernel, default_kernel, int8_offset, prepare
+from qdiff.kernels import REFERENCE, Int8Weight, Kernel, check_kernel, default_kernel, int8_offset, prepare
 from qdiff.kernels.float_sum import centred_weight
 from qdiff.quant.primitives import int_range
 from qdiff.quant.rotation import HadamardRotation
 
 from .act_codes import ActCodes, ActCodesModule, centres_codes
 from .fast_path import conv_forward, linear_forward
+from .fixed_dtype import FixedDtypeBuffers
 from .format import LayerSpec
 from .int_ops import exact_conv, int_linear
 from .packing import pack_dense, packed_numel, unpack_dense
 
 
-class IntLayer(nn.Module):
-    """Shared storage and weight decoding; subclasses say how the integer sum is formed."""
+class IntLayer(FixedDtypeBuffers):
+    """Shared storage and weight decoding; subclasses say how the integer sum is formed.
+    Its buffers (codes, weight scales) keep their dtype when the model is cast; the bias,
+    a float part, follows it."""
 
     float_type: type = nn.Module
 
@@ -60,12 +63,27 @@ class IntLayer(nn.Module):
         self.act = act
         self.kernel = default_kernel()
         self.int8: Optional[Int8Weight] = None  # the codes while a fast kernel holds them
+        self._forget_choices()
+
+    def _forget_choices(self) -> None:
+        """Forget what depends on the codes and tables: the kernel chosen per call shape
+        (`fast_path`), which kernels fuse the layer, whether the activations are centred."""
+        self.chosen: dict[tuple, str] = {}
+        self._fused_by: dict[str, bool] = {}
         self._centred_acts: Optional[bool] = None
+
+    def fuses(self, kernel: Kernel, conv: bool) -> bool:
+        """Whether `kernel` runs this layer fused (`Kernel.fuses`, asked once)."""
+        fused = self._fused_by.get(kernel.name)
+        if fused is None:
+            fused = self._fused_by[kernel.name] = kernel.fuses(self, conv)
+        return fused
 
     @torch.no_grad()
     def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Store integer codes (shape `weight_shape`) with their per-channel grid."""
         self.int8 = None
+        self._forget_choices()
         self.weight_packed = pack_dense(codes, self.spec.weight_bits, self.weight_qmin)
         self.weight_scale = scale.detach().float().clone()
         self.weight_zero_point = zero_point.detach().round().to(torch.int16)
@@ -73,6 +91,7 @@ class IntLayer(nn.Module):
     def set_kernel(self, kernel: str) -> None:
         """Switch kernels; the codes move between packed bytes and int8 operands, exactly."""
         self.kernel = check_kernel(kernel)
+        self.chosen = {}
         if kernel != REFERENCE:
             prepare(kernel, self.int8_weight())
         elif self.int8 is not None:
@@ -110,7 +129,7 @@ class IntLayer(nn.Module):
             numel = packed_numel(math.prod(self.weight_shape), self.spec.weight_bits)
             self.weight_packed = self.weight_packed.new_zeros(numel)
             self.int8 = None
-        self._centred_acts = None
+        self._forget_choices()
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property

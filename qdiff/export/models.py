@@ -157,7 +157,8 @@ class QuantizedModelMixin:
         kernel ("int8", "onednn", "float" built in; `qdiff.kernels.kernel_names()` lists all).
 
         Like diffusers' `set_attention_backend`: `pipe.unet.set_qdiff_kernel("int8")`. All
-        kernels give the same numbers; see `qdiff.kernels.registry`. Returns the model.
+        kernels give the same numbers, up to the float rounding of the rescale; see
+        `qdiff.kernels.registry`. Returns the model.
         """
         check_kernel(kernel)
         for module in self.modules():

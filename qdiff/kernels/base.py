@@ -27,6 +27,7 @@ import torch
 from .im2col import im2col, out_size
 from .int8_acts import Int8Acts
 from .int8_weight import Int8Weight
+from .onednn_fused import FusableLayer
 
 _INT32_LIMIT = 2**31
 
@@ -123,9 +124,22 @@ class Kernel(ABC):
         y = torch.empty((batch, acc.shape[1], *out), dtype=dtype, device=acc.device)
         return y.copy_(acc.view(batch, *out, acc.shape[1]).movedim(-1, 1))
 
-    def pack(self, matrix: torch.Tensor) -> Any:
-        """This kernel's own copy of the (N, K) int8 matrix, for kernels that read their own
-        layout (see `Int8Weight.packed_for`); `unpack` gives the matrix back exactly."""
+    def fuses(self, layer: FusableLayer, conv: bool) -> bool:
+        """Whether `fused_forward` runs this layer (a convolution if `conv`); asked once per
+        layer. Default: no, the layer runs the sum above and rescales it itself."""
+        return False
+
+    def fused_forward(self, layer: FusableLayer, x: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor],
+                      conv: bool) -> torch.Tensor:
+        """The layer's whole forward in this kernel's own fused ops, for a call whose batch
+        shares one activation grid `(scale, zero_point)`: quantize, sum, rescale, add the
+        bias; equal to the reference path up to the rescale's float rounding."""
+        raise NotImplementedError(f"kernel {self.name!r} has no fused forward")
+
+    def pack(self, matrix: torch.Tensor, conv: Optional[ConvLayer] = None) -> Any:
+        """This kernel's own copy of the (N, K) int8 matrix (of convolution `conv`, if any),
+        for kernels that read their own layout (see `Int8Weight.packed_for`); `unpack` gives
+        the matrix back exactly."""
         raise NotImplementedError(f"kernel {self.name!r} reads the plain matrix")
 
     def unpack(self, packed: Any) -> torch.Tensor:

@@ -28,6 +28,19 @@ def choices() -> dict[Hashable, str]:
     return dict(_CHOICES)
 
 
+def chosen(key: Hashable, candidates: Mapping[str, Callable[[], T]]) -> str:
+    """The candidate `pick` runs for `key` (the remembered one, else the first).
+
+    Args:
+        key: What the choice is remembered by.
+        candidates: The names `pick` was given, in order of preference.
+
+    Returns:
+        A candidate's name.
+    """
+    return _CHOICES.get(key, next(iter(candidates)))
+
+
 def clear_choices() -> None:
     """Forget the measurements (e.g. after the machine's load changed)."""
     _CHOICES.clear()

@@ -1,17 +1,17 @@
 """Activations -> int8 operands for the fast kernels, with the reference path's exact codes.
 
 The codes are computed with the arithmetic of the export's activation modules
-(`qdiff.export.act_codes`: `x / s + zp`, clamp, round,
-in `x`'s dtype), so the fast and the reference path see the same integers; only what
-happens after the rounding differs, and that is exact integer arithmetic:
+(`qdiff.export.act_codes`, `grid_codes`: `zp + x / s` in one rounding, clamp, round,
+in `x`'s dtype), so the fast and the reference path see the same integers in every
+dtype; only what happens after the rounding differs, and that is exact integer arithmetic:
 
 - centred (act bits <= 7 and zero points on the grid): `code - zp` lies in [-127, 127]
   and is the operand itself; no activation zero-point term remains;
 - otherwise (8-bit asymmetric): `code - offset` in int8 and the residual zero point
   `zp - offset` per row, for the correction of `int8_gemm`.
 
-PyTorch fuses no such chain in eager mode, so the chain runs in place on one temporary
-(one allocation); `torch.compile` fuses it into one pass.
+The chain runs as one compiled loop on large activations (`one_pass`), and the fused
+oneDNN layer (`onednn_fused`) feeds the same codes to its op.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Protocol
 import torch
 
 from .int8_weight import int8_offset
+from .one_pass import operand_codes
 
 
 class ActGrid(Protocol):
@@ -59,10 +60,9 @@ def int8_acts(act: ActGrid, x: torch.Tensor, centred: bool) -> Int8Acts:
     """
     scale, zero_point = act.grid(x)
     levels = act.qmax - act.qmin
-    codes = torch.div(x, scale)
-    codes.add_(zero_point).clamp_(act.qmin, act.qmax).round_()
     if centred:
-        return Int8Acts(codes.sub_(zero_point).to(torch.int8), None, scale, levels)
+        codes = operand_codes(x, scale, zero_point, act.qmin, act.qmax, zero_point, torch.int8)
+        return Int8Acts(codes, None, scale, levels)
     offset = int8_offset(act.bits, act.qmin)
-    zero = (zero_point - offset).to(torch.int32)
-    return Int8Acts(codes.sub_(offset).to(torch.int8), zero, scale, levels)
+    codes = operand_codes(x, scale, zero_point, act.qmin, act.qmax, offset, torch.int8)
+    return Int8Acts(codes, (zero_point - offset).to(torch.int32), scale, levels)

@@ -86,11 +86,12 @@ class Int8Weight(nn.Module):
         """The (N, K) int8 matrix (a decoded temporary while a kernel's copy is what is held)."""
         return self.plain if self.plain is not None else self.packed_by.unpack(self.packed)
 
-    def packed_for(self, kernel: "Kernel") -> Any:
-        """`kernel`'s own copy (`kernel.pack`), made on first use; the plain matrix is then dropped."""
+    def packed_for(self, kernel: "Kernel", conv: Any = None) -> Any:
+        """`kernel`'s own copy (`kernel.pack`, for convolution `conv` if given), made on first
+        use; the plain matrix is then dropped."""
         if self.packed_by is not kernel:
             self.hold_plain()
-            self.packed, self.packed_by = kernel.pack(self.plain), kernel
+            self.packed, self.packed_by = kernel.pack(self.plain, conv), kernel
             self.plain = None
         return self.packed
 

@@ -2,10 +2,10 @@
 
 A layer's kernel setting is a name:
 
-- "auto" (default): per layer shape and input shape, the faster of the device's integer
-  kernel (`integer_kernel`: of the registered `auto_candidate`s available there, the
-  fastest on a reference product, measured once per device type) and the fallback,
-  timed on the first call with that shape and remembered (`choice.pick`);
+- "auto" (default): per layer and input shape, the fastest of the registered
+  `auto_candidate`s available on the device and exact there, and the fallback, each
+  timed as the layer's whole forward (kernels differ in what they fuse around the sum)
+  on the first call with that shape and remembered (`choice.pick`);
 - a registered kernel's name ("int8", "onednn", "float" built in; `register_kernel` adds
   one): that kernel wherever it gives the exact sum (`Kernel.supports`), else the fallback;
 - "reference": the layer's reference path, which decodes the packed codes on every
@@ -20,7 +20,6 @@ The default comes from the environment variable `QDIFF_KERNEL`, so a plain
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable, TypeVar
 
 import torch
@@ -28,7 +27,6 @@ import torch
 from qdiff.errors import QdiffError
 
 from .base import Kernel
-from .choice import seconds
 from .int8_weight import Int8Weight
 
 AUTO, REFERENCE = "auto", "reference"
@@ -37,9 +35,6 @@ ENV_VAR = "QDIFF_KERNEL"
 
 K = TypeVar("K", bound=type)
 _KERNELS: dict[str, Kernel] = {}
-_INTEGER_KERNEL: dict[str, str] = {}
-_PROBE_SHAPE = (256, 512, 512)  # (M, K, N) of the product that picks the integer kernel
-_PROBE_LEVELS = 15  # the probe's activations: 4-bit codes
 
 
 class UnknownKernelError(QdiffError, ValueError):
@@ -67,7 +62,6 @@ def register_kernel(name: str) -> Callable[[K], K]:
         kernel = cls()
         kernel.name = name
         _KERNELS[name] = kernel
-        _INTEGER_KERNEL.clear()  # a new candidate for "auto": measure again
         return cls
     return register
 
@@ -80,7 +74,6 @@ def unregister_kernel(name: str) -> None:
     """
     get_kernel(name)
     del _KERNELS[name]
-    _INTEGER_KERNEL.clear()
 
 
 def kernel_names() -> tuple[str, ...]:
@@ -172,11 +165,18 @@ def prepare(name: str, weight: Int8Weight) -> None:
         get_kernel(name).prepare(weight)
 
 
+def own_layout(kernel: Kernel) -> bool:
+    """Whether the kernel reads its own copy of the weight (`Kernel.pack`) rather than the
+    plain int8 matrix."""
+    return type(kernel).pack is not Kernel.pack
+
+
 def candidates(name: str, device: torch.device, exact: Callable[[Kernel], bool]) -> tuple[Kernel, ...]:
     """The kernels a layer set to `name` may run on operands for which `exact(kernel)` says
     whether a kernel gives the exact sum: the named kernel where it is available and exact,
-    else the fallback; for "auto" the device's integer kernel (where exact) and the
-    fallback, in that order, to be timed against each other.
+    else the fallback; for "auto" every available and exact `auto_candidate` and the
+    fallback, to be timed against each other: those that read the plain matrix first, so
+    none is timed on a weight another has repacked.
 
     Args:
         name: The layer's kernel setting.
@@ -190,48 +190,10 @@ def candidates(name: str, device: torch.device, exact: Callable[[Kernel], bool])
         UnknownKernelError: `name` is not a kernel setting.
     """
     fallback = get_kernel(FALLBACK)
-    kernel = get_kernel(integer_kernel(device) if name == AUTO else name)
+    if name == AUTO:
+        usable = [kernel for kernel in _KERNELS.values()
+                  if kernel.auto_candidate and kernel is not fallback and kernel.available(device) and exact(kernel)]
+        return tuple(sorted([*usable, fallback], key=own_layout))
+    kernel = get_kernel(name)
     usable = kernel is fallback or (kernel.available(device) and exact(kernel))
-    if name == AUTO and kernel is not fallback:
-        return (kernel, fallback) if usable else (fallback,)
     return (kernel,) if usable else (fallback,)
-
-
-def integer_kernel(device: torch.device) -> str:
-    """The device's integer kernel for "auto": of the registered `auto_candidate`s available
-    on `device`, the fastest on a reference product (with one, that one; "onednn" beats
-    `torch._int_mm` on CPUs without VNNI, where `_int_mm` runs a slow generic path).
-
-    Measured once per device type: every layer on the device then holds its weights in the
-    winner's format (one copy), and "auto" weighs only that kernel against the fallback.
-
-    Args:
-        device: The device asked about.
-
-    Returns:
-        A registered kernel's name, or the fallback's when none is available.
-    """
-    if device.type not in _INTEGER_KERNEL:
-        kernels = [kernel for kernel in _KERNELS.values() if kernel.auto_candidate and kernel.available(device)]
-        if not kernels:
-            return FALLBACK
-        if torch.compiler.is_compiling():  # nothing is timed while tracing
-            return kernels[0].name
-        _INTEGER_KERNEL[device.type] = _fastest(kernels, device)
-    return _INTEGER_KERNEL[device.type]
-
-
-def _fastest(kernels: list[Kernel], device: torch.device) -> str:
-    if len(kernels) == 1:
-        return kernels[0].name
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randint(-8, 8, _PROBE_SHAPE[:2], generator=gen, dtype=torch.int8)
-    matrix = torch.randint(-8, 8, _PROBE_SHAPE[1:][::-1], generator=gen, dtype=torch.int8)
-    weight = Int8Weight(matrix, torch.zeros(_PROBE_SHAPE[2], dtype=torch.int32)).to(device)
-    a = a.to(device)
-    timings: dict[str, float] = {}
-    for kernel in kernels:
-        operand, _ = kernel.encode(a, None)  # the operand the layers pass
-        run = lambda kernel=kernel, operand=operand: kernel.linear(operand, None, weight, _PROBE_LEVELS)  # noqa: E731
-        timings[kernel.name] = seconds(run, device, time.perf_counter, min(timings.values(), default=float("inf")))
-    return min(timings, key=timings.get)
