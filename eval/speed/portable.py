@@ -50,7 +50,6 @@ from eval.speed.speed import build_sd, interleaved, ratio_cell, ratio_summary, s
 from qdiff.calibrate import calibrate
 from qdiff.config import LayerOverride, LoRAConfig, QuantConfig, load_config
 from qdiff.export import export_pipeline, quantized_class_for
-from qdiff.kernels import integer_kernel
 from qdiff.quant import calibrating, quantize_, set_timesteps
 
 RESULTS = results_dir("speed")
@@ -253,8 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (2 if args.quick else 7)
     results = {"machine": f"CPU ({torch.backends.cpu.get_cpu_capability()}, "
                           f"{machine()['cpu']}), {torch.get_num_threads()} thread(s), torch "
-                          f"{torch.__version__}; qdiff's integer kernel here: "
-                          f"\"{integer_kernel(torch.device('cpu'))}\"", "models": []}
+                          f"{torch.__version__}", "models": []}
     with tempfile.TemporaryDirectory(prefix="qdiff-portable-") as tmp:
         if "digits" in args.models:
             model = digits_model(Path(tmp))

@@ -3,6 +3,7 @@
     python -m eval.speed              # -> eval/results/speed/speed.md, speed.json, speed.png
     python -m eval.speed --quick      # small sizes, few repeats: checks that it runs (own files)
     python -m eval.speed --no-bf16-sampling   # CPUs without bfloat16 instructions (see --help)
+    python -m eval.speed --compile digits --report speed-avx512   # also compiled; own report name
 
 Two models, each run side by side in one process: the embedded teacher
 (assets/tiny-ldm-digits) and a Stable-Diffusion-1.5-sized `UNet2DConditionModel`
@@ -12,7 +13,9 @@ weights, a character tokenizer) at a 32x32 latent (256x256 images). The low-bit
 students are built as a run builds them (`quantize_`, calibration, `export_pipeline`,
 `qdiff.load_pipeline`) with the time embedding, conv_in and conv_out at 8 bit; for the
 SD-sized model the grids are min-max and calibrated on random inputs (speed does not
-depend on the values). The low-bit pipelines run on their default kernel ("auto").
+depend on the values). The low-bit pipelines run on their default kernel ("auto"); "W4A8 bf16" and "W4A4 bf16" are
+the same exports loaded with `torch_dtype=torch.bfloat16` (their float parts in bfloat16,
+the integer layers integer), timed where the CPU has bfloat16 instructions.
 
 Timing: variants take turns within each repeat (so a change of the machine's load hits
 all alike), after one untimed warm-up call each; ratios are per repeat, teacher time over
@@ -56,12 +59,13 @@ from eval.common.report import ROOT, machine, markdown_head, results_dir, write_
 from qdiff.calibrate import calibrate
 from qdiff.config import LayerOverride, LoRAConfig, QuantConfig, load_config
 from qdiff.export import export_pipeline
-from qdiff.kernels import choices, integer_kernel
+from qdiff.kernels import choices
 from qdiff.quant import calibrating, quantize_, set_timesteps
 
 RESULTS = results_dir("speed")
 BITS = {"W4A8": (4, 8), "W4A4": (4, 4)}
-TEACHERS = ("float32", "bfloat16")
+TEACHERS = ("float32", "bfloat16", "float32 compiled")
+MEMORY_VARIANTS = ("float32", "bfloat16", *BITS)
 EIGHT_BIT = ("time_embedding.*", "conv_in", "conv_out")  # EfficientDM's higher-precision layers
 
 
@@ -150,6 +154,7 @@ def sd_case(workdir: Path, quick: bool, steps: int) -> Case:
         student, cfg = sd_student(pipe.unet, bits, calibration)
         pipes[name] = export_student(pipe, student, cfg, workdir / f"sd-{name}")
         del student
+    add_bf16_exports(pipes, {name: workdir / f"sd-{name}" for name in BITS})
     pipes["bfloat16"] = copy.deepcopy(pipe).to(torch.bfloat16)
     size = 8 * pipe.unet.config.sample_size
 
@@ -185,13 +190,18 @@ def digits_case(workdir: Path, steps: int, calibration_samples: int) -> Case:
         calibrate(student, pipe, calibration_samples, cfg.distill.trajectory_steps, cfg.distill.eta,
                   cfg.distill.guidance_scale, batch_size=calibration_samples, seed=cfg.seed)
         pipes[name] = export_student(pipe, student, cfg.quant, workdir / f"digits-{name}")
+    add_bf16_exports(pipes, {name: workdir / f"digits-{name}" for name in BITS})
     pipes["bfloat16"] = copy.deepcopy(pipe).to(torch.bfloat16)
 
+    inputs: dict[int, tuple] = {}  # per pipeline, made once: the forward times the denoiser only
+
     def forward(p):
-        gen = torch.Generator().manual_seed(3)
-        context = p.class_context(torch.tensor(LABELS), 2.0)
-        x = torch.randn(len(context), 3, 8, 8, generator=gen).to(p.unet.dtype)
-        p.unet(x, torch.full((len(x),), 500), encoder_hidden_states=context)
+        if id(p) not in inputs:
+            context = p.class_context(torch.tensor(LABELS), 2.0)
+            x = torch.randn(len(context), 3, 8, 8, generator=torch.Generator().manual_seed(3)).to(p.unet.dtype)
+            inputs[id(p)] = (x, torch.full((len(x),), 500), context)
+        x, t, context = inputs[id(p)]
+        p.unet(x, t, encoder_hidden_states=context)
 
     def sample(p):
         p(class_labels=LABELS, guidance_scale=2.0, num_inference_steps=steps,
@@ -204,9 +214,20 @@ def digits_case(workdir: Path, steps: int, calibration_samples: int) -> Case:
 
 def export_student(pipe, student, quant_cfg: QuantConfig, folder: Path):
     export_pipeline(pipe, student, folder, quant_cfg)
-    loaded = qdiff.load_pipeline(folder)
+    return _load(folder)
+
+
+def _load(folder: Path, dtype: torch.dtype = torch.float32):
+    loaded = qdiff.load_pipeline(folder, torch_dtype=dtype)
     loaded.set_progress_bar_config(disable=True)
     return loaded
+
+
+def add_bf16_exports(pipes: dict, folders: dict[str, Path]) -> None:
+    """Each export again with its float parts in bfloat16 (`torch_dtype`), as "W4A8 bf16"...,
+    where the CPU has bfloat16 instructions: the integer layers stay integer."""
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pipes.update({f"{name} bf16": _load(folder, torch.bfloat16) for name, folder in folders.items()})
 
 
 # ---------------------------------------------------------------- measuring
@@ -251,12 +272,15 @@ def ratios(times: dict[str, list[float]]) -> dict:
             for low in low_bit(times) for teacher in teachers(times)}
 
 
-def add_compiled(case: Case) -> None:
-    """Low-bit variants whose denoiser is `torch.compile`d (after "auto" measured its kernels)."""
+def add_compiled(case: Case, kernel: str) -> None:
+    """The float32 teacher and the low-bit variants with their denoiser `torch.compile`d, the
+    low-bit ones (a copy) set to `kernel` first."""
     torch._inductor.config.freezing = True  # the onednn kernel's prepacked weights must be constants
-    for name in BITS:
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for name in ("float32", *BITS):
         pipe = copy.copy(case.pipes[name])
-        pipe.unet = torch.compile(pipe.unet)
+        unet = pipe.unet if name == "float32" else copy.deepcopy(pipe.unet).set_qdiff_kernel(kernel)
+        pipe.unet = torch.compile(unet, dynamic=False)
         case.pipes[f"{name} compiled"] = pipe
 
 
@@ -308,7 +332,7 @@ def sd_memory(case: Case, workdir: Path, threads: int) -> dict:
     case.pipes["float32"].unet.save_pretrained(teacher)
     folders.update({"float32": teacher, "bfloat16": teacher})
     return {allocator: {name: peak_memory(folders[name], name, threads, workdir, env)
-                        for name in (*TEACHERS, *BITS)}
+                        for name in MEMORY_VARIANTS}
             for allocator, env in ALLOCATORS.items()}
 
 
@@ -318,9 +342,9 @@ def ratio_cell(r: dict) -> str:
     return f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})"
 
 
-def report(results: dict, command: str, suffix: str) -> None:
+def report(results: dict, command: str, name: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / f"speed{suffix}.json", {"command": command, **results})
+    write_json(RESULTS / f"{name}.json", {"command": command, **results})
     lines = markdown_head(
         "Speed of the exported low-bit pipelines against their float teacher", command, results["machine"],
         "Ratios: teacher time / low-bit time per repeat (> 1: the low-bit pipeline is faster), "
@@ -343,7 +367,7 @@ def report(results: dict, command: str, suffix: str) -> None:
                 lines += ["", "(bfloat16 not timed: `--no-bf16-sampling`)"]
             lines.append("")
         if "memory" in case:
-            variants = (*TEACHERS, *BITS)
+            variants = MEMORY_VARIANTS
             lines += ["", "peak memory of one denoiser forward (every variant in a fresh process "
                       "under the same allocator setting):", "",
                       "| allocator | | " + " | ".join(variants) + " |", "|---|---|" + "---:|" * len(variants)]
@@ -357,9 +381,9 @@ def report(results: dict, command: str, suffix: str) -> None:
                       "every freed block of 1 MB or more; by default it keeps freed heap memory "
                       "resident when fragmented (`ALLOCATORS` in eval/speed/speed.py)."]
         lines += ["", f"Kernels \"auto\" picked: {case['kernels']}", ""]
-    lines.append(f"![median speed-up over float32 and bfloat16](speed{suffix}.png)")
-    write_markdown(RESULTS / f"speed{suffix}.md", "\n".join(lines) + "\n")
-    plot(results, RESULTS / f"speed{suffix}.png")
+    lines.append(f"![median speed-up over float32 and bfloat16]({name}.png)")
+    write_markdown(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
+    plot(results, RESULTS / f"{name}.png")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -386,16 +410,18 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def measure_case(case: Case, repeats: int, sample_repeats: int, compiled: bool,
+def measure_case(case: Case, repeats: int, sample_repeats: int, compile_kernel: str | None,
                  bf16_sampling: bool) -> dict:
+    """Sampling and forward times of every variant (with compiled ones on `compile_kernel`,
+    if given; each compiles on its untimed first call), and the kernels "auto" picked."""
     choices_before = len(choices())
+    if compile_kernel is not None:
+        add_compiled(case, compile_kernel)
     for pipe in case.pipes.values():
         pipe.set_progress_bar_config(disable=True)
     sampled = {name: pipe for name, pipe in case.pipes.items() if bf16_sampling or name != "bfloat16"}
     sampling = interleaved(sampled, case.sample, sample_repeats)
     picked = list(choices().values())[choices_before:]
-    if compiled:
-        add_compiled(case)
     forward = interleaved(case.pipes, case.forward, repeats)
     return {"name": case.name, "describe": case.describe,
             "denoiser forward": {"seconds": forward, "ratios": ratios(forward)},
@@ -413,8 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=None, help="timed forwards per variant")
     parser.add_argument("--models", default="digits,sd")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time torch.compile'd low-bit denoisers (minutes of compilation)")
+    parser.add_argument("--compile", nargs="?", const="digits,sd", default="",
+                        help="models (default with the flag: both) whose float32 teacher and exports are also "
+                             "timed torch.compile'd (minutes of compilation each)")
+    parser.add_argument("--compile-kernel", default="float",
+                        help="the exports' kernel when compiled (default \"float\": inductor turns its sums into "
+                             "float GEMMs with the quantization fused around them; \"int8\" on large layers)")
+    parser.add_argument("--report", default=None,
+                        help="name of the report under eval/results/speed/ (default: speed, or speed-quick)")
     parser.add_argument("--no-bf16-sampling", dest="bf16_sampling", action="store_false",
                         help="time the bfloat16 teacher's denoiser forward only, not its sampling "
                              "(on a CPU without bfloat16 instructions it is many times slower than "
@@ -424,25 +456,25 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()
     repeats = args.repeats or (3 if args.quick else 7)
-    cpu = torch.device("cpu")
     results = {"machine": f"CPU ({torch.backends.cpu.get_cpu_capability()}, {_cpu_model()}), {args.threads} "
-                          f"thread(s), torch {torch.__version__}; integer kernel measured fastest here: "
-                          f"\"{integer_kernel(cpu)}\"", "cases": []}
+                          f"thread(s), torch {torch.__version__}", "cases": []}
     with tempfile.TemporaryDirectory(prefix="qdiff-speed-") as tmp:
         workdir = Path(tmp)
         if "digits" in args.models:
             case = digits_case(workdir, steps=20, calibration_samples=2)
-            results["cases"].append(measure_case(case, repeats, max(2, repeats // 2), args.compile,
-                                                 args.bf16_sampling))
+            kernel = args.compile_kernel if "digits" in args.compile else None
+            results["cases"].append(measure_case(case, repeats, max(2, repeats // 2), kernel, args.bf16_sampling))
             del case
         if "sd" in args.models:
             case = sd_case(workdir, args.quick, steps=4 if args.quick else 10)
-            measured = measure_case(case, repeats, max(2, repeats // 2), args.compile, args.bf16_sampling)
+            kernel = args.compile_kernel if "sd" in args.compile else None
+            measured = measure_case(case, repeats, max(2, repeats // 2), kernel, args.bf16_sampling)
             measured["memory"] = sd_memory(case, workdir, args.threads)
             results["cases"].append(measured)
     command = "python -m eval.speed" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    report(results, command, "-quick" if args.quick else "")
-    print((RESULTS / f"speed{'-quick' if args.quick else ''}.md").read_text())
+    name = args.report or ("speed-quick" if args.quick else "speed")
+    report(results, command, name)
+    print((RESULTS / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":
