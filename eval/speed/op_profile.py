@@ -5,8 +5,8 @@
     python -m eval.speed.op_profile --quick --out /tmp/p   # small sizes (checks that it runs)
 
 For each model of the speed suite (`eval.speed.speed`: the embedded teacher and the
-SD-1.5-sized UNet), the float32 teacher and its W4A8 and W4A4 exports on their default
-kernel run a few untimed forwards (the kernels' one-time preparation), then `torch.profiler`
+SD-1.5-sized UNet), the float32 and bfloat16 teachers and the W4A8 and W4A4 exports (also
+in bfloat16 where the CPU has it) on their default kernel run a few untimed forwards (the kernels' one-time preparation), then `torch.profiler`
 records `--forwards` more. The table gives each operator's self CPU time per forward
 (time in the operator itself, not in those it calls), the wall time per forward, and
 what is left of it outside every operator: Python, module calls and dispatch.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -33,7 +34,8 @@ from eval.common.report import machine, markdown_head, results_dir, write_json, 
 from eval.speed.speed import LABELS, Case, digits_case, sd_case, sd_inputs
 
 RESULTS = results_dir("speed")
-VARIANTS = ("float32", "W4A8", "W4A4")
+TEACHER_VARIANTS = ("float32", "bfloat16")
+LOW_BIT = ("W4A8", "W4A4", "W4A8 bf16", "W4A4 bf16")  # the bf16 ones where the CPU has bfloat16
 TOP = 14  # operators listed per model; the rest are summed into one row
 
 
@@ -46,8 +48,17 @@ def op_times(forward: Callable[[], None], forwards: int) -> tuple[dict[str, floa
         wall = time.perf_counter() - start
     times: dict[str, float] = {}
     for event in prof.key_averages():
-        times[event.key] = times.get(event.key, 0.0) + event.self_cpu_time_total / 1e6 / forwards
+        key = operator_name(event.key)
+        times[key] = times.get(key, 0.0) + event.self_cpu_time_total / 1e6 / forwards
     return times, wall / forwards
+
+
+def operator_name(key: str) -> str:
+    """The profiler's key, with torch.compile's per-graph names (hashes, graph numbers)
+    merged into one row each: the compiled loops are the one-pass activation codes."""
+    if key.startswith("## Call CompiledFxGraph"):
+        return "compiled code (inductor)"
+    return re.sub(r"^(Torch-Compiled Region): \d+/\d+$", r"\1", key)
 
 
 def denoiser_call(case: Case, pipe) -> Callable[[], None]:
@@ -65,7 +76,7 @@ def denoiser_call(case: Case, pipe) -> Callable[[], None]:
 def profile_case(case: Case, forwards: int, warmup: int) -> dict:
     """Per variant: operator times and wall time of one denoiser forward."""
     out = {}
-    for name in VARIANTS:
+    for name in (n for n in (*TEACHER_VARIANTS, *LOW_BIT) if n in case.pipes):
         forward = denoiser_call(case, case.pipes[name])
         for _ in range(warmup):
             forward()
@@ -79,9 +90,11 @@ def _ms(seconds: float | None) -> str:
 
 
 def _columns(after: dict, before: dict | None) -> list[tuple[str, dict]]:
-    columns = [(f"{name} (before)", before["variants"][name]) for name in VARIANTS[1:]] if before else []
-    return [("float32", after["variants"]["float32"]), *columns,
-            *((f"{name}{' (after)' if before else ''}", after["variants"][name]) for name in VARIANTS[1:])]
+    """The teachers (this run), then each low-bit variant before (if given) and now."""
+    def low_bit(run: dict, label: str) -> list[tuple[str, dict]]:
+        return [(f"{name}{label}", run["variants"][name]) for name in LOW_BIT if name in run["variants"]]
+    teachers = [(name, after["variants"][name]) for name in TEACHER_VARIANTS if name in after["variants"]]
+    return teachers + (low_bit(before, " (before)") + low_bit(after, " (after)") if before else low_bit(after, ""))
 
 
 def case_table(after: dict, before: dict | None) -> list[str]:

@@ -13,9 +13,10 @@ weights, a character tokenizer) at a 32x32 latent (256x256 images). The low-bit
 students are built as a run builds them (`quantize_`, calibration, `export_pipeline`,
 `qdiff.load_pipeline`) with the time embedding, conv_in and conv_out at 8 bit; for the
 SD-sized model the grids are min-max and calibrated on random inputs (speed does not
-depend on the values). The low-bit pipelines run on their default kernel ("auto"); "W4A8 bf16" and "W4A4 bf16" are
-the same exports loaded with `torch_dtype=torch.bfloat16` (their float parts in bfloat16,
-the integer layers integer), timed where the CPU has bfloat16 instructions.
+depend on the values). The low-bit pipelines run on their default kernel ("auto");
+"W4A8 bf16" and "W4A4 bf16" are the same exports loaded with `dtype=torch.bfloat16` (their
+float parts in bfloat16, the integer layers integer), timed where the CPU has bfloat16
+instructions.
 
 Timing: variants take turns within each repeat (so a change of the machine's load hits
 all alike), after one untimed warm-up call each; ratios are per repeat, teacher time over
@@ -218,14 +219,14 @@ def export_student(pipe, student, quant_cfg: QuantConfig, folder: Path):
 
 
 def _load(folder: Path, dtype: torch.dtype = torch.float32):
-    loaded = qdiff.load_pipeline(folder, torch_dtype=dtype)
+    loaded = qdiff.load_pipeline(folder, dtype=dtype)
     loaded.set_progress_bar_config(disable=True)
     return loaded
 
 
 def add_bf16_exports(pipes: dict, folders: dict[str, Path]) -> None:
-    """Each export again with its float parts in bfloat16 (`torch_dtype`), as "W4A8 bf16"...,
-    where the CPU has bfloat16 instructions: the integer layers stay integer."""
+    """Each export again with its float parts in bfloat16 (`dtype`), as "W4A8 bf16" and so
+    on, where the CPU has bfloat16 instructions: the integer layers stay integer."""
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pipes.update({f"{name} bf16": _load(folder, torch.bfloat16) for name, folder in folders.items()})
 
