@@ -172,13 +172,16 @@ def test_the_loaded_model_is_the_integer_model(exported):
 
 def test_dtype_and_torch_dtype_cast_the_float_parts_alike(exported):
     """diffusers 0.42 names the load dtype `dtype` (its pipeline loader still passes
-    `torch_dtype`): either casts the float parameters; the integer codes stay as saved."""
+    `torch_dtype`): either casts the float parts as `.to(dtype)` does (the integer layers'
+    grids stay float32); the integer codes stay as saved."""
     _, _, student, integer, folder, _ = exported
     cls = quantized_class_for(student)
     a = cls.from_pretrained(folder, dtype=torch.bfloat16)
     b = cls.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    cast = copy.deepcopy(integer).to(torch.bfloat16).state_dict()
     floats = [key for key, value in integer.state_dict().items() if value.is_floating_point()]
-    assert floats and all(a.state_dict()[key].dtype == torch.bfloat16 for key in floats)
+    assert {cast[key].dtype for key in floats} == {torch.bfloat16, torch.float32}
+    assert all(a.state_dict()[key].dtype == cast[key].dtype for key in floats)
     for key, value in integer.state_dict().items():
         assert torch.equal(a.state_dict()[key], b.state_dict()[key]), key
         if not value.is_floating_point():
