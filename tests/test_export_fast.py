@@ -19,7 +19,7 @@ from qdiff.errors import QdiffError
 from qdiff.export import IntLayer
 from qdiff.export.freeze import freeze_layer
 from qdiff.kernels import (Int8Weight, Kernel, available_kernels, choice, default_kernel, get_kernel,
-                           kernel_names, onednn_gemm, register_kernel, registry, unregister_kernel)
+                           kernel_names, one_pass, onednn_gemm, register_kernel, registry, unregister_kernel)
 from qdiff.kernels.float_sum import float_sum
 from qdiff.kernels.im2col import im2col
 from qdiff.kernels.int8_gemm import int8_sum
@@ -337,8 +337,12 @@ def test_a_kernel_registered_from_outside_runs_an_exported_model_exactly(tmp_pat
         model.set_qdiff_kernel("toy")
 
 
+@pytest.mark.parametrize("codes", ["eager", "one pass"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_exported_denoisers_of_every_family_match_their_reference_path(family, tmp_path):
+def test_exported_denoisers_of_every_family_match_their_reference_path(family, codes, tmp_path, monkeypatch):
+    """On every kernel; with the activation codes of every layer from the eager chain, or
+    from the compiled one-pass loop however small the layer (`one_pass.MIN_ELEMENTS`)."""
+    monkeypatch.setattr(one_pass, "MIN_ELEMENTS", 0 if codes == "one pass" else 1 << 62)
     _, _, _, loaded = _export(family, tmp_path / "export")
     model = _denoiser(loaded)
     outputs = {}
