@@ -11,8 +11,8 @@ every op as eager mode does, so the codes are the same integers in float32 and b
 
 A compiled call has a fixed cost of tens of microseconds (guards, the wrapper), more than
 the eager chain on small activations, so it runs from `MIN_ELEMENTS` elements up. It needs
-a C++ compiler at the first call per dtype; where inductor cannot compile, the eager chain
-runs from then on, after one warning. Under an enclosing `torch.compile` the eager chain
+a C++ compiler (on CPU) at the first call of each operand form; where inductor cannot
+compile, the eager chain runs from then on, after one warning. Under an enclosing `torch.compile` the eager chain
 is traced and fused by that compilation.
 """
 
