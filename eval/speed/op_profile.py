@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from eval.common.report import machine, markdown_head, results_dir, write_json, write_markdown
-from eval.speed.speed import LABELS, Case, digits_case, sd_case, sd_inputs
+from eval.speed.speed import Case, digits_case, digits_inputs, sd_case, sd_inputs
 
 RESULTS = results_dir("speed")
 TEACHER_VARIANTS = ("float32", "bfloat16")
@@ -63,12 +63,8 @@ def operator_name(key: str) -> str:
 
 def denoiser_call(case: Case, pipe) -> Callable[[], None]:
     """One denoiser forward on inputs made here, once (so only the forward is profiled)."""
-    if case.name == "sd15-unet":
-        sample, t, context = sd_inputs(pipe.unet, pipe.unet.dtype)
-    else:
-        context = pipe.class_context(torch.tensor(LABELS), 2.0)
-        sample = torch.randn(len(context), 3, 8, 8, generator=torch.Generator().manual_seed(3)).to(pipe.unet.dtype)
-        t = torch.full((len(sample),), 500)
+    sample, t, context = (sd_inputs(pipe.unet, pipe.unet.dtype) if case.name == "sd15-unet"
+                          else digits_inputs(pipe))
     return lambda: pipe.unet(sample, t, encoder_hidden_states=context)
 
 

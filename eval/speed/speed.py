@@ -198,9 +198,7 @@ def digits_case(workdir: Path, steps: int, calibration_samples: int) -> Case:
 
     def forward(p):
         if id(p) not in inputs:
-            context = p.class_context(torch.tensor(LABELS), 2.0)
-            x = torch.randn(len(context), 3, 8, 8, generator=torch.Generator().manual_seed(3)).to(p.unet.dtype)
-            inputs[id(p)] = (x, torch.full((len(x),), 500), context)
+            inputs[id(p)] = digits_inputs(p)
         x, t, context = inputs[id(p)]
         p.unet(x, t, encoder_hidden_states=context)
 
@@ -211,6 +209,14 @@ def digits_case(workdir: Path, steps: int, calibration_samples: int) -> Case:
     return Case("tiny-ldm-digits", pipes, forward, sample,
                 f"the embedded teacher (2.5 M parameters), latent 8x8x3, batch 16 (8 labels, guidance), "
                 f"sampling {steps} DDIM steps")
+
+
+def digits_inputs(pipe) -> tuple:
+    """One guided denoiser call of the embedded pipeline: (latents, timesteps, context) for
+    the 8 labels and their unconditional halves, in the denoiser's dtype."""
+    context = pipe.class_context(torch.tensor(LABELS), 2.0)
+    x = torch.randn(len(context), 3, 8, 8, generator=torch.Generator().manual_seed(3)).to(pipe.unet.dtype)
+    return x, torch.full((len(x),), 500), context
 
 
 def export_student(pipe, student, quant_cfg: QuantConfig, folder: Path):

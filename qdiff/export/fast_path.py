@@ -55,28 +55,29 @@ def _rows_zero(acts: Int8Acts, rows_shape: tuple[int, ...]) -> Optional[torch.Te
     return None if acts.zero is None else acts.zero.expand(rows_shape).reshape(-1)
 
 
-def _linear_sums(kernel: Kernel, layer: "IntLinear", x: torch.Tensor) -> torch.Tensor:
+def _linear_sums(kernel: Kernel, layer: "IntLinear", x: torch.Tensor, acts: Int8Acts) -> torch.Tensor:
     weight = layer.int8_weight()
-    acts = int8_acts(layer.act, x, layer.centred_acts())
     a, a_zero = acts.codes.reshape(-1, x.shape[-1]), _rows_zero(acts, x.shape[:-1] + (1,))
     y = kernel.linear(kernel.encode(a, None)[0], a_zero, weight, acts.levels).to(_out_dtype(x))
     y = y.view(x.shape[:-1] + (y.shape[-1],))
     return _rescale_(y, layer, acts.scale, (-1,)).to(x.dtype)
 
 
-def _conv_sums(kernel: Kernel, layer: "_IntConv", x: torch.Tensor) -> torch.Tensor:
-    acts = int8_acts(layer.act, x, layer.centred_acts())
+def _conv_sums(kernel: Kernel, layer: "_IntConv", x: torch.Tensor, acts: Int8Acts) -> torch.Tensor:
     y = kernel.conv(layer, acts, _out_dtype(x))
     channels = (1, -1) + (1,) * (x.dim() - 2)
     return _rescale_(y, layer, acts.scale, channels).to(x.dtype)
 
 
-def _run(kernel: Kernel, layer: "IntLayer", x: torch.Tensor, grid: Optional[Grid], conv: bool) -> torch.Tensor:
+def _run(kernel: Kernel, layer: "IntLayer", x: torch.Tensor, grid: Optional[Grid], conv: bool,
+         acts: Optional[Int8Acts] = None) -> torch.Tensor:
     """The layer's forward on `kernel`: its fused form where it has one for the layer and
-    this call, else its sum, rescaled here."""
+    this call, else its sum over `acts` (the call's int8 operands; made here if not given),
+    rescaled here."""
     if runs_fused(x, grid) and layer.fuses(kernel, conv):
         return kernel.fused_forward(layer, x, grid, conv)
-    return _conv_sums(kernel, layer, x) if conv else _linear_sums(kernel, layer, x)
+    acts = acts if acts is not None else int8_acts(layer.act, x, layer.centred_acts())
+    return _conv_sums(kernel, layer, x, acts) if conv else _linear_sums(kernel, layer, x, acts)
 
 
 def _forward(layer: "IntLayer", x: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -100,7 +101,7 @@ def _forward(layer: "IntLayer", x: torch.Tensor, conv: bool) -> torch.Tensor:
     kernels = candidates(layer.kernel, x.device,
                          lambda kernel: (kernel.supports(weight, acts.levels, zero, conv=layer if conv else None)
                                          and _holds_for(layer, kernel)))
-    runs = {kernel.name: (lambda kernel=kernel: _run(kernel, layer, x, grid, conv)) for kernel in kernels}
+    runs = {kernel.name: (lambda kernel=kernel: _run(kernel, layer, x, grid, conv, acts)) for kernel in kernels}
     pick_key = ("conv" if conv else "linear", layer.weight_shape, *key[:3], acts.zero is None, *runs)
     y = pick(pick_key, runs, x.device)
     if static:

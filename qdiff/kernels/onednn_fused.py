@@ -70,8 +70,10 @@ def uint8_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
     return operand_codes(x, scale, zero_point, qmin, qmax, qmin, torch.uint8, channels_last)
 
 
-def _operands(layer: FusableLayer, x: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor],
-              conv: bool = False) -> tuple:
+def fused_operands(layer: FusableLayer, x: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor],
+                   conv: bool = False) -> tuple:
+    """What oneDNN's fused ops take besides the weight: the uint8 codes (channels-last for a
+    convolution), the activation scale and uint8 zero point, the weight scales, the bias."""
     scale, zero_point = grid
     act = layer.act
     u = uint8_codes(x, scale, zero_point, act.qmin, act.qmax, channels_last=conv)
@@ -82,7 +84,7 @@ def _operands(layer: FusableLayer, x: torch.Tensor, grid: tuple[torch.Tensor, to
 def fused_linear(layer: FusableLayer, packed: torch.Tensor, zeros: torch.Tensor, x: torch.Tensor,
                  grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The Linear on oneDNN's `qlinear_pointwise`, `packed` its prepacked weight."""
-    u, scale, zero, weight_scale, bias = _operands(layer, x, grid)
+    u, scale, zero, weight_scale, bias = fused_operands(layer, x, grid)
     y = torch.ops.onednn.qlinear_pointwise.tensor(u.reshape(-1, x.shape[-1]), scale, zero, packed, weight_scale,
                                                   zeros, bias, 1.0, 0, x.dtype, "none", [], "")
     return y.view(x.shape[:-1] + (y.shape[-1],))
@@ -92,7 +94,7 @@ def fused_conv(layer: FusableConv, packed: torch.Tensor, zeros: torch.Tensor, x:
                grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The convolution on oneDNN's `qconv_pointwise` (`packed` from `qconv_prepack`), in
     standard strides as the reference's output (the next normalisation then rounds alike)."""
-    u, scale, zero, weight_scale, bias = _operands(layer, x, grid, conv=True)
+    u, scale, zero, weight_scale, bias = fused_operands(layer, x, grid, conv=True)
     y = torch.ops.onednn.qconv_pointwise.tensor(u, scale, zero, packed, weight_scale, zeros, bias,
                                                 list(layer.stride), list(layer.padding), list(layer.dilation),
                                                 layer.groups, 1.0, 0, x.dtype, "none", [], "")

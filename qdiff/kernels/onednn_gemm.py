@@ -68,12 +68,11 @@ def exact_for(weight: Int8Weight, a_zero: Optional[torch.Tensor]) -> bool:
 
 class Packed(NamedTuple):
     """oneDNN's copy of a weight, with the unit scales and zero zero points that make its
-    op return bare integer sums; `conv`: prepacked as a convolution's weight."""
+    op return bare integer sums."""
 
     weight: torch.Tensor
     ones: torch.Tensor
     zeros: torch.Tensor
-    conv: bool
 
 
 def prepack(matrix: torch.Tensor) -> torch.Tensor:
@@ -148,9 +147,11 @@ class OneDNNKernel(Kernel):
     def prepare(self, weight: Int8Weight) -> None:
         """Nothing yet: the weight is prepacked on the first call this kernel runs."""
 
+    conv_fits = staticmethod(conv_geometry_fits)  # the convolutions this kernel lays out
+
     def supports(self, weight: Int8Weight, levels: int, zero: Optional[torch.Tensor],
                  conv: Optional[ConvLayer] = None) -> bool:
-        if conv is not None and not conv_geometry_fits(conv):
+        if conv is not None and not self.conv_fits(conv):
             return False
         return int8_fits(weight.shape[1], levels, weight) and exact_for(weight, zero)
 
@@ -181,7 +182,7 @@ class OneDNNKernel(Kernel):
         scale 1.0 and zero point 0 that make oneDNN return the bare integer sums."""
         channels = matrix.shape[0]
         weight = prepack(matrix) if conv is None else prepack_conv(matrix, conv)
-        return Packed(weight, torch.ones(channels), torch.zeros(channels, dtype=torch.long), conv is not None)
+        return Packed(weight, torch.ones(channels), torch.zeros(channels, dtype=torch.long))
 
     def unpack(self, packed: Packed) -> torch.Tensor:
         return unpack(packed.weight)

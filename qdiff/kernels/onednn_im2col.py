@@ -21,12 +21,11 @@ from typing import Optional
 
 import torch
 
-from .base import ConvLayer, Kernel, int8_fits, patches_fit
+from .base import ConvLayer, Kernel, patches_fit
 from .im2col import im2col, out_size
 from .int8_acts import Int8Acts
-from .int8_weight import Int8Weight
-from .onednn_fused import FusableConv, FusableLayer, uint8_codes
-from .onednn_gemm import OneDNNKernel, Packed, exact_for
+from .onednn_fused import FusableConv, FusableLayer, fused_operands
+from .onednn_gemm import OneDNNKernel, Packed
 from .registry import register_kernel
 
 
@@ -34,18 +33,13 @@ def fused_conv_patches(layer: FusableConv, packed: Packed, x: torch.Tensor,
                        grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The convolution as one fused quantized linear over its uint8 patches, in standard
     strides as the reference's output."""
-    scale, zero_point = grid
-    act = layer.act
-    u = uint8_codes(x, scale, zero_point, act.qmin, act.qmax, channels_last=True)
-    zero = (zero_point - act.qmin).long()
+    u, scale, zero, weight_scale, bias = fused_operands(layer, x, grid, conv=True)
     kernel = layer.weight_shape[2:]
     out = [out_size(*args) for args in zip(x.shape[2:], kernel, layer.stride, layer.padding, layer.dilation)]
     fill = zero.to(torch.uint8).expand(x.shape[0])
     patches = im2col(u, kernel, layer.stride, layer.padding, layer.dilation, fill)
-    bias = None if layer.bias is None else layer.bias.float()
-    y = torch.ops.onednn.qlinear_pointwise.tensor(patches, scale.float(), zero, packed.weight,
-                                                  layer.weight_scale.float(), packed.zeros, bias, 1.0, 0,
-                                                  x.dtype, "none", [], "")
+    y = torch.ops.onednn.qlinear_pointwise.tensor(patches, scale, zero, packed.weight, weight_scale, packed.zeros,
+                                                  bias, 1.0, 0, x.dtype, "none", [], "")
     return y.view(x.shape[0], *out, y.shape[-1]).movedim(-1, 1).contiguous()
 
 
@@ -53,11 +47,7 @@ def fused_conv_patches(layer: FusableConv, packed: Packed, x: torch.Tensor,
 class OneDNNIm2colKernel(OneDNNKernel):
     """"onednn" with convolutions as its quantized linear over im2col patches (one group)."""
 
-    def supports(self, weight: Int8Weight, levels: int, zero: Optional[torch.Tensor],
-                 conv: Optional[ConvLayer] = None) -> bool:
-        if conv is not None and not patches_fit(conv):
-            return False
-        return int8_fits(weight.shape[1], levels, weight) and exact_for(weight, zero)
+    conv_fits = staticmethod(patches_fit)
 
     def conv(self, layer: ConvLayer, acts: Int8Acts, dtype: torch.dtype) -> torch.Tensor:
         return Kernel.conv(self, layer, acts, dtype)  # im2col, then this kernel's `linear`
